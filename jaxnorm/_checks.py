@@ -1,0 +1,46 @@
+"""Validation helpers shared by the public functions (not API).
+
+They run on static information (shapes and dtypes), so they raise at trace time under ``jit``.
+``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong shape or value, as optax does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_floating(x, name: str = "x") -> None:
+    """Raise TypeError unless ``x`` has a floating dtype."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"but it has dtype {dtype}; cast it first, e.g. {name}.astype(jnp.float32)"
+        )
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype to reduce in: float32 for low-precision inputs, the input dtype otherwise."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:
+    """Turn ``axis`` (an int or a sequence, negatives allowed) into sorted non-negative axes."""
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= int(a) < ndim:
+            raise ValueError(f"{name}={axis!r} is out of range for an array with {ndim} dimensions")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={axis!r} names the same axis twice")
+    return tuple(sorted(out))
+
+
+def is_tracer(x) -> bool:
+    """True when ``x`` is an abstract value inside a transformation (its contents are unknown)."""
+    return isinstance(x, jax.core.Tracer)
