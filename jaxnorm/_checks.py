@@ -23,9 +23,16 @@ def check_floating(x, name: str = "x") -> None:
         )
 
 
-def compute_dtype(dtype) -> jnp.dtype:
-    """The dtype to reduce in: float32 for low-precision inputs, the input dtype otherwise."""
-    return jnp.promote_types(dtype, jnp.float32)
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype to reduce in: float32 for low-precision floats, the input dtype otherwise.
+
+    Written without ``jnp.promote_types``, which obeys ``jax.numpy_dtype_promotion("strict")`` and
+    would refuse bfloat16 -> float32 inside a caller's strict-promotion context.
+    """
+    dtype = np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return np.dtype(np.float32)
+    return dtype
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:

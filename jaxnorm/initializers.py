@@ -1,0 +1,876 @@
+"""Weight initializers: the lecture's naive init, the variance-scaling family, orthogonal, gains.
+
+Every factory returns ``init(key, shape, dtype=jnp.float32) -> jax.Array`` in the style of
+``jax.nn.initializers``, so it plugs straight into Flax's ``kernel_init`` (linen and nnx).
+
+Fans follow Flax's kernel layout: a dense kernel is ``(in, out)``, a convolution kernel is
+``(*spatial, in, out)`` such as ``(H, W, in, out)``, so ``fan_in = H * W * in`` and
+``fan_out = H * W * out``. Axes that are neither ``in_axis``, ``out_axis`` nor ``batch_axis`` form
+the receptive field, exactly as in ``jax.nn.initializers.variance_scaling``. PyTorch stores the
+same kernels as ``(out, in)`` and ``(out, in, H, W)``; the fans are the same numbers.
+
+Truncation, stated once here and in each docstring: jaxnorm's ``*_normal`` presets draw from a true
+(untruncated) normal with exactly the stated standard deviation, as ``torch.nn.init``'s
+``xavier_normal_`` and ``kaiming_normal_`` do. ``jax.nn.initializers``' ``lecun_normal``,
+``he_normal`` and ``glorot_normal`` instead draw a normal truncated at +-2 of its own standard
+deviations and enlarge that standard deviation by 1 / 0.87962566103423978 so that the truncated
+samples have the stated one. ``truncated=True`` gives that distribution (the same numbers as jax.nn
+for the same key in float32).
+
+Samples are drawn in ``jnp.promote_types(dtype, jnp.float32)`` and cast to ``dtype`` once, so a
+bfloat16 kernel is the float32 kernel rounded once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnorm._checks import compute_dtype, is_tracer, normalize_axes
+
+Initializer = Callable[..., jax.Array]
+"""``init(key, shape, dtype=jnp.float32) -> jax.Array``, as ``jax.nn.initializers`` returns."""
+
+# Standard deviation of a standard normal truncated to (-2, 2): sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)).
+# The same constant jax.nn.initializers.variance_scaling divides by for "truncated_normal".
+_TRUNCATED_STD = 0.87962566103423978
+_TRUNCATION = 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (static: shapes, dtypes and Python numbers, so errors surface at trace time)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_dtype(dtype: Any, who: str) -> np.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{who}: dtype {dtype!r} is not a dtype; pass e.g. jnp.float32") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{who} draws real floating-point weights (float16, bfloat16, float32 or float64), "
+            f"but dtype={dt} was requested; ask for a float dtype and cast afterwards if needed"
+        )
+    return dt
+
+
+def _check_shape(shape: Any, who: str) -> tuple[int, ...]:
+    if isinstance(shape, int | np.integer):
+        shape = (shape,)
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError as e:
+        raise TypeError(f"{who}: shape must be a sequence of ints, but got {shape!r}") from e
+    if any(d < 0 for d in dims):
+        raise ValueError(f"{who}: shape {dims} has a negative dimension")
+    return dims
+
+
+def _check_kernel_shape(shape: Any, who: str) -> tuple[int, ...]:
+    dims = _check_shape(shape, who)
+    if len(dims) < 2:
+        raise ValueError(
+            f"{who} needs a kernel shape with at least 2 dimensions ((in, out) for a dense layer, "
+            f"(H, W, in, out) for a 2-D convolution), but got shape {dims}. A 1-D parameter such "
+            "as a bias has no fan-in: initialise it with jax.nn.initializers.zeros, "
+            "small_normal(), or torch_linear_bias_default(fan_in)"
+        )
+    if 0 in dims:
+        raise ValueError(
+            f"{who}: shape {dims} has a dimension of size 0, so a fan is 0 and the scale "
+            "1/sqrt(fan) is undefined; every dimension of a kernel must be at least 1"
+        )
+    return dims
+
+
+def _check_scalar(value: Any, name: str, who: str, *, positive: bool = True) -> Any:
+    """A concrete real number as a Python float (validated), or a tracer passed through."""
+    if is_tracer(value):
+        # A traced hyperparameter (e.g. vmapped over an init scale) cannot be checked statically.
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number | jax.Array):
+        raise TypeError(f"{who}: {name} must be a real number, but got {value!r}")
+    if np.ndim(value) != 0 or not np.isrealobj(value):
+        raise TypeError(f"{who}: {name} must be a real scalar, but got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (positive and v <= 0):
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{who}: {name} must be {what}, but got {value!r}")
+    return v
+
+
+def _sqrt(v: Any) -> Any:
+    return jnp.sqrt(v) if is_tracer(v) else math.sqrt(v)
+
+
+def _fans(
+    shape: tuple[int, ...],
+    in_axis: int | Sequence[int],
+    out_axis: int | Sequence[int],
+    batch_axis: int | Sequence[int],
+    who: str,
+) -> tuple[int, int]:
+    """(fan_in, fan_out): in/out sizes times the receptive field (the remaining axes)."""
+    ndim = len(shape)
+    ins = normalize_axes(in_axis, ndim, "in_axis")
+    outs = normalize_axes(out_axis, ndim, "out_axis")
+    batch = normalize_axes(batch_axis, ndim, "batch_axis")
+    if not ins or not outs:
+        raise ValueError(f"{who}: in_axis and out_axis must each name at least one axis")
+    named = ins + outs + batch
+    if len(set(named)) != len(named):
+        raise ValueError(
+            f"{who}: in_axis={in_axis!r}, out_axis={out_axis!r} and batch_axis={batch_axis!r} "
+            f"must name different axes of shape {shape}"
+        )
+    receptive = math.prod(shape[i] for i in range(ndim) if i not in named)
+    fan_in = math.prod(shape[i] for i in ins) * receptive
+    fan_out = math.prod(shape[i] for i in outs) * receptive
+    return fan_in, fan_out
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+# Private jit: eager calls (Flax's init outside jit, notebooks) compile one program per shape and
+# dtype instead of one per op; the scale is an argument, so new values (or tracers) reuse it.
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "truncated"))
+def _normal(key, shape, dtype, std, truncated: bool) -> jax.Array:
+    cdtype = compute_dtype(dtype)
+    # Drawn flat and reshaped: the same numbers as drawing `shape` (threefry fills the flat
+    # size either way) at a fraction of the compile time for 4-D conv kernels.
+    flat = (math.prod(shape),)
+    if truncated:
+        # As jax.nn's "truncated_normal": cut at +-2 and widen so the kept samples have std `std`.
+        z = jax.random.truncated_normal(key, -_TRUNCATION, _TRUNCATION, flat, cdtype)
+        std = std / _TRUNCATED_STD
+    else:
+        z = jax.random.normal(key, flat, cdtype)
+    return (z * jnp.asarray(std, cdtype)).astype(dtype).reshape(shape)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _uniform(key, shape, dtype, limit) -> jax.Array:
+    cdtype = compute_dtype(dtype)
+    u = jax.random.uniform(key, (math.prod(shape),), cdtype, -1.0, 1.0)
+    return (u * jnp.asarray(limit, cdtype)).astype(dtype).reshape(shape)
+
+
+def _variance_scaling(
+    who: str,
+    std_of_fans: Callable[[int, int], Any],
+    distribution: str,
+    in_axis,
+    out_axis,
+    batch_axis,
+    default_dtype,
+) -> Initializer:
+    default_dtype = _check_dtype(default_dtype, who)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+        dt = _check_dtype(default_dtype if dtype is None else dtype, who)
+        dims = _check_kernel_shape(shape, who)
+        fan_in, fan_out = _fans(dims, in_axis, out_axis, batch_axis, who)
+        std = std_of_fans(fan_in, fan_out)
+        if distribution == "uniform":
+            # U(-a, a) has variance a^2 / 3.
+            return _uniform(key, dims, dt, math.sqrt(3.0) * std)
+        return _normal(key, dims, dt, std, truncated=distribution == "truncated_normal")
+
+    return init
+
+
+def _normal_kind(truncated: bool, who: str) -> str:
+    if not isinstance(truncated, bool):
+        raise TypeError(f"{who}: truncated must be True or False, but got {truncated!r}")
+    return "truncated_normal" if truncated else "normal"
+
+
+# --------------------------------------------------------------------------------------------
+# Public initializers
+# --------------------------------------------------------------------------------------------
+
+
+def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializer:
+    r"""The lecture's naive initialisation, ``W = stddev * randn(shape)``.
+
+    .. math:: W_{ij} \sim \mathcal{N}(0, \sigma^2), \quad \sigma = \text{stddev} = 0.01
+
+    An untruncated normal. It needs no fans, so it accepts any shape (biases and empty shapes
+    included). Fine for small networks; in deep ones the activations shrink layer by layer
+    (each layer multiplies their scale by about ``stddev * sqrt(fan_in)``), and the gradients with
+    them: the lecture's motivating failure for variance-scaling initializers.
+
+    Args:
+      stddev: the standard deviation (a positive number; may be traced, e.g. under ``vmap``).
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)``.
+
+    Raises:
+      TypeError: ``stddev`` is not a real number, or ``init`` is asked for a non-float dtype.
+      ValueError: ``stddev`` is not finite and positive, or the shape has a negative dimension.
+
+    References:
+      Karpathy et al., CS231n "Training Neural Networks, Part 1" (2016): ``0.01 * np.random.randn``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> w = initializers.small_normal()(jax.random.key(0), (784, 100))
+      >>> w.shape, w.dtype
+      ((784, 100), dtype('float32'))
+    """
+    who = "small_normal"
+    stddev = _check_scalar(stddev, "stddev", who)
+    default_dtype = _check_dtype(dtype, who)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+        dt = _check_dtype(default_dtype if dtype is None else dtype, who)
+        return _normal(key, _check_shape(shape, who), dt, stddev, truncated=False)
+
+    return init
+
+
+def xavier_normal(
+    *,
+    gain: float = 1.0,
+    truncated: bool = False,
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""Glorot / Xavier normal initialisation (fan_avg).
+
+    .. math:: W \sim \mathcal{N}(0, \sigma^2), \quad
+              \sigma = \text{gain} \cdot \sqrt{2 / (\text{fan\_in} + \text{fan\_out})}
+
+    An **untruncated** normal by default, like ``torch.nn.init.xavier_normal_(w, gain)``.
+    ``truncated=True`` gives ``jax.nn.initializers.glorot_normal`` (truncated at +-2 of the
+    widened std, final std exactly sigma, same numbers for the same key in float32).
+    Not the lecture's "Xavier" (``randn / sqrt(fan_in)``): that one is :func:`lecun_normal`.
+
+    Args:
+      gain: multiplies the standard deviation (``gain**2`` the variance), as torch's ``gain``;
+        see :func:`gain`. Unlike ``jax.nn.initializers.variance_scaling``'s ``scale``, which
+        multiplies the variance.
+      truncated: draw jax.nn's truncated normal instead of a true normal.
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
+        dimension of size 0; axes out of range or overlapping.
+
+    References:
+      Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward neural
+      networks", AISTATS.
+
+    Example:
+      >>> import jax
+      >>> from jaxnorm import initializers
+      >>> w = initializers.xavier_normal()(jax.random.key(0), (300, 100))
+      >>> w.shape
+      (300, 100)
+    """
+    who = "xavier_normal"
+    g = _check_scalar(gain, "gain", who)
+    return _variance_scaling(
+        who,
+        lambda fi, fo: g * math.sqrt(2.0 / (fi + fo)),
+        _normal_kind(truncated, who),
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def xavier_uniform(
+    *,
+    gain: float = 1.0,
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""Glorot / Xavier uniform initialisation (fan_avg).
+
+    .. math:: W \sim U(-a, a), \quad
+              a = \text{gain} \cdot \sqrt{6 / (\text{fan\_in} + \text{fan\_out})}
+
+    so that the standard deviation is ``a / sqrt(3) = gain * sqrt(2 / (fan_in + fan_out))``. The
+    same distribution as ``torch.nn.init.xavier_uniform_`` and
+    ``jax.nn.initializers.glorot_uniform``.
+
+    Args:
+      gain: multiplies the standard deviation and the bound (see :func:`gain`).
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
+        dimension of size 0; axes out of range or overlapping.
+
+    References:
+      Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward neural
+      networks", AISTATS, eq. 16.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> w = initializers.xavier_uniform()(jax.random.key(0), (300, 100))
+      >>> bool(jnp.abs(w).max() <= (6 / 400) ** 0.5)
+      True
+    """
+    who = "xavier_uniform"
+    g = _check_scalar(gain, "gain", who)
+    return _variance_scaling(
+        who,
+        lambda fi, fo: g * math.sqrt(2.0 / (fi + fo)),
+        "uniform",
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def _he_std(negative_slope: Any, mode: str, who: str) -> Callable[[int, int], Any]:
+    a = _check_scalar(negative_slope, "negative_slope", who, positive=False)
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"{who}: mode must be 'fan_in' or 'fan_out', but got {mode!r}")
+    g = _sqrt(2.0 / (1.0 + a * a))
+    if mode == "fan_in":
+        return lambda fi, fo: g / math.sqrt(fi)
+    return lambda fi, fo: g / math.sqrt(fo)
+
+
+def he_normal(
+    *,
+    negative_slope: float = 0.0,
+    mode: str = "fan_in",
+    truncated: bool = False,
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""He / Kaiming normal initialisation for ReLU-family networks (fan_in, gain sqrt(2)).
+
+    .. math:: W \sim \mathcal{N}(0, \sigma^2), \quad
+              \sigma = \sqrt{2 / (1 + a^2)} \,/\, \sqrt{\text{fan\_in}}
+
+    with ``a = negative_slope`` (0 for ReLU, the leaky/PReLU slope otherwise: He et al.'s eq. 15).
+    An **untruncated** normal by default, the same distribution as
+    ``torch.nn.init.kaiming_normal_(w, a, mode, nonlinearity="leaky_relu")`` (torch's default
+    ``a=0`` makes it relu). ``truncated=True`` gives ``jax.nn.initializers.he_normal`` (same numbers
+    for the same key in float32 when ``negative_slope=0``).
+
+    Args:
+      negative_slope: the slope of the activation for x < 0 (0 for ReLU).
+      mode: ``"fan_in"`` (preserves the forward variance, the default) or ``"fan_out"``
+        (preserves the backward variance), as in torch.
+      truncated: draw jax.nn's truncated normal instead of a true normal.
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      ValueError: a bad ``mode``; ``negative_slope`` not finite; a kernel shape with fewer than 2
+        dimensions or a dimension of size 0; axes out of range or overlapping.
+
+    References:
+      He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers: surpassing human-level performance
+      on ImageNet classification", ICCV.
+
+    Example:
+      >>> import jax
+      >>> from jaxnorm import initializers
+      >>> w = initializers.he_normal()(jax.random.key(0), (3, 3, 16, 32))  # fan_in = 3*3*16
+      >>> w.shape
+      (3, 3, 16, 32)
+    """
+    who = "he_normal"
+    return _variance_scaling(
+        who,
+        _he_std(negative_slope, mode, who),
+        _normal_kind(truncated, who),
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def he_uniform(
+    *,
+    negative_slope: float = 0.0,
+    mode: str = "fan_in",
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""He / Kaiming uniform initialisation (fan_in, gain sqrt(2)).
+
+    .. math:: W \sim U(-b, b), \quad
+              b = \sqrt{3} \cdot \sqrt{2 / (1 + a^2)} \,/\, \sqrt{\text{fan\_in}}
+
+    The same distribution as ``torch.nn.init.kaiming_uniform_(w, a, mode)`` and, for ``a = 0``,
+    ``jax.nn.initializers.he_uniform``. (PyTorch's *layer default* is a different thing: see
+    :func:`torch_linear_default`.)
+
+    Args:
+      negative_slope: the slope of the activation for x < 0 (0 for ReLU).
+      mode: ``"fan_in"`` (default) or ``"fan_out"``.
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      ValueError: a bad ``mode``; ``negative_slope`` not finite; a kernel shape with fewer than 2
+        dimensions or a dimension of size 0; axes out of range or overlapping.
+
+    References:
+      He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers", ICCV.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> w = initializers.he_uniform()(jax.random.key(0), (600, 10))
+      >>> bool(jnp.abs(w).max() <= (6 / 600) ** 0.5)
+      True
+    """
+    who = "he_uniform"
+    return _variance_scaling(
+        who,
+        _he_std(negative_slope, mode, who),
+        "uniform",
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def lecun_normal(
+    *,
+    gain: float = 1.0,
+    truncated: bool = False,
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""LeCun normal initialisation (fan_in): the lecture's "Xavier", ``randn / sqrt(fan_in)``.
+
+    .. math:: W \sim \mathcal{N}(0, \sigma^2), \quad \sigma = \text{gain} / \sqrt{\text{fan\_in}}
+
+    An **untruncated** normal by default. ``truncated=True`` gives
+    ``jax.nn.initializers.lecun_normal`` (same numbers for the same key in float32 with
+    ``gain=1``). With ``gain=gain("tanh")`` it is ``torch.nn.init.kaiming_normal_(w,
+    nonlinearity="tanh")``; SELU networks use ``gain=1`` (Klambauer et al. 2017).
+
+    Args:
+      gain: multiplies the standard deviation (see :func:`gain`).
+      truncated: draw jax.nn's truncated normal instead of a true normal.
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
+        dimension of size 0; axes out of range or overlapping.
+
+    References:
+      LeCun, Bottou, Orr & Müller 1998, "Efficient BackProp"; Glorot & Bengio 2010 (the lecture's
+      simplified "Xavier").
+
+    Example:
+      >>> import jax
+      >>> from jaxnorm import initializers
+      >>> w = initializers.lecun_normal()(jax.random.key(0), (100, 10))
+      >>> w.shape
+      (100, 10)
+    """
+    who = "lecun_normal"
+    g = _check_scalar(gain, "gain", who)
+    return _variance_scaling(
+        who,
+        lambda fi, fo: g / math.sqrt(fi),
+        _normal_kind(truncated, who),
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def lecun_uniform(
+    *,
+    gain: float = 1.0,
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""LeCun uniform initialisation (fan_in).
+
+    .. math:: W \sim U(-a, a), \quad a = \sqrt{3} \cdot \text{gain} / \sqrt{\text{fan\_in}}
+
+    The same distribution as ``jax.nn.initializers.lecun_uniform`` (``gain=1``).
+
+    Args:
+      gain: multiplies the standard deviation and the bound (see :func:`gain`).
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
+        dimension of size 0; axes out of range or overlapping.
+
+    References:
+      LeCun, Bottou, Orr & Müller 1998, "Efficient BackProp".
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> w = initializers.lecun_uniform()(jax.random.key(0), (300, 10))
+      >>> bool(jnp.abs(w).max() <= 0.1)
+      True
+    """
+    who = "lecun_uniform"
+    g = _check_scalar(gain, "gain", who)
+    return _variance_scaling(
+        who,
+        lambda fi, fo: g / math.sqrt(fi),
+        "uniform",
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def torch_linear_default(
+    *,
+    in_axis: int | Sequence[int] = -2,
+    out_axis: int | Sequence[int] = -1,
+    batch_axis: int | Sequence[int] = (),
+    dtype: Any = jnp.float32,
+) -> Initializer:
+    r"""PyTorch's default weight initialisation of ``nn.Linear`` and ``nn.ConvNd``.
+
+    .. math:: W \sim U(-b, b), \quad b = 1 / \sqrt{\text{fan\_in}}
+
+    PyTorch writes it as ``kaiming_uniform_(w, a=math.sqrt(5))``: gain ``sqrt(2 / (1 + 5))``
+    times ``sqrt(3 / fan_in)`` is ``1 / sqrt(fan_in)``. The standard deviation is therefore
+    ``1 / sqrt(3 fan_in)``, a third of LeCun's variance: not a variance-preserving init. Use it to
+    port a PyTorch model and reproduce its training from the same starting distribution. The bias
+    of those layers is drawn from the same bound; see :func:`torch_linear_bias_default`.
+
+    Fans use Flax's layout, ``(in, out)`` or ``(H, W, in, out)``; torch's ``(out, in)`` and
+    ``(out, in, H, W)`` give the same ``fan_in``.
+
+    Args:
+      in_axis: the input axis or axes of the kernel (default -2).
+      out_axis: the output axis or axes (default -1).
+      batch_axis: axes left out of the fans (default none), as in jax.nn.
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+
+    Raises:
+      TypeError: ``init`` is asked for a non-float dtype.
+      ValueError: a kernel shape with fewer than 2 dimensions or a dimension of size 0; axes out of
+        range or overlapping.
+
+    References:
+      PyTorch, ``torch/nn/modules/linear.py``, ``Linear.reset_parameters``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> w = initializers.torch_linear_default()(jax.random.key(0), (64, 10))
+      >>> bool(jnp.abs(w).max() <= 1 / 8)
+      True
+    """
+    return _variance_scaling(
+        "torch_linear_default",
+        lambda fi, fo: 1.0 / math.sqrt(3.0 * fi),
+        "uniform",
+        in_axis,
+        out_axis,
+        batch_axis,
+        dtype,
+    )
+
+
+def torch_linear_bias_default(fan_in: int, *, dtype: Any = jnp.float32) -> Initializer:
+    r"""PyTorch's default bias initialisation of ``nn.Linear`` and ``nn.ConvNd``.
+
+    .. math:: b \sim U(-1 / \sqrt{\text{fan\_in}},\ 1 / \sqrt{\text{fan\_in}})
+
+    A bias initializer sees only the bias shape, so the layer's ``fan_in`` (``in_features``, or
+    ``H * W * in`` for a convolution) must be given. Any shape is accepted.
+
+    Args:
+      fan_in: the fan-in of the layer's kernel (a positive int).
+      dtype: the default dtype of the biases.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)``, e.g. for ``flax.nnx.Linear(..., bias_init=...)``.
+
+    Raises:
+      TypeError: ``fan_in`` is not an int, or ``init`` is asked for a non-float dtype.
+      ValueError: ``fan_in`` < 1, or the shape has a negative dimension.
+
+    References:
+      PyTorch, ``torch/nn/modules/linear.py``, ``Linear.reset_parameters``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> b = initializers.torch_linear_bias_default(64)(jax.random.key(0), (10,))
+      >>> bool(jnp.abs(b).max() <= 1 / 8)
+      True
+    """
+    who = "torch_linear_bias_default"
+    if isinstance(fan_in, bool) or not isinstance(fan_in, int | np.integer):
+        raise TypeError(f"{who}: fan_in must be an int (the layer's fan-in), but got {fan_in!r}")
+    if fan_in < 1:
+        raise ValueError(f"{who}: fan_in must be at least 1, but got {fan_in}")
+    bound = 1.0 / math.sqrt(int(fan_in))
+    default_dtype = _check_dtype(dtype, who)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+        dt = _check_dtype(default_dtype if dtype is None else dtype, who)
+        return _uniform(key, _check_shape(shape, who), dt, bound)
+
+    return init
+
+
+def orthogonal(
+    scale: float = 1.0, *, column_axis: int = -1, dtype: Any = jnp.float32
+) -> Initializer:
+    r"""A random orthogonal matrix (Haar distributed), times ``scale``.
+
+    The kernel is viewed as a matrix with ``shape[column_axis]`` columns and the product of the
+    other dimensions as rows: ``(in, out)`` as is, ``(H, W, in, out)`` as ``(H*W*in, out)``, as
+    ``jax.nn.initializers.orthogonal`` does. If it is tall the columns are orthonormal
+    (:math:`W^\top W = s^2 I`); if it is wide the rows are (:math:`W W^\top = s^2 I`).
+
+    Sampling: ``A ~ N(0, 1)`` of the tall orientation, ``A = QR``, then
+    :math:`Q \cdot \mathrm{sign}(\mathrm{diag}\,R)`; the sign correction makes ``Q`` Haar
+    distributed rather than biased by the QR routine's sign convention (Mezzadri 2007).
+
+    Args:
+      scale: multiplies the matrix (a positive number; ``gain(...)`` is the usual choice).
+      column_axis: the axis holding the columns (default -1, the output axis).
+      dtype: the default dtype of the weights.
+
+    Returns:
+      ``init(key, shape, dtype=dtype)`` for shapes of at least 2 dimensions.
+
+    Raises:
+      TypeError: ``scale`` is not a real number, ``column_axis`` not an int, or ``init`` is asked
+        for a non-float dtype.
+      ValueError: ``scale`` not finite and positive; a shape with fewer than 2 dimensions or a
+        dimension of size 0; ``column_axis`` out of range.
+
+    References:
+      Saxe, McClelland & Ganguli 2014, "Exact solutions to the nonlinear dynamics of learning in
+      deep linear neural networks", ICLR; Mezzadri 2007, "How to generate random matrices from the
+      classical compact groups", Notices of the AMS.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import initializers
+      >>> w = initializers.orthogonal()(jax.random.key(0), (8, 4))
+      >>> bool(jnp.allclose(w.T @ w, jnp.eye(4), atol=1e-5))
+      True
+    """
+    who = "orthogonal"
+    s = _check_scalar(scale, "scale", who)
+    if isinstance(column_axis, bool) or not isinstance(column_axis, int | np.integer):
+        raise TypeError(f"{who}: column_axis must be an int, but got {column_axis!r}")
+    default_dtype = _check_dtype(dtype, who)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+        dt = _check_dtype(default_dtype if dtype is None else dtype, who)
+        dims = _check_kernel_shape(shape, who)
+        (col,) = normalize_axes(int(column_axis), len(dims), "column_axis")
+        return _orthogonal(key, dims, dt, col, s)
+
+    return init
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "col"))
+def _orthogonal(key, shape, dtype, col: int, scale) -> jax.Array:
+    n_cols = shape[col]
+    n_rows = math.prod(shape) // n_cols
+    cdtype = compute_dtype(dtype)
+    a = jax.random.normal(key, (max(n_rows, n_cols), min(n_rows, n_cols)), cdtype)
+    q, r = jnp.linalg.qr(a)
+    # where, not sign: sign(0) = 0 would zero a column (probability 0, but free to avoid).
+    q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(cdtype)[None, :]
+    if n_rows < n_cols:
+        q = q.T
+    rest = tuple(d for i, d in enumerate(shape) if i != col)
+    q = jnp.moveaxis(q.reshape((*rest, n_cols)), -1, col)
+    return (q * jnp.asarray(scale, cdtype)).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Gains
+# --------------------------------------------------------------------------------------------
+
+_UNIT_GAIN = (
+    "linear",
+    "identity",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "sigmoid",
+)
+_GAIN_NAMES = (*_UNIT_GAIN, "tanh", "relu", "leaky_relu", "selu")
+# Activations people ask for that have no agreed gain (PyTorch has none either).
+_NO_STANDARD_GAIN = ("gelu", "silu", "swish", "elu", "softplus", "mish")
+
+
+def gain(name: str, **kw: Any) -> float:
+    r"""The recommended gain (std multiplier) for an activation, as torch's ``calculate_gain``.
+
+    ============================================  ===============================
+    name                                          gain
+    ============================================  ===============================
+    linear, identity, conv{1,2,3}d,               1
+    conv_transpose{1,2,3}d, sigmoid
+    tanh                                          5/3
+    relu                                          :math:`\sqrt{2}`
+    leaky_relu (``negative_slope=0.01``)          :math:`\sqrt{2 / (1 + s^2)}`
+    selu                                          3/4
+    ============================================  ===============================
+
+    Use it as the ``gain`` of :func:`xavier_normal`, :func:`lecun_normal`, ... or the ``scale``
+    of :func:`orthogonal`. The relu and leaky_relu values are He et al.'s (they make the second
+    moment of activations constant with fan_in scaling); tanh 5/3 and selu 3/4 are PyTorch's
+    conventions (for SELU, Klambauer et al. 2017 use gain 1: ``lecun_normal()``). GELU, SiLU and
+    ELU have no agreed gain and raise; use ``he_normal`` (their positive half behaves like ReLU) or
+    a data-driven init (LSUV).
+
+    Args:
+      name: the activation's name.
+      **kw: ``negative_slope`` for ``"leaky_relu"`` (default 0.01, torch's ``param``); no other
+        name takes an option.
+
+    Returns:
+      The gain as a Python float (a traced scalar if ``negative_slope`` is traced).
+
+    Raises:
+      ValueError: an unknown name (the message lists the known ones), or a non-finite slope.
+      TypeError: an option the name does not take, or a non-number slope.
+
+    References:
+      He et al. 2015 (ICCV), eq. 10 and 15; PyTorch ``torch.nn.init.calculate_gain``.
+
+    Example:
+      >>> from jaxnorm import initializers
+      >>> initializers.gain("relu")
+      1.414...
+      >>> initializers.gain("leaky_relu", negative_slope=0.2)
+      1.386...
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"gain: name must be a string, but got {name!r}")
+    if name not in _GAIN_NAMES:
+        hint = ""
+        if name in _NO_STANDARD_GAIN:
+            hint = (
+                f" ({name} has no agreed gain; use he_normal() for ReLU-like activations or a "
+                "data-driven init such as LSUV)"
+            )
+        raise ValueError(
+            f"gain: unknown activation {name!r}{hint}; known names: {', '.join(_GAIN_NAMES)}"
+        )
+    allowed = ("negative_slope",) if name == "leaky_relu" else ()
+    extra = sorted(set(kw) - set(allowed))
+    if extra:
+        takes = "takes only negative_slope" if allowed else "takes no options"
+        raise TypeError(f"gain({name!r}) {takes}, but got {', '.join(extra)}")
+    if name in _UNIT_GAIN:
+        return 1.0
+    if name == "tanh":
+        return 5.0 / 3.0
+    if name == "relu":
+        return math.sqrt(2.0)
+    if name == "selu":
+        return 0.75
+    a = _check_scalar(kw.get("negative_slope", 0.01), "negative_slope", "gain", positive=False)
+    return _sqrt(2.0 / (1.0 + a * a))
+
+
+__all__ = [
+    "Initializer",
+    "gain",
+    "he_normal",
+    "he_uniform",
+    "lecun_normal",
+    "lecun_uniform",
+    "orthogonal",
+    "small_normal",
+    "torch_linear_bias_default",
+    "torch_linear_default",
+    "xavier_normal",
+    "xavier_uniform",
+]
