@@ -1,0 +1,476 @@
+"""Tests for jaxnorm.activations against independent references.
+
+References: SciPy/NumPy float64 formulas, central finite differences in float64, and PyTorch
+(skipped when torch is missing). Nothing is checked against jaxnorm itself.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from jaxnorm import activations as A
+from tests.helpers import FLOAT_DTYPES, to_f64, tol
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+C = math.sqrt(2 / math.pi)
+
+
+def _gelu_tanh_np(x):
+    return 0.5 * x * (1 + np.tanh(C * (x + 0.044715 * x**3)))
+
+
+def _gelu_tanh_grad_np(x):
+    u = C * (x + 0.044715 * x**3)
+    return 0.5 * (1 + np.tanh(u)) + 0.5 * x * (1 - np.tanh(u) ** 2) * C * (1 + 3 * 0.044715 * x**2)
+
+
+# name -> (jaxnorm function of x, float64 value, float64 derivative): textbook formulas.
+REFERENCES = {
+    "sigmoid": (A.sigmoid, special.expit, lambda x: special.expit(x) * (1 - special.expit(x))),
+    "tanh": (A.tanh, np.tanh, lambda x: 1 - np.tanh(x) ** 2),
+    "relu": (A.relu, lambda x: np.maximum(x, 0), lambda x: (x > 0).astype(float)),
+    "leaky_relu": (
+        lambda x: A.leaky_relu(x, 0.1),
+        lambda x: np.where(x > 0, x, 0.1 * x),
+        lambda x: np.where(x > 0, 1.0, 0.1),
+    ),
+    "prelu": (
+        lambda x: A.prelu(x, 0.25),
+        lambda x: np.where(x > 0, x, 0.25 * x),
+        lambda x: np.where(x > 0, 1.0, 0.25),
+    ),
+    "elu": (
+        lambda x: A.elu(x, 1.5),
+        lambda x: np.where(x > 0, x, 1.5 * (np.exp(np.minimum(x, 0)) - 1)),
+        lambda x: np.where(x > 0, 1.0, 1.5 * np.exp(np.minimum(x, 0))),
+    ),
+    "selu": (
+        A.selu,
+        lambda x: SELU_SCALE * np.where(x > 0, x, SELU_ALPHA * np.expm1(np.minimum(x, 0))),
+        lambda x: SELU_SCALE * np.where(x > 0, 1.0, SELU_ALPHA * np.exp(np.minimum(x, 0))),
+    ),
+    "gelu": (
+        A.gelu,
+        lambda x: x * special.ndtr(x),
+        lambda x: special.ndtr(x) + x * np.exp(-(x**2) / 2) / math.sqrt(2 * math.pi),
+    ),
+    "gelu_tanh": (lambda x: A.gelu(x, approximate=True), _gelu_tanh_np, _gelu_tanh_grad_np),
+    "silu": (
+        A.silu,
+        lambda x: x * special.expit(x),
+        lambda x: special.expit(x) + x * special.expit(x) * (1 - special.expit(x)),
+    ),
+    "softplus": (A.softplus, lambda x: np.log1p(np.exp(x)), special.expit),
+}
+
+GRID = np.concatenate([np.linspace(-8, 8, 81), [0.0, -0.3, 0.7]]).astype(np.float32)
+
+
+def _grad(f):
+    """Elementwise derivative of f (the gradient of the sum), jitted to compile once."""
+    return jax.jit(jax.grad(lambda x: jnp.sum(f(x))))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_values_and_gradients_match_float64_formulas(name, dtype):
+    f, ref, dref = REFERENCES[name]
+    x = jnp.asarray(GRID, dtype)
+    xr = to_f64(x)  # the reference sees the same rounded inputs
+    y = jax.jit(f)(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_allclose(to_f64(y), ref(xr), **tol(dtype, 2))
+    g = _grad(f)(x)
+    assert g.dtype == dtype
+    np.testing.assert_allclose(to_f64(g), dref(xr), **tol(dtype, 4))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_gradients_match_finite_differences_float64(name):
+    f, _, _ = REFERENCES[name]
+    pts = np.array([-3.1, -1.3, -0.2, 0.4, 1.7, 4.2])  # away from the kink at 0
+    h = 1e-6
+    with jax.enable_x64(True):
+        x = jnp.asarray(pts, jnp.float64)
+        fd = (np.asarray(f(x + h)) - np.asarray(f(x - h))) / (2 * h)
+        g = np.asarray(_grad(f)(x))
+    np.testing.assert_allclose(g, fd, rtol=1e-7, atol=1e-9)
+
+
+def test_float64_stays_float64():
+    with jax.enable_x64(True):
+        x = jnp.linspace(-3, 3, 7, dtype=jnp.float64)
+        for name in A.NAMES:
+            if name == "maxout":
+                y = A.maxout(x[:6], 2)
+            elif name == "prelu":
+                y = A.prelu(x, 0.25)
+            else:
+                y = A.get(name)(x)
+            assert y.dtype == jnp.float64, name
+
+
+# --- kinks ----------------------------------------------------------------------------------------
+
+KINK_DERIVATIVES = {  # jaxnorm's convention: the negative side's derivative at x = 0
+    "relu": (A.relu, 0.0),
+    "leaky_relu": (lambda x: A.leaky_relu(x, 0.1), 0.1),
+    "prelu": (lambda x: A.prelu(x, 0.3), 0.3),
+    "elu": (lambda x: A.elu(x, 2.0), 2.0),
+    "selu": (A.selu, SELU_SCALE * SELU_ALPHA),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", sorted(KINK_DERIVATIVES))
+def test_derivative_at_zero_is_negative_side(name, dtype):
+    f, expected = KINK_DERIVATIVES[name]
+    g = jax.grad(lambda x: f(x).sum())(jnp.zeros((1,), dtype))
+    np.testing.assert_allclose(to_f64(g), [expected], **tol(dtype))
+
+
+def test_jax_nn_kinks_are_as_the_docs_say():
+    # The docs' table quotes these; if jax changes them the table must change too.
+    assert float(jax.grad(jax.nn.relu)(0.0)) == 0.0
+    assert float(jax.grad(lambda x: jax.nn.leaky_relu(x, 0.1))(0.0)) == 1.0
+    assert float(jax.grad(lambda x: jax.nn.elu(x, 2.0))(0.0)) == 2.0
+    np.testing.assert_allclose(float(jax.grad(jax.nn.selu)(0.0)), SELU_SCALE * SELU_ALPHA, 1e-6)
+
+
+# --- PyTorch --------------------------------------------------------------------------------------
+
+
+def _torch_cases(torch):
+    F = torch.nn.functional
+    return {
+        "sigmoid": (A.sigmoid, torch.sigmoid),
+        "tanh": (A.tanh, torch.tanh),
+        "relu": (A.relu, torch.relu),
+        "leaky_relu": (lambda x: A.leaky_relu(x, 0.1), lambda t: F.leaky_relu(t, 0.1)),
+        "prelu": (
+            lambda x: A.prelu(x, 0.25),
+            lambda t: F.prelu(t, torch.tensor([0.25], dtype=t.dtype)),
+        ),
+        "elu": (lambda x: A.elu(x, 1.5), lambda t: F.elu(t, 1.5)),
+        "selu": (A.selu, F.selu),
+        "gelu": (A.gelu, F.gelu),
+        "gelu_tanh": (lambda x: A.gelu(x, True), lambda t: F.gelu(t, approximate="tanh")),
+        "silu": (A.silu, F.silu),
+        "softplus": (A.softplus, F.softplus),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "gelu_tanh",
+     "silu", "softplus"],
+)  # fmt: skip
+def test_matches_torch_values_and_gradients_including_kinks(name):
+    torch = pytest.importorskip("torch")
+    ours, theirs = _torch_cases(torch)[name]
+    xs = np.concatenate([np.linspace(-6, 6, 49), [0.0]])  # 0 is a kink for the piecewise ones
+    t = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+    yt = theirs(t)
+    yt.sum().backward()
+    with jax.enable_x64(True):
+        x = jnp.asarray(xs)
+        y = np.asarray(jax.jit(ours)(x))
+        g = np.asarray(_grad(ours)(x))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_prelu_per_channel_matches_torch_including_alpha_gradient():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 4, 5))
+    x[0, :, 0, 0] = 0.0  # a kink
+    alpha = np.array([0.1, 0.25, -0.5])
+    xt = torch.tensor(x, requires_grad=True)
+    at = torch.tensor(alpha, requires_grad=True)
+    yt = torch.nn.functional.prelu(xt, at)  # torch puts channels on axis 1
+    dy = rng.normal(size=x.shape)
+    yt.backward(torch.tensor(dy))
+    with jax.enable_x64(True):
+        f = lambda x, a: A.prelu(x, a, channel_axis=1)
+        y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(alpha))
+        gx, ga = vjp(jnp.asarray(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ga, at.grad.numpy(), rtol=1e-12)
+
+
+# --- extremes and tails ---------------------------------------------------------------------------
+
+ALL_ELEMENTWISE = {
+    **{n: r[0] for n, r in REFERENCES.items()},
+    "maxout": lambda x: A.maxout(x, 2),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", sorted(ALL_ELEMENTWISE))
+def test_values_and_gradients_finite_at_extremes(name, dtype):
+    big = float(jnp.finfo(dtype).max)
+    if name == "selu":
+        big /= 1.06  # selu multiplies by 1.0507: beyond this the exact result overflows
+    x = jnp.asarray([-big, -1e4, -100.0, -0.0, 0.0, 100.0, 1e4, big], dtype)
+    f = ALL_ELEMENTWISE[name]
+    y = jax.jit(f)(x)
+    g = _grad(f)(x)
+    assert y.dtype == dtype and g.dtype == dtype
+    assert np.all(np.isfinite(to_f64(y))), (name, y)
+    assert np.all(np.isfinite(to_f64(g))), (name, g)
+
+
+def test_saturated_values():
+    x = jnp.asarray([-1e4, 1e4])
+    np.testing.assert_array_equal(A.sigmoid(x), [0.0, 1.0])
+    np.testing.assert_array_equal(A.softplus(x), [0.0, 1e4])
+    np.testing.assert_array_equal(A.elu(x), [-1.0, 1e4])
+    np.testing.assert_array_equal(A.gelu(x), [0.0, 1e4])
+    np.testing.assert_array_equal(A.gelu(x, approximate=True), [0.0, 1e4])
+    np.testing.assert_array_equal(_grad(A.sigmoid)(x), [0.0, 0.0])
+    np.testing.assert_array_equal(_grad(A.softplus)(x), [0.0, 1.0])
+    np.testing.assert_array_equal(_grad(A.elu)(x), [0.0, 1.0])
+
+
+def _sigmoid_grad_exact(x):
+    e = np.exp(-abs(x))
+    return e / (1 + e) ** 2
+
+
+def _tanh_grad_exact(x):
+    e = np.exp(-2 * abs(x))
+    return 4 * e / (1 + e) ** 2
+
+
+def _gelu_grad_exact(x):
+    return special.ndtr(x) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+
+# float64 derivatives in the tails: points, exact derivative from a direct float64 formula.
+TAILS = {
+    "sigmoid": (A.sigmoid, [37.43, -37.43, 200.0, -700.0], _sigmoid_grad_exact),
+    "tanh": (A.tanh, [20.0, -25.0, 300.0], _tanh_grad_exact),
+    "elu": (A.elu, [-40.0, -300.0], np.exp),
+    "selu": (A.selu, [-40.0, -300.0], lambda x: SELU_SCALE * SELU_ALPHA * np.exp(x)),
+    "softplus": (A.softplus, [-40.0, -700.0], np.exp),
+    "silu": (A.silu, [-40.0, -700.0], lambda x: np.exp(x) * (1 + x)),
+    "gelu": (A.gelu, [-10.0, -30.0], _gelu_grad_exact),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAILS))
+def test_tail_gradients_keep_relative_accuracy_float64(name):
+    f, xs, exact = TAILS[name]
+    xs = np.asarray(xs)
+    with jax.enable_x64(True):
+        g = np.asarray(_grad(f)(jnp.asarray(xs)))
+    want = exact(xs)
+    assert np.all(want != 0)
+    np.testing.assert_allclose(g, want, rtol=1e-9)
+
+
+def test_issue_tail_numbers():
+    with jax.enable_x64(True):
+        s = float(jax.grad(A.sigmoid)(jnp.float64(37.43)))
+        e = float(jax.grad(A.elu)(jnp.float64(-40.0)))
+    np.testing.assert_allclose(s, 5.55e-17, rtol=2e-3)
+    np.testing.assert_allclose(e, 4.25e-18, rtol=2e-3)
+
+
+def test_gelu_negative_tail_value_keeps_relative_accuracy():
+    with jax.enable_x64(True):
+        y = np.asarray(A.gelu(jnp.asarray([-10.0, -20.0])))
+    np.testing.assert_allclose(
+        y, [-10 * special.ndtr(-10.0), -20 * special.ndtr(-20.0)], rtol=1e-12
+    )
+
+
+# --- parameters and dtypes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_parameters_are_cast_to_the_input_dtype(dtype):
+    x = jnp.linspace(-2, 2, 8, dtype=dtype)
+    slope = jnp.asarray(0.2, jnp.float32)
+    assert A.leaky_relu(x, slope).dtype == dtype
+    assert A.elu(x, slope).dtype == dtype
+    alpha = jnp.full((8,), 0.2, jnp.float32)
+    assert A.prelu(x, alpha).dtype == dtype
+    ga = jax.grad(lambda a: A.prelu(x, a).astype(jnp.float32).sum())(alpha)
+    assert ga.dtype == jnp.float32
+
+
+def test_elu_is_differentiable_in_alpha():
+    x = jnp.asarray([-2.0, -0.5, 0.0, 1.0])
+    g = jax.grad(lambda a: A.elu(x, a).sum())(1.3)
+    np.testing.assert_allclose(g, np.sum(np.expm1(np.minimum(to_f64(x), 0))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", A.NAMES)
+def test_integer_input_raises_type_error(name):
+    args = {"prelu": (0.25,), "maxout": (2,)}.get(name, ())
+    with pytest.raises(TypeError, match=rf"{name} expects a floating x .* int32"):
+        A.get(name)(jnp.arange(4), *args)
+
+
+def test_gelu_approximate_must_be_bool():
+    with pytest.raises(TypeError, match="approximate must be True or False, got 'tanh'"):
+        A.gelu(jnp.ones(3), approximate="tanh")
+
+
+def test_complex_parameter_raises_type_error():
+    with pytest.raises(TypeError, match=r"alpha must be a real number or array.*complex"):
+        A.prelu(jnp.ones(3), jnp.asarray(1j))
+
+
+# --- prelu ----------------------------------------------------------------------------------------
+
+
+def test_prelu_per_channel_last_axis_and_alpha_gradient():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+    alpha = np.array([0.1, 0.2, 0.3], np.float32)
+    y, vjp = jax.vjp(A.prelu, jnp.asarray(x), jnp.asarray(alpha))
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    gx, ga = vjp(jnp.asarray(dy))
+    x64, a64, dy64 = (v.astype(np.float64) for v in (x, alpha, dy))
+    np.testing.assert_allclose(y, np.where(x64 > 0, x64, a64 * x64), **tol(jnp.float32))
+    np.testing.assert_allclose(gx, dy64 * np.where(x64 > 0, 1, a64), **tol(jnp.float32))
+    np.testing.assert_allclose(ga, (dy64 * np.minimum(x64, 0)).sum(0), **tol(jnp.float32))
+
+
+def test_prelu_channel_axis_accepts_scalar_and_negative_axis():
+    x = -jnp.ones((2, 3, 4))
+    np.testing.assert_allclose(
+        A.prelu(x, jnp.asarray([0.5]), channel_axis=1), -0.5 * np.ones((2, 3, 4))
+    )
+    y = A.prelu(x, jnp.asarray([1.0, 2.0, 3.0, 4.0]), channel_axis=-1)
+    np.testing.assert_allclose(y[0, 0], [-1.0, -2.0, -3.0, -4.0])
+
+
+def test_prelu_alpha_that_does_not_broadcast_raises():
+    with pytest.raises(
+        ValueError, match=r"alpha of shape \(4,\) does not broadcast to x's shape \(2, 3\)"
+    ):
+        A.prelu(jnp.ones((2, 3)), jnp.ones(4))
+    with pytest.raises(ValueError, match=r"alpha of shape \(2, 3, 1\) does not broadcast"):
+        A.prelu(jnp.ones((2, 3)), jnp.ones((2, 3, 1)))  # would enlarge x
+    with pytest.raises(
+        ValueError, match=r"one entry per channel \(3, the size of x's axis 1\).*\(4,\)"
+    ):
+        A.prelu(jnp.ones((2, 3, 5)), jnp.ones(4), channel_axis=1)
+    with pytest.raises(ValueError, match="channel_axis=3 is out of range"):
+        A.prelu(jnp.ones((2, 3, 5)), jnp.ones(3), channel_axis=3)
+
+
+def test_leaky_relu_and_elu_parameter_shape_errors():
+    with pytest.raises(ValueError, match="leaky_relu: negative_slope of shape"):
+        A.leaky_relu(jnp.ones((2, 3)), jnp.ones(2))
+    with pytest.raises(ValueError, match="elu: alpha of shape"):
+        A.elu(jnp.ones((2, 3)), jnp.ones(2))
+
+
+# --- maxout ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "k", "axis"), [((4, 6), 3, -1), ((6, 4), 2, 0), ((2, 6, 3), 2, 1)]
+)
+def test_maxout_matches_grouped_max(shape, k, axis):
+    x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    ax = axis % len(shape)
+    ref = x.reshape((*shape[:ax], shape[ax] // k, k, *shape[ax + 1 :])).max(ax + 1)
+    y = A.maxout(jnp.asarray(x), k, axis=axis)
+    assert y.shape == ref.shape
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_maxout_gradient_goes_to_the_maximum():
+    x = jnp.asarray([1.0, 3.0, -2.0, -5.0, 4.0, 4.0])
+    g = jax.grad(lambda x: A.maxout(x, 2).sum())(x)
+    np.testing.assert_array_equal(g, [0.0, 1.0, 1.0, 0.0, 0.5, 0.5])  # a tie shares the gradient
+
+
+def test_maxout_errors():
+    with pytest.raises(
+        ValueError, match="x has 5 entries on axis 1, which num_pieces=2 does not divide"
+    ):
+        A.maxout(jnp.ones((3, 5)), 2)
+    with pytest.raises(ValueError, match="num_pieces must be at least 1, got 0"):
+        A.maxout(jnp.ones((3, 4)), 0)
+    with pytest.raises(TypeError, match=r"num_pieces must be an int, got 2\.0 of type float"):
+        A.maxout(jnp.ones((3, 4)), 2.0)
+    with pytest.raises(ValueError, match="at least one axis"):
+        A.maxout(jnp.ones(()), 1)
+    with pytest.raises(ValueError, match="axis=2 is out of range"):
+        A.maxout(jnp.ones((3, 4)), 2, axis=2)
+
+
+# --- get, names, properties -----------------------------------------------------------------------
+
+
+def test_get_and_names():
+    assert A.names() == A.NAMES
+    assert set(A.NAMES) == {
+        "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu",
+        "softplus", "maxout",
+    }  # fmt: skip
+    for name in A.NAMES:
+        assert A.get(name) is getattr(A, name)
+    assert A.get("ReLU") is A.relu
+    assert A.get("swish") is A.silu
+    assert A.get("leaky-relu") is A.leaky_relu
+
+
+def test_get_unknown_name_lists_the_known_ones():
+    with pytest.raises(
+        ValueError, match="unknown activation 'relux'; known names: sigmoid, tanh, relu"
+    ) as e:
+        A.get("relux")
+    assert "Did you mean 'relu'?" in str(e.value)
+    with pytest.raises(ValueError, match=r"known names:.*maxout"):
+        A.properties("nope")
+    with pytest.raises(TypeError, match="expects an activation name"):
+        A.get(A.relu)
+
+
+def test_properties_table_is_the_lecture_s():
+    p = A.properties
+    assert p("sigmoid")[1:6] == ((0.0, 1.0), False, "both", True, True)
+    assert p("tanh")[1:6] == ((-1.0, 1.0), True, "both", True, True)
+    assert p("relu")[1:6] == ((0.0, math.inf), False, "negative", False, True)
+    assert p("leaky_relu").saturates == "none" and not p("leaky_relu").needs_exp
+    assert p("elu").needs_exp and p("elu").saturates == "negative"
+    assert p("maxout").saturates == "none" and not p("maxout").needs_exp
+    assert not p("gelu").monotone and not p("silu").monotone
+    for name in A.NAMES:
+        assert p(name).name == name and p(name).note
+
+
+@pytest.mark.parametrize("name", [n for n in A.NAMES if n not in ("maxout",)])
+def test_properties_agree_with_the_functions(name):
+    # Output range, monotonicity and saturation checked numerically in float64.
+    props = A.properties(name)
+    f = A.get(name)
+    if name == "prelu":
+        f = lambda x: A.prelu(x, 0.25)
+    with jax.enable_x64(True):
+        x = jnp.linspace(-60, 60, 24001)
+        y = np.asarray(f(x))
+        g = np.asarray(_grad(f)(x))
+    lo, hi = props.output_range
+    assert y.min() >= lo - 1e-12 and y.max() <= hi + 1e-12
+    if math.isfinite(lo):
+        np.testing.assert_allclose(y.min(), lo, atol=1e-6)
+    assert bool(np.all(np.diff(y) >= -1e-15)) == props.monotone
+    left, right = abs(g[0]) < 1e-12, abs(g[-1]) < 1e-12
+    expected = {(True, True): "both", (True, False): "negative", (False, False): "none"}
+    assert expected[(bool(left), bool(right))] == props.saturates
