@@ -1,0 +1,916 @@
+"""Tests for jaxnorm.batchnorm: NumPy float64 references, finite differences, flax and torch."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import ad_checkpoint
+
+from jaxnorm import batchnorm as bn
+from tests.helpers import to_f64, tol
+
+# --------------------------------------------------------------------------- NumPy references
+
+
+def _np_relu(v):
+    return np.maximum(v, 0.0)
+
+
+def np_batch_norm_train(
+    x,
+    scale,
+    bias,
+    mean0,
+    var0,
+    faxes,
+    *,
+    momentum=0.99,
+    eps=1e-5,
+    mask=None,
+    act=None,
+    unbiased=False,
+):
+    """Float64 batch norm in training mode: (y, new_mean, new_var, batch_mean, batch_var)."""
+    x = to_f64(x)
+    raxes = tuple(a for a in range(x.ndim) if a not in faxes)
+    pshape = tuple(x.shape[a] if a in faxes else 1 for a in range(x.ndim))
+    m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, np.float64), x.shape)
+    n = m.sum(axis=raxes, keepdims=True)
+    mu = (m * x).sum(axis=raxes, keepdims=True) / n
+    var = (m * (x - mu) ** 2).sum(axis=raxes, keepdims=True) / n
+    y = (x - mu) / np.sqrt(var + eps)
+    if scale is not None:
+        y = y * to_f64(scale).reshape(pshape)
+    if bias is not None:
+        y = y + to_f64(bias).reshape(pshape)
+    if act is not None:
+        y = act(y)
+    fshape = tuple(x.shape[a] for a in faxes)
+    bvar = var * n / (n - 1) if unbiased else var
+    new_mean = momentum * to_f64(mean0) + (1 - momentum) * mu.reshape(fshape)
+    new_var = momentum * to_f64(var0) + (1 - momentum) * bvar.reshape(fshape)
+    return y, new_mean, new_var, mu.reshape(fshape), var.reshape(fshape)
+
+
+def np_batch_norm_eval(x, scale, bias, mean, var, faxes, eps=1e-5):
+    x = to_f64(x)
+    pshape = tuple(x.shape[a] if a in faxes else 1 for a in range(x.ndim))
+    y = (x - to_f64(mean).reshape(pshape)) / np.sqrt(to_f64(var).reshape(pshape) + eps)
+    if scale is not None:
+        y = y * to_f64(scale).reshape(pshape)
+    if bias is not None:
+        y = y + to_f64(bias).reshape(pshape)
+    return y
+
+
+def _params(fshape, seed=0):
+    rng = np.random.default_rng(seed)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=fshape), jnp.float32)
+    state = bn.BatchNormState(
+        jnp.asarray(rng.normal(size=fshape), jnp.float32),
+        jnp.asarray(rng.uniform(0.5, 2.0, fshape), jnp.float32),
+        jnp.asarray(3.0, jnp.float32),
+    )
+    return scale, bias, state
+
+
+def _x(shape, dtype=jnp.float32, seed=1, loc=0.5, std=2.0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(loc + std * rng.normal(size=shape), dtype)
+
+
+LAYOUTS = [
+    pytest.param((16, 5), -1, id="dense"),
+    pytest.param((4, 3, 3, 6), -1, id="nhwc"),
+    pytest.param((4, 6, 3, 2), 1, id="nchw"),
+    pytest.param((4, 3, 5), (-2, -1), id="two-feature-axes"),
+    pytest.param((3, 4, 5), (0, 2), id="non-adjacent-features"),
+]
+
+
+def _faxes(axis, ndim):
+    axes = (axis,) if isinstance(axis, int) else axis
+    return tuple(sorted(a % ndim for a in axes))
+
+
+# --------------------------------------------------------------------------- state and helpers
+
+
+def test_init_state():
+    s = bn.init_state((3, 4))
+    assert s.mean.shape == s.var.shape == (3, 4) and s.count.shape == ()
+    assert s.mean.dtype == jnp.float32
+    np.testing.assert_array_equal(s.mean, 0.0)
+    np.testing.assert_array_equal(s.var, 1.0)
+    assert float(s.count) == 0.0
+    assert bn.init_state(2, dtype=jnp.bfloat16).var.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("bad", [0, -3, (2, 0)])
+def test_init_state_rejects_non_positive(bad):
+    with pytest.raises(ValueError, match="positive"):
+        bn.init_state(bad)
+
+
+def test_init_state_rejects_bad_type():
+    with pytest.raises(TypeError, match="num_features"):
+        bn.init_state(2.5)
+    with pytest.raises(TypeError, match="floating"):
+        bn.init_state(2, dtype=jnp.int32)
+
+
+def test_state_is_a_pytree():
+    s = bn.init_state(3)
+    leaves, tree = jax.tree_util.tree_flatten(s)
+    assert len(leaves) == 3
+    assert jax.tree_util.tree_unflatten(tree, leaves) == s
+
+
+def test_momentum_conversions():
+    assert bn.momentum_from_torch(0.1) == pytest.approx(0.9)
+    assert bn.momentum_to_torch(0.99) == pytest.approx(0.01)
+    assert bn.momentum_from_torch(bn.momentum_to_torch(0.9)) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="cumulative=True"):
+        bn.momentum_from_torch(None)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bn.momentum_from_torch(1.5)
+
+
+def test_torch_state_round_trip():
+    s = bn.from_torch_state(np.arange(3.0), np.ones(3) * 2, np.int64(5))
+    assert s.count.dtype == jnp.float32 and float(s.count) == 5.0
+    d = bn.to_torch_state(s)
+    np.testing.assert_array_equal(d["running_mean"], np.arange(3.0))
+    assert d["num_batches_tracked"].dtype == np.int64 and int(d["num_batches_tracked"]) == 5
+    with pytest.raises(ValueError, match="running_var"):
+        bn.from_torch_state(np.zeros(3), np.ones(2))
+
+
+# --------------------------------------------------------------------------- forward against NumPy
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+@pytest.mark.parametrize("affine", [True, False])
+def test_train_matches_numpy(shape, axis, affine):
+    faxes = _faxes(axis, len(shape))
+    fshape = tuple(shape[a] for a in faxes)
+    scale, bias, state = _params(fshape)
+    if not affine:
+        scale = bias = None
+    x = _x(shape)
+    y, new = bn.batch_norm(x, scale, bias, state, train=True, axis=axis, momentum=0.9)
+    y_ref, m_ref, v_ref, _, _ = np_batch_norm_train(
+        x, scale, bias, state.mean, state.var, faxes, momentum=0.9
+    )
+    assert y.shape == x.shape and y.dtype == x.dtype
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-6)
+    assert float(new.count) == float(state.count) + 1
+
+
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS)
+def test_eval_matches_numpy_and_keeps_state(shape, axis):
+    faxes = _faxes(axis, len(shape))
+    fshape = tuple(shape[a] for a in faxes)
+    scale, bias, state = _params(fshape)
+    x = _x(shape)
+    y, new = bn.batch_norm(x, scale, bias, state, train=False, axis=axis)
+    ref = np_batch_norm_eval(x, scale, bias, state.mean, state.var, faxes)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert new is state
+
+
+def test_jit_equals_eager_and_does_not_recompile():
+    scale, bias, state = _params((5,))
+    x = _x((16, 5))
+    traces = []
+
+    def f(x, scale, bias, state):
+        traces.append(1)
+        return bn.batch_norm(x, scale, bias, state, train=True)
+
+    jf = jax.jit(f)
+    y1, s1 = jf(x, scale, bias, state)
+    y2, _ = jf(x + 1.0, scale, bias, s1)
+    assert len(traces) == 1
+    y0, s0 = bn.batch_norm(x, scale, bias, state, train=True)
+    np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s1.var, s0.var, rtol=1e-6)
+    assert y2.shape == x.shape
+
+
+def test_epsilon_and_momentum_extremes():
+    scale, bias, state = _params((5,))
+    x = _x((16, 5))
+    _, same = bn.batch_norm(x, scale, bias, state, train=True, momentum=1.0)
+    np.testing.assert_allclose(same.mean, state.mean)
+    _, batch = bn.batch_norm(x, scale, bias, state, train=True, momentum=0.0, epsilon=0.1)
+    np.testing.assert_allclose(batch.mean, to_f64(x).mean(0), rtol=1e-5, atol=1e-6)
+    y, _ = bn.batch_norm(x, None, None, state, train=True, epsilon=0.1)
+    ref, *_ = np_batch_norm_train(x, None, None, state.mean, state.var, (1,), eps=0.1)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_large_offset_is_accurate():
+    x = _x((512, 8), loc=1e4, std=1.0)
+    state = bn.init_state(8)
+    y, new = bn.batch_norm(x, None, None, state, train=True, momentum=0.0)
+    y64 = to_f64(y)
+    np.testing.assert_allclose(y64.std(0), 1.0, rtol=1e-2)
+    np.testing.assert_allclose(new.var, to_f64(x).var(0), rtol=1e-2)
+    np.testing.assert_allclose(new.mean, to_f64(x).mean(0), rtol=1e-6)
+
+
+@pytest.mark.loose_promotion
+def test_flax_default_fails_on_large_offset():
+    """Documents the failure jaxnorm avoids: flax's fast variance cancels catastrophically."""
+    nn = pytest.importorskip("flax.linen")
+    x = _x((512, 8), loc=1e4, std=1.0)
+    m = nn.BatchNorm(use_running_average=False, momentum=0.0)
+    variables = m.init(jax.random.key(0), x)
+    _, upd = m.apply(variables, x, mutable=["batch_stats"])
+    true_var = to_f64(x).var(0)
+    flax_err = np.abs(np.asarray(upd["batch_stats"]["var"]) - true_var) / true_var
+    assert flax_err.max() > 0.5  # flax gets the variance badly wrong (often exactly 0) ...
+    _, new = bn.batch_norm(x, None, None, bn.init_state(8), train=True, momentum=0.0)
+    ours = np.abs(np.asarray(new.var) - true_var) / true_var
+    assert ours.max() < 1e-2  # ... where jaxnorm's one-pass pivoted variance does not.
+
+
+def test_large_offset_with_masked_first_rows():
+    # The pivot must come from a valid row: padding rows of zeros would make a bad one.
+    x = np.array(_x((256, 4), loc=1e4, std=1.0))
+    x[:8] = 0.0
+    mask = np.arange(256) >= 8
+    y, new = bn.batch_norm(
+        jnp.asarray(x),
+        None,
+        None,
+        bn.init_state(4),
+        train=True,
+        momentum=0.0,
+        mask=jnp.asarray(mask),
+    )
+    np.testing.assert_allclose(new.var, x[8:].astype(np.float64).var(0), rtol=1e-2)
+    np.testing.assert_allclose(to_f64(y)[8:].std(0), 1.0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(("shape", "axis"), LAYOUTS[:3])
+def test_low_precision(dtype, shape, axis):
+    faxes = _faxes(axis, len(shape))
+    fshape = tuple(shape[a] for a in faxes)
+    scale, bias, state = _params(fshape)
+    x = _x(shape, dtype)
+    y, new = bn.batch_norm(x, scale, bias, state, train=True, axis=axis, momentum=0.9)
+    assert y.dtype == dtype
+    assert new.mean.dtype == new.var.dtype == jnp.float32
+    y_ref, m_ref, v_ref, _, _ = np_batch_norm_train(
+        x, scale, bias, state.mean, state.var, faxes, momentum=0.9
+    )
+    np.testing.assert_allclose(to_f64(y), y_ref, **tol(dtype, 4.0))
+    # Statistics reduce in float32, so they are float32-accurate from the rounded inputs.
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-5)
+    ye, _ = bn.batch_norm(x, scale, bias, state, train=False, axis=axis)
+    assert ye.dtype == dtype
+    ref = np_batch_norm_eval(x, scale, bias, state.mean, state.var, faxes)
+    np.testing.assert_allclose(to_f64(ye), ref, **tol(dtype, 4.0))
+
+
+def test_low_precision_gradient_dtypes():
+    scale, bias, state = _params((5,))
+    x = _x((16, 5), jnp.bfloat16)
+    f = lambda x, s, b: jnp.sum(
+        bn.batch_norm(x, s, b, state, train=True)[0].astype(jnp.float32) ** 2
+    )
+    gx, gs, gb = jax.grad(f, argnums=(0, 1, 2))(x, scale, bias)
+    assert gx.dtype == jnp.bfloat16 and gs.dtype == gb.dtype == jnp.float32
+    assert np.all(np.isfinite(to_f64(gx)))
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _fd_grad(f, args, argnum, eps=1e-6):
+    """Central finite differences of a scalar float64 function."""
+    f = jax.jit(f)
+    args = [np.array(a, np.float64) for a in args]
+    x = args[argnum]
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        xp = x.copy()
+        xp[i] += eps
+        xm = x.copy()
+        xm[i] -= eps
+        hi = f(*[xp if k == argnum else a for k, a in enumerate(args)])
+        lo = f(*[xm if k == argnum else a for k, a in enumerate(args)])
+        g[i] = (float(hi) - float(lo)) / (2 * eps)
+    return g
+
+
+GRAD_CASES = [
+    pytest.param(dict(shape=(6, 3), axis=-1), id="dense"),
+    pytest.param(dict(shape=(3, 2, 2, 3), axis=-1), id="nhwc"),
+    pytest.param(dict(shape=(3, 2, 4), axis=(0, 2)), id="two-feature-axes"),
+    pytest.param(dict(shape=(6, 3), axis=-1, mask=[1, 1, 0, 1, 0, 1]), id="mask"),
+    pytest.param(dict(shape=(6, 3), axis=-1, activation="tanh"), id="tanh"),
+    pytest.param(dict(shape=(6, 3), axis=-1, activation="gelu"), id="gelu"),
+    pytest.param(dict(shape=(8, 3), axis=-1, virtual_batch_size=4), id="ghost"),
+    pytest.param(
+        dict(shape=(6, 3), axis=-1, activation="elu", mask=[0, 1, 1, 1, 1, 0]), id="mask-elu"
+    ),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradients_match_finite_differences(case):
+    case = dict(case)
+    shape, axis = case.pop("shape"), case.pop("axis")
+    mask = case.pop("mask", None)
+    faxes = _faxes(axis, len(shape))
+    fshape = tuple(shape[a] for a in faxes)
+    rng = np.random.default_rng(3)
+    x0 = rng.normal(size=shape) * 1.5 + 0.3
+    s0 = rng.uniform(0.5, 2.0, fshape)
+    b0 = rng.normal(size=fshape)
+    w = rng.normal(size=shape)
+    with jax.enable_x64(True):
+        state = bn.init_state(fshape, dtype=jnp.float64)
+        m = None if mask is None else jnp.asarray(np.asarray(mask, bool))
+
+        def loss(x, s, b):
+            y, _ = bn.batch_norm(x, s, b, state, train=True, axis=axis, mask=m, **case)
+            return jnp.sum(y * w)
+
+        args = [jnp.asarray(a) for a in (x0, s0, b0)]
+        grads = jax.grad(loss, argnums=(0, 1, 2))(*args)
+        for k in range(3):
+            fd = _fd_grad(lambda *a: loss(*map(jnp.asarray, a)), args, k)
+            np.testing.assert_allclose(grads[k], fd, rtol=1e-6, atol=1e-7)
+        # Forward mode (jacfwd goes through the JVP rule directly) agrees with reverse mode.
+        jf = jax.jacfwd(loss, argnums=(0, 1, 2))(*args)
+        for a, b in zip(jf, grads, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_masked_rows_gradient_is_scale_over_sigma():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 2)))
+    mask = np.array([1, 1, 1, 1, 0, 0], bool)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(6, 2)))
+        scale = jnp.asarray([2.0, 0.5])
+        state = bn.init_state(2, dtype=jnp.float64)
+        dy = jnp.asarray(rng.normal(size=(6, 2)))
+        f = lambda x: bn.batch_norm(x, scale, None, state, train=True, mask=mask, epsilon=0.0)[0]
+        _, vjp = jax.vjp(f, x)
+        (dx,) = vjp(dy)
+        sigma = np.asarray(x)[mask].std(0)
+        np.testing.assert_allclose(
+            dx[~mask], np.asarray(dy)[~mask] * np.asarray(scale) / sigma, rtol=1e-10
+        )
+
+
+def test_closed_form_backward():
+    """dx = scale * inv_std / N * (N dy - sum dy - xhat sum(dy xhat)), Ioffe & Szegedy (2015)."""
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x = rng.normal(size=(10, 3)) + 2.0
+        dy = rng.normal(size=(10, 3))
+        scale = rng.uniform(0.5, 2.0, 3)
+        state = bn.init_state(3, dtype=jnp.float64)
+        f = lambda x, s, b: bn.batch_norm(x, s, b, state, train=True, epsilon=1e-3)[0]
+        _, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(scale), jnp.zeros(3))
+        dx, ds, db = vjp(jnp.asarray(dy))
+    n = x.shape[0]
+    inv_std = 1 / np.sqrt(x.var(0) + 1e-3)
+    xhat = (x - x.mean(0)) * inv_std
+    ref = scale * inv_std / n * (n * dy - dy.sum(0) - xhat * (dy * xhat).sum(0))
+    np.testing.assert_allclose(dx, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ds, (dy * xhat).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(db, dy.sum(0), rtol=1e-10)
+
+
+def test_relu_fused_gradient_matches_unfused():
+    scale, bias, state = _params((4,))
+    x = _x((32, 4))
+    dy = _x((32, 4), seed=7)
+
+    def fused(x, s, b):
+        return bn.batch_norm(x, s, b, state, train=True, activation="relu")[0]
+
+    def unfused(x, s, b):
+        return jax.nn.relu(bn.batch_norm(x, s, b, state, train=True)[0])
+
+    y1, vjp1 = jax.vjp(fused, x, scale, bias)
+    y2, vjp2 = jax.vjp(unfused, x, scale, bias)
+    np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
+    for a, b in zip(vjp1(dy), vjp2(dy), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y1) >= 0, True)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_backward_residuals_are_x_and_per_feature_stats(activation, capsys):
+    scale, bias, state = _params((8,))
+    x = _x((64, 8))
+    f = lambda x, s, b: bn.batch_norm(x, s, b, state, train=True, activation=activation)[0]
+    ad_checkpoint.print_saved_residuals(f, x, scale, bias)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    big = [ln for ln in lines if "[64,8]" in ln]
+    assert len(big) == 1 and "argument" in big[0], lines
+
+
+def test_state_carries_no_gradient():
+    scale, bias, state = _params((5,))
+    x = _x((16, 5))
+    f = lambda x: jnp.sum(bn.batch_norm(x, scale, bias, state, train=True)[1].var)
+    np.testing.assert_array_equal(jax.grad(f)(x), 0.0)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_vmap_over_models_equals_loop():
+    models = 3
+    x = _x((16, 5))
+    params = [_params((5,), seed=s) for s in range(models)]
+    stack = lambda *t: jnp.stack(t)
+    scales = stack(*[p[0] for p in params])
+    biases = stack(*[p[1] for p in params])
+    states = jax.tree_util.tree_map(stack, *[p[2] for p in params])
+    f = lambda s, b, st: bn.batch_norm(x, s, b, st, train=True, activation="relu")
+    ys, new = jax.vmap(f)(scales, biases, states)
+    assert new.count.shape == (models,)
+    for i, (s, b, st) in enumerate(params):
+        y, n = f(s, b, st)
+        np.testing.assert_allclose(ys[i], y, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(new.var[i], n.var, rtol=1e-6)
+    # ... and gradients of an ensemble loss.
+    g = jax.grad(lambda s: jnp.sum(jax.vmap(f)(s, biases, states)[0]))(scales)
+    assert g.shape == scales.shape and np.all(np.isfinite(g))
+
+
+def test_vmap_over_batch_axis_name():
+    # vmap with an axis name pools statistics over the mapped axis like devices would.
+    x = _x((4, 8, 3))
+    state = bn.init_state(3)
+    f = lambda xi: bn.batch_norm(xi, None, None, state, train=True, axis_name="d")
+    ys, new = jax.vmap(f, axis_name="d")(x)
+    y_ref, m_ref, _, _, _ = np_batch_norm_train(
+        x.reshape(32, 3), None, None, state.mean, state.var, (1,)
+    )
+    np.testing.assert_allclose(ys.reshape(32, 3), y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.mean[0], m_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_shape():
+    scale, bias, state = _params((6,))
+    out = jax.eval_shape(
+        functools.partial(bn.batch_norm, train=True, activation="relu"),
+        jax.ShapeDtypeStruct((4, 3, 3, 6), jnp.bfloat16),
+        scale,
+        bias,
+        state,
+    )
+    y, new = out
+    assert y.shape == (4, 3, 3, 6) and y.dtype == jnp.bfloat16
+    assert new.mean.shape == (6,) and new.mean.dtype == jnp.float32
+
+
+def test_jacfwd_jacrev_agree():
+    scale, bias, state = _params((3,))
+    x = _x((5, 3))
+    f = lambda x: bn.batch_norm(x, scale, bias, state, train=True, activation="silu")[0]
+    jf = jax.jacfwd(f)(x)
+    jr = jax.jacrev(f)(x)
+    assert jf.shape == (5, 3, 5, 3)
+    np.testing.assert_allclose(jf, jr, rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_vector_product_is_finite():
+    scale, bias, state = _params((3,))
+    x = _x((6, 3))
+    f = lambda x: jnp.sum(bn.batch_norm(x, scale, bias, state, train=True)[0] ** 3)
+    h = jax.jacfwd(jax.grad(f))(x)
+    assert h.shape == (6, 3, 6, 3) and np.all(np.isfinite(h))
+    np.testing.assert_allclose(h.reshape(18, 18), h.reshape(18, 18).T, rtol=1e-3, atol=1e-3)
+
+
+def test_checkpoint():
+    scale, bias, state = _params((5,))
+    x = _x((16, 5))
+    f = lambda x, s: jnp.sum(jnp.sin(bn.batch_norm(x, s, bias, state, train=True)[0]))
+    g1 = jax.grad(f, argnums=(0, 1))(x, scale)
+    g2 = jax.grad(jax.checkpoint(f), argnums=(0, 1))(x, scale)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_traced_momentum_and_renorm_bounds():
+    scale, bias, state = _params((5,))
+    x = _x((16, 5))
+
+    @jax.jit
+    def f(m, rmax, dmax):
+        return bn.batch_norm(
+            x, scale, bias, state, train=True, momentum=m, renorm=True, r_max=rmax, d_max=dmax
+        )
+
+    y, new = f(0.5, 1.0, 0.0)
+    # r_max=1, d_max=0 make renorm plain batch norm.
+    y_ref, m_ref, *_ = np_batch_norm_train(
+        x, scale, bias, state.mean, state.var, (1,), momentum=0.5
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+MASK_CASES = [
+    pytest.param((12, 4), -1, "batch", id="dense-batch-shape"),
+    pytest.param((4, 3, 3, 6), -1, "batch", id="nhwc-batch-shape"),
+    pytest.param((4, 3, 3, 6), -1, "rows", id="nhwc-rows-broadcast"),
+    pytest.param((4, 6, 3, 2), 1, "batch", id="nchw-batch-shape"),
+    pytest.param((12, 4), -1, "elementwise", id="elementwise"),
+]
+
+
+@pytest.mark.parametrize(("shape", "axis", "kind"), MASK_CASES)
+def test_mask_matches_numpy(shape, axis, kind):
+    faxes = _faxes(axis, len(shape))
+    fshape = tuple(shape[a] for a in faxes)
+    scale, bias, state = _params(fshape)
+    x = _x(shape)
+    rng = np.random.default_rng(5)
+    batch_shape = tuple(s for a, s in enumerate(shape) if a not in faxes)
+    if kind == "batch":
+        mask = rng.uniform(size=batch_shape) > 0.3
+        full = np.expand_dims(mask, faxes)
+    elif kind == "rows":
+        mask = (rng.uniform(size=(shape[0],)) > 0.3).reshape((shape[0],) + (1,) * (len(shape) - 1))
+        mask[0] = True
+        full = mask
+    else:
+        mask = rng.uniform(size=shape) > 0.3
+        full = mask
+    y, new = bn.batch_norm(x, scale, bias, state, train=True, axis=axis, mask=mask, momentum=0.8)
+    y_ref, m_ref, v_ref, _, _ = np_batch_norm_train(
+        x, scale, bias, state.mean, state.var, faxes, momentum=0.8, mask=full
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_rows_may_hold_garbage():
+    x = np.array(_x((8, 3)))
+    x[0] = np.nan
+    x[5] = np.inf
+    mask = np.ones(8, bool)
+    mask[[0, 5]] = False
+    state = bn.init_state(3)
+    y, new = bn.batch_norm(jnp.asarray(x), None, None, state, train=True, mask=mask, momentum=0.0)
+    np.testing.assert_allclose(new.var, x[mask].astype(np.float64).var(0), rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(y)[mask]))
+
+
+def test_fully_masked_batch_keeps_state():
+    scale, bias, state = _params((3,))
+    y, new = bn.batch_norm(_x((8, 3)), scale, bias, state, train=True, mask=np.zeros(8, bool))
+    np.testing.assert_array_equal(new.mean, state.mean)
+    np.testing.assert_array_equal(new.var, state.var)
+    assert np.all(np.isfinite(np.asarray(y)))
+
+
+# --------------------------------------------------------------------------- PyTorch conventions
+
+
+def _torch_bn(torch, shape, **kw):
+    layer = (torch.nn.BatchNorm1d if len(shape) in (2, 3) else torch.nn.BatchNorm2d)(shape[1], **kw)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+        layer.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (4, 3, 5, 5)], ids=["1d", "2d"])
+@pytest.mark.parametrize("torch_momentum", [0.1, None], ids=["m0.1", "cumulative"])
+def test_torch_parity(shape, torch_momentum):
+    torch = pytest.importorskip("torch")
+    layer = _torch_bn(torch, shape, momentum=torch_momentum, eps=1e-5)
+    layer.train()
+    scale = jnp.asarray(layer.weight.detach().numpy())
+    bias = jnp.asarray(layer.bias.detach().numpy())
+    state = bn.init_state(shape[1])
+    kw = (
+        dict(cumulative=True)
+        if torch_momentum is None
+        else dict(momentum=bn.momentum_from_torch(torch_momentum))
+    )
+    for step in range(3):
+        x = np.array(_x(shape, seed=10 + step, loc=step))
+        with torch.no_grad():
+            yt = layer(torch.from_numpy(x)).numpy()
+        y, state = bn.batch_norm(
+            jnp.asarray(x), scale, bias, state, train=True, axis=1, unbiased_running_var=True, **kw
+        )
+        np.testing.assert_allclose(y, yt, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state.mean, layer.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.var, layer.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    assert int(state.count) == int(layer.num_batches_tracked)
+    # Load torch's buffers and compare inference.
+    loaded = bn.from_torch_state(
+        layer.running_mean.numpy(), layer.running_var.numpy(), layer.num_batches_tracked.numpy()
+    )
+    layer.eval()
+    x = np.array(_x(shape, seed=99))
+    with torch.no_grad():
+        yt = layer(torch.from_numpy(x)).numpy()
+    y, _ = bn.batch_norm(jnp.asarray(x), scale, bias, loaded, train=False, axis=1)
+    np.testing.assert_allclose(y, yt, rtol=1e-4, atol=1e-4)
+
+
+def test_cumulative_matches_numpy_average():
+    state = bn.init_state(3)
+    xs = [_x((10, 3), seed=s, loc=s) for s in range(4)]
+    for x in xs:
+        _, state = bn.batch_norm(x, None, None, state, train=True, cumulative=True)
+    np.testing.assert_allclose(state.mean, np.mean([to_f64(x).mean(0) for x in xs], 0), rtol=1e-5)
+    np.testing.assert_allclose(state.var, np.mean([to_f64(x).var(0) for x in xs], 0), rtol=1e-5)
+    assert float(state.count) == 4
+
+
+def test_unbiased_running_var():
+    x = _x((10, 3))
+    _, s = bn.batch_norm(
+        x, None, None, bn.init_state(3), train=True, momentum=0.0, unbiased_running_var=True
+    )
+    np.testing.assert_allclose(s.var, to_f64(x).var(0, ddof=1), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- renorm and ghost BN
+
+
+def np_renorm(x, scale, bias, mean0, var0, r_max, d_max, eps):
+    x = to_f64(x)
+    mu, var = x.mean(0), x.var(0)
+    sb = np.sqrt(var + eps)
+    s = np.sqrt(to_f64(var0) + eps)
+    r = np.clip(sb / s, 1 / r_max, r_max)
+    d = np.clip((mu - to_f64(mean0)) / s, -d_max, d_max)
+    xhat = (x - mu) / sb * r + d
+    return xhat * to_f64(scale) + to_f64(bias), xhat, r
+
+
+@pytest.mark.parametrize(("r_max", "d_max"), [(3.0, 5.0), (1.2, 0.3)])
+def test_renorm_matches_numpy(r_max, d_max):
+    scale, bias, state = _params((4,))
+    x = _x((32, 4), loc=1.5, std=3.0)
+    y, new = bn.batch_norm(
+        x, scale, bias, state, train=True, renorm=True, r_max=r_max, d_max=d_max, momentum=0.9
+    )
+    ref, xhat, r = np_renorm(x, scale, bias, state.mean, state.var, r_max, d_max, 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5)
+    _, m_ref, v_ref, _, _ = np_batch_norm_train(
+        x, scale, bias, state.mean, state.var, (1,), momentum=0.9
+    )
+    np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5)
+    np.testing.assert_allclose(new.var, v_ref, rtol=1e-5)
+    # The gradient treats r and d as constants (Ioffe 2017): dx is the BN formula scaled by r.
+    dy = np.asarray(_x((32, 4), seed=4))
+    _, vjp = jax.vjp(
+        lambda x, s: bn.batch_norm(
+            x, s, bias, state, train=True, renorm=True, r_max=r_max, d_max=d_max
+        )[0],
+        x,
+        scale,
+    )
+    dx, ds = vjp(jnp.asarray(dy))
+    x64 = to_f64(x)
+    inv_std = 1 / np.sqrt(x64.var(0) + 1e-5)
+    xb = (x64 - x64.mean(0)) * inv_std
+    n = x.shape[0]
+    ref_dx = to_f64(scale) * r * inv_std / n * (n * dy - dy.sum(0) - xb * (dy * xb).sum(0))
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds, (dy * xhat).sum(0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("shape", "vbs"), [((12, 3), 4), ((8, 2, 2, 3), 2)])
+def test_ghost_batch_norm_matches_numpy(shape, vbs):
+    scale, bias, state = _params((3,))
+    x = _x(shape)
+    y, new = bn.batch_norm(
+        x,
+        scale,
+        bias,
+        state,
+        train=True,
+        virtual_batch_size=vbs,
+        momentum=0.7,
+        unbiased_running_var=True,
+    )
+    x64 = to_f64(x)
+    groups = x64.reshape((shape[0] // vbs, vbs, *shape[1:]))
+    raxes = tuple(range(1, groups.ndim - 1))
+    mu = groups.mean(raxes, keepdims=True)
+    var = groups.var(raxes, keepdims=True)
+    ref = ((groups - mu) / np.sqrt(var + 1e-5) * to_f64(scale) + to_f64(bias)).reshape(shape)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5)
+    n = np.prod([groups.shape[a] for a in raxes])
+    bm = mu.reshape(-1, 3).mean(0)
+    bv = (var * n / (n - 1)).reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(new.mean, 0.7 * to_f64(state.mean) + 0.3 * bm, rtol=1e-5)
+    np.testing.assert_allclose(new.var, 0.7 * to_f64(state.var) + 0.3 * bv, rtol=1e-5)
+
+
+def test_ghost_with_mask():
+    x = _x((8, 3))
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0], bool)
+    y, _ = bn.batch_norm(
+        x, None, None, bn.init_state(3), train=True, virtual_batch_size=4, mask=mask
+    )
+    x64 = to_f64(x)
+    for g in range(2):
+        rows = slice(4 * g, 4 * g + 4)
+        valid = x64[rows][mask[rows]]
+        ref = (x64[rows] - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-5)
+        np.testing.assert_allclose(y[rows], ref, rtol=1e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- folding
+
+
+def test_fold_equals_eval():
+    scale, bias, state = _params((6,))
+    x = _x((4, 3, 3, 6))
+    a, b = bn.fold(scale, bias, state, 1e-3)
+    y, _ = bn.batch_norm(x, scale, bias, state, train=False, epsilon=1e-3)
+    ref = np_batch_norm_eval(x, scale, bias, state.mean, state.var, (3,), eps=1e-3)
+    np.testing.assert_allclose(to_f64(x) * to_f64(a) + to_f64(b), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    a0, b0 = bn.fold(None, None, state)
+    np.testing.assert_allclose(a0, 1 / np.sqrt(to_f64(state.var) + 1e-5), rtol=1e-6)
+    np.testing.assert_allclose(b0, -to_f64(state.mean) * to_f64(a0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dense_bias", [True, False])
+def test_fold_into_dense(dense_bias):
+    scale, bias, state = _params((5,))
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(size=(7, 5))
+    c = rng.normal(size=5) if dense_bias else None
+    x = rng.normal(size=(9, 7))
+    w2, c2 = bn.fold_into_dense(
+        jnp.asarray(kernel, jnp.float32),
+        None if c is None else jnp.asarray(c, jnp.float32),
+        scale,
+        bias,
+        state,
+        1e-5,
+    )
+    h = x @ kernel + (0 if c is None else c)
+    ref = np_batch_norm_eval(h, scale, bias, state.mean, state.var, (1,))
+    np.testing.assert_allclose(x @ to_f64(w2) + to_f64(c2), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["flax", "torch"])
+def test_fold_into_conv(layout):
+    scale, bias, state = _params((4,))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)  # NHWC
+    k_hwio = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    c = rng.normal(size=4).astype(np.float32)
+
+    def conv(k_hwio, b):
+        y = jax.lax.conv_general_dilated(
+            x, jnp.asarray(k_hwio), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + jnp.asarray(b).reshape(1, 1, 1, -1)
+
+    ref = np_batch_norm_eval(conv(k_hwio, c), scale, bias, state.mean, state.var, (3,))
+    if layout == "flax":
+        k2, c2 = bn.fold_into_conv(jnp.asarray(k_hwio), jnp.asarray(c), scale, bias, state)
+        got = conv(k2, c2)
+    else:
+        k_oihw = np.transpose(k_hwio, (3, 2, 0, 1))
+        k2, c2 = bn.fold_into_conv(
+            jnp.asarray(k_oihw), jnp.asarray(c), scale, bias, state, out_axis=0
+        )
+        got = conv(jnp.transpose(k2, (2, 3, 1, 0)), c2)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_into_conv_matches_torch():
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    layer = _torch_bn(torch, (1, 4, 1, 1))
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.linspace(-1, 1, 4))
+        layer.running_var.copy_(torch.linspace(0.5, 2, 4))
+    conv.eval()
+    layer.eval()
+    fused = fuse_conv_bn_eval(conv, layer)
+    state = bn.from_torch_state(layer.running_mean.numpy(), layer.running_var.numpy())
+    k, c = bn.fold_into_conv(
+        conv.weight.detach().numpy(),
+        conv.bias.detach().numpy(),
+        layer.weight.detach().numpy(),
+        layer.bias.detach().numpy(),
+        state,
+        layer.eps,
+        out_axis=0,
+    )
+    np.testing.assert_allclose(k, fused.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, fused.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_errors():
+    scale, bias, state = _params((5,))
+    with pytest.raises(ValueError, match="feature shape"):
+        bn.fold_into_dense(jnp.ones((3, 4)), None, scale, bias, state)
+    with pytest.raises(ValueError, match="4 output channels"):
+        bn.fold_into_conv(jnp.ones((4, 3, 3, 3)), None, scale, bias, state, out_axis=0)
+    with pytest.raises(ValueError, match="scale has 3 features"):
+        bn.fold(jnp.ones(3), None, state)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_error_feature_mismatch_names_both_sizes():
+    _, _, state = _params((4,))
+    x = _x((8, 4))
+    with pytest.raises(ValueError, match=r"scale has 3 features but x's feature shape .* has 4"):
+        bn.batch_norm(x, jnp.ones(3), None, state, train=True)
+    with pytest.raises(ValueError, match=r"bias has 5 features .* has 4"):
+        bn.batch_norm(x, None, jnp.ones(5), state, train=True)
+    with pytest.raises(ValueError, match=r"state.mean has 6 features .* has 4"):
+        bn.batch_norm(x, None, None, bn.init_state(6), train=False)
+    with pytest.raises(ValueError, match=r"scale has shape \(4,\) but .* is \(3, 4\)"):
+        bn.batch_norm(
+            _x((2, 3, 4)), jnp.ones(4), None, bn.init_state((3, 4)), train=True, axis=(1, 2)
+        )
+
+
+def test_error_integer_x():
+    with pytest.raises(TypeError, match="floating dtype"):
+        bn.batch_norm(jnp.ones((4, 3), jnp.int32), None, None, bn.init_state(3), train=True)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5])
+def test_error_momentum_range(momentum):
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, momentum=momentum)
+
+
+def test_error_single_value_per_feature():
+    with pytest.raises(ValueError, match="more than one value per feature"):
+        bn.batch_norm(_x((1, 3)), None, None, bn.init_state(3), train=True)
+    with pytest.raises(ValueError, match="more than one value per feature"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, virtual_batch_size=1)
+    # Eval mode with one row is fine.
+    bn.batch_norm(_x((1, 3)), None, None, bn.init_state(3), train=False)
+
+
+def test_error_mask_shape():
+    with pytest.raises(ValueError, match=r"mask has shape \(5,\); expected the batch shape \(4,"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, mask=np.ones(5, bool))
+    with pytest.raises(ValueError, match="mask has shape"):
+        bn.batch_norm(
+            _x((4, 2, 3)), None, None, bn.init_state(3), train=True, mask=np.ones((4, 3), bool)
+        )
+
+
+def test_error_virtual_batch_size():
+    with pytest.raises(ValueError, match="must divide the batch size"):
+        bn.batch_norm(_x((10, 3)), None, None, bn.init_state(3), train=True, virtual_batch_size=4)
+    with pytest.raises(ValueError, match="positive int"):
+        bn.batch_norm(_x((8, 3)), None, None, bn.init_state(3), train=True, virtual_batch_size=0)
+
+
+def test_error_bad_state_and_activation():
+    with pytest.raises(TypeError, match="BatchNormState"):
+        bn.batch_norm(_x((4, 3)), None, None, (jnp.zeros(3), jnp.ones(3)), train=True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, activation="relux")
+    with pytest.raises(ValueError, match="out of range"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, axis=2)
+
+
+def test_errors_raise_under_jit():
+    f = jax.jit(lambda x: bn.batch_norm(x, jnp.ones(3), None, bn.init_state(4), train=True))
+    with pytest.raises(ValueError, match="scale has 3 features"):
+        f(_x((8, 4)))
