@@ -21,5 +21,8 @@ def tol(dtype, scale: float = 1.0) -> dict:
 
 
 def to_f64(x) -> np.ndarray:
-    """A NumPy float64 copy of x (bfloat16 included)."""
-    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
+    """A NumPy float64 copy of x, exact for every float dtype (bfloat16 included)."""
+    x = np.asarray(x)
+    if x.dtype == jnp.bfloat16:  # NumPy cannot cast bfloat16 to float64 directly
+        x = x.astype(np.float32)
+    return x.astype(np.float64)
