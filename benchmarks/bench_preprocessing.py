@@ -1,0 +1,109 @@
+"""Preprocessing: PCA and whitening fits against scikit-learn, apply against a plain matmul,
+and a streamed fit against the in-memory fit.
+
+Fits are called the way users call them (eager ``t.fit(x)``, which jits its kernels inside);
+scikit-learn gets the same float32 data as a NumPy array.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import harness
+from jaxnorm import preprocessing as pp
+
+SIZES = {"small": (20000, 128), "large": (100000, 512)}
+
+
+def _data(n, d):
+    # Variances from 4 to 0.04 along random orthogonal axes: full rank, condition number 100.
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    scales = np.linspace(2.0, 0.2, d)
+    return ((rng.normal(size=(n, d)) * scales) @ q + 3.0).astype(np.float32)
+
+
+@jax.jit
+def _matmul(x, w):
+    return x @ w
+
+
+@harness.benchmark("preprocessing")
+def bench(size: str) -> list[harness.Row]:
+    from sklearn.decomposition import PCA
+
+    n, d = SIZES[size]
+    reps = 7 if size == "small" else 3
+    x_np = _data(n, d)
+    x = jnp.asarray(x_np)
+    shape = f"({n}, {d}) float32"
+    rows = []
+
+    pca, pw, zca = pp.pca(), pp.pca_whiten(), pp.zca_whiten()
+    sk = {
+        "sklearn PCA(full)": lambda: PCA(svd_solver="full").fit(x_np),
+        "sklearn PCA(covariance_eigh)": lambda: PCA(svd_solver="covariance_eigh").fit(x_np),
+        "sklearn PCA(covariance_eigh, whiten)": lambda: PCA(
+            svd_solver="covariance_eigh", whiten=True
+        ).fit(x_np),
+    }
+    ours = {
+        "pca.fit": lambda: pca.fit(x),
+        "pca_whiten.fit": lambda: pw.fit(x),
+        "zca_whiten.fit": lambda: zca.fit(x),
+    }
+    t = harness.interleaved({**ours, **sk}, warmup=1, reps=reps)
+    for case, anchor in [
+        ("pca.fit", "sklearn PCA(full)"),
+        ("pca.fit", "sklearn PCA(covariance_eigh)"),
+        ("pca_whiten.fit", "sklearn PCA(covariance_eigh, whiten)"),
+        ("zca_whiten.fit", "sklearn PCA(covariance_eigh, whiten)"),
+    ]:
+        note = "sklearn has no ZCA; its whitening PCA fit is the nearest" if "zca" in case else ""
+        rows.append(harness.Row("fit", f"{case} {shape}", t[case], anchor, t[anchor], None, note))
+
+    # apply against a plain jitted matmul of the same shape; floor: one read+write of x.
+    copy, _, ones = harness.floor_fns((n, d))
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(d, d)).astype(np.float32))
+    s_pw, s_zca = pw.fit(x), zca.fit(x)
+    apply_pw, apply_zca = jax.jit(pw.apply), jax.jit(zca.apply)
+    t = harness.interleaved(
+        {
+            "pca_whiten.apply": lambda: apply_pw(s_pw, x),
+            "zca_whiten.apply": lambda: apply_zca(s_zca, x),
+            "matmul": lambda: _matmul(x, w),
+            "copy": lambda: copy(ones),
+        },
+        reps=15,
+    )
+    for case in ("pca_whiten.apply", "zca_whiten.apply"):
+        rows.append(
+            harness.Row(
+                "apply", f"{case} {shape}", t[case], "jit(x @ W)", t["matmul"], t["copy"], ""
+            )
+        )
+
+    # Streamed fit over 100 batches (already on the device) against the in-memory fit.
+    batches = [x[i : i + n // 100] for i in range(0, n, n // 100)]
+    t = harness.interleaved(
+        {
+            "stream": lambda: pp.fit_stream(pw, batches, progress=False),
+            "memory": lambda: pw.fit(x),
+        },
+        warmup=1,
+        reps=reps + 2,
+    )
+    rows.append(
+        harness.Row(
+            "fit_stream",
+            f"pca_whiten, 100 batches of {n // 100} {shape}",
+            t["stream"],
+            "pca_whiten.fit (in memory)",
+            t["memory"],
+            None,
+            "",
+        )
+    )
+    return rows

@@ -1,0 +1,1191 @@
+"""Data preprocessing: mergeable moments and the transforms fitted from them.
+
+The lecture's "Step 1: preprocess the data" for a data matrix X [N, D] (one example a row) and for
+images [N, H, W, C]: zero-centring, normalising, PCA and whitening. Every transform is fitted from
+sufficient statistics, :class:`Moments` ``(count, mean, m2)``, so the same code fits in memory
+(``t.fit(x)``), over a stream of batches (:func:`fit_stream`, memory independent of the number
+of batches) or across devices (``axis_name=`` inside ``shard_map``, or a sharded ``jit``), and
+all three give the same state up to rounding.
+
+Fit on the training split, apply to every split::
+
+    t = preprocessing.pca_whiten(eps=1e-5)
+    state = t.fit(x_train)                  # statistics of the training data only
+    z_train = t.apply(state, x_train)
+    z_test = t.apply(state, x_test)         # the same mean and matrix: no leak from the test set
+
+A transform is a NamedTuple ``Transform(fit, apply, inverse, fit_moments, full_covariance)`` in the
+spirit of optax's ``GradientTransformation``; a state is a NamedTuple of arrays (a pytree), so it
+goes through ``jit``, ``vmap`` and :func:`save` / :func:`load` as it is.
+
+Conventions, and where they differ from the neighbours:
+
+- ``normalize`` divides by the population standard deviation (denominator N), as scikit-learn's
+  ``StandardScaler`` and the lecture's ``np.std(X, axis=0)`` do.
+- PCA and whitening use the sample covariance (denominator N - 1), as scikit-learn's ``PCA``
+  (``explained_variance_``; ``whiten=True`` gives unit sample variance). The lecture writes
+  ``X.T @ X / N``; the two differ by the factor N / (N - 1).
+- Component signs follow scikit-learn's ``svd_flip(u_based_decision=False)`` (scikit-learn 1.9):
+  in each component (a row of ``components``, a column of the lecture's U) the entry of largest
+  absolute value is positive.
+- ``pca(num_components=None)`` keeps all D components (a rotation, so ``inverse`` undoes ``apply``),
+  where scikit-learn keeps min(N, D).
+- Whitening ``eps``: ``eps_mode="absolute"`` (the default) divides by ``sqrt(lambda + eps)`` with
+  the lecture's ``eps=1e-5``; ``eps_mode="relative"`` uses ``sqrt(lambda + eps * mean(lambda))``,
+  which does not depend on the units of the data. scikit-learn's ``PCA(whiten=True)`` uses no eps.
+- Directions beyond the rank of the covariance (eigenvalue at most
+  ``sqrt(D) * eps_float * lambda_max``, or index at least N - 1) are left unscaled in whitening
+  instead of being multiplied by ``1 / sqrt(eps)``; an eager fit warns when that happens.
+
+References:
+  Chan, Golub & LeVeque, "Algorithms for computing the sample variance: analysis and
+  recommendations", The American Statistician 37(3), 1983 (corrected two-pass algorithm and the
+  pairwise merge). Bell & Sejnowski, "The 'independent components' of natural scenes are edge
+  filters", Vision Research 1997 (ZCA). Krizhevsky, Sutskever & Hinton 2012 (mean image);
+  Simonyan & Zisserman 2015 (per-channel mean).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks
+
+__all__ = [
+    "Moments",
+    "NormalizeState",
+    "PCAState",
+    "Transform",
+    "ZCAState",
+    "ZeroCenterState",
+    "chain",
+    "fit_stream",
+    "load",
+    "merge",
+    "moments",
+    "normalize",
+    "pca",
+    "pca_whiten",
+    "save",
+    "zca_whiten",
+    "zero_center",
+]
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------------------------------
+# Moments
+
+
+class Moments(NamedTuple):
+    """Sufficient statistics of a set of examples, mergeable exactly with :func:`merge`.
+
+    Attributes:
+      count: number of examples (a scalar of the statistics' float dtype).
+      mean: per-feature mean, shape = the feature shape (e.g. ``[D]``, ``[C]`` or ``[H, W, C]``).
+      m2: centred second moment ``sum_i (x_i - mean)^2`` per feature (same shape as ``mean``), or
+        with ``full_covariance=True`` the scatter matrix ``sum_i (x_i - mean)(x_i - mean)^T`` of
+        shape ``[D, D]``, D the number of features (``mean.size``). The population variance is
+        ``m2 / count``, the sample covariance ``m2 / (count - 1)``.
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    m2: jax.Array
+
+
+def _compute_dtype(dtype) -> np.dtype:
+    # Not jnp.promote_types: under jax_numpy_dtype_promotion="strict" bfloat16 and float32 have
+    # no promotion path. Low precision reduces in float32; float32 and float64 stay as they are.
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
+def _feature_axes(feature_axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    return _checks.normalize_axes(feature_axes, ndim, "feature_axes")
+
+
+def _check_finite_count(n_bad, size: int, what: str) -> None:
+    n_bad = int(n_bad)
+    if n_bad:
+        raise ValueError(
+            f"{what} has {n_bad} non-finite value(s) (NaN or Inf) among {size} values; "
+            "preprocessing statistics need finite data: drop or impute those entries first "
+            "(e.g. with a mask=, or np.nan_to_num)"
+        )
+
+
+def _safe_div(a, n):
+    return jnp.where(n > 0, a / jnp.where(n > 0, n, 1), jnp.zeros_like(a))
+
+
+def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
+    """Moments of x over the non-feature axes, flattened features; + the non-finite count.
+
+    Corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the mean first, then the
+    centred sums, minus (sum d)^2 / n. No E[x^2] - E[x]^2, so an offset |mean| >> std costs no
+    accuracy, and the correction removes the first-order error of the float32 mean.
+    """
+    dt = _compute_dtype(x.dtype)
+    example_axes = tuple(a for a in range(x.ndim) if a not in axes)
+    num_features = math.prod(x.shape[a] for a in axes)
+    x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features).astype(dt)
+    finite = jnp.isfinite(x2)
+    if w is None:
+        n = jnp.asarray(x2.shape[0], dt)
+        n_bad = jnp.sum(~finite)
+        mean0 = jnp.mean(x2, axis=0)
+        d = x2 - mean0[None, :]
+    else:
+        w = w.reshape(-1)
+        n = jnp.sum(w, dtype=dt)
+        n_bad = jnp.sum(~finite & w[:, None])
+        # where, not multiplication: masked-out rows may hold NaN padding and 0 * NaN is NaN.
+        xs = jnp.where(w[:, None], x2, jnp.zeros((), dt))
+        mean0 = _safe_div(jnp.sum(xs, axis=0), n)
+        d = jnp.where(w[:, None], x2 - mean0[None, :], jnp.zeros((), dt))
+    s = jnp.sum(d, axis=0)
+    if full_covariance:
+        q = lax.dot_general(
+            d, d, (((0,), (0,)), ((), ())), precision=_HIGHEST, out_sharding=_replicated(d)
+        )
+        m2 = q - _safe_div(s[:, None] * s[None, :], n)
+        m2 = 0.5 * (m2 + m2.T)
+    else:
+        m2 = jnp.sum(d * d, axis=0) - _safe_div(s * s, n)
+    mean = mean0 + _safe_div(s, n)
+    m2 = _clip_m2(m2, full_covariance)
+    return Moments(n, mean, m2), n_bad
+
+
+def _replicated(x):
+    # With an explicit-sharding mesh (jax.make_mesh's default) a contraction over a sharded axis
+    # must name its output sharding; the scatter matrix is small, so replicate it.
+    sharding = jax.typeof(x).sharding
+    if not any(a is not None for a in getattr(sharding, "spec", ())):
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def _clip_m2(m2, full_covariance):
+    if full_covariance:
+        diag = jnp.maximum(jnp.diagonal(m2), 0)
+        return m2.at[jnp.diag_indices(m2.shape[0])].set(diag)
+    return jnp.maximum(m2, 0)
+
+
+_local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3))
+
+
+def _merge_across(m: Moments, axis_name, full_covariance: bool) -> Moments:
+    """Chan et al.'s merge across the devices of ``axis_name`` with psum."""
+    n = lax.psum(m.count, axis_name)
+    mean = _safe_div(lax.psum(m.count * m.mean, axis_name), n)
+    d = m.mean - mean
+    if full_covariance:
+        extra = m.count * d[:, None] * d[None, :]
+    else:
+        extra = m.count * d * d
+    m2 = lax.psum(m.m2 + extra, axis_name)
+    return Moments(n, mean, m2)
+
+
+def moments(
+    x: ArrayLike,
+    feature_axes: int | Sequence[int] = -1,
+    full_covariance: bool = False,
+    *,
+    mask: ArrayLike | None = None,
+    axis_name: Any = None,
+) -> Moments:
+    """Per-feature mean and centred second moment of ``x``, exact to merge.
+
+    Every axis not in ``feature_axes`` indexes examples. With F the feature axes and
+    d_i = x_i - mean:
+
+        count = N,   mean = (1/N) sum_i x_i,   m2 = sum_i d_i^2   (or sum_i d_i d_i^T)
+
+    computed by the corrected two-pass algorithm, so float32 keeps its accuracy when
+    |mean| >> std (no E[x^2] - E[x]^2 cancellation). Images [N, H, W, C]: ``feature_axes=-1``
+    gives per-channel statistics (VGG), ``feature_axes=(1, 2, 3)`` the per-pixel mean image
+    (AlexNet). Low-precision inputs are reduced in float32.
+
+    Args:
+      x: data, floating dtype.
+      feature_axes: the axis or axes holding the features (default: the last).
+      full_covariance: return the full scatter matrix ``[D, D]`` (for PCA and whitening) instead
+        of its diagonal.
+      mask: optional boolean array with the shape of x's example axes (x's shape without the
+        feature axes); False entries are left out (padding in the last batch, for instance).
+      axis_name: inside ``shard_map`` / ``pmap``, the mapped axis to reduce over with
+        ``lax.psum``; every device then gets the moments of the concatenation of all shards.
+
+    Returns:
+      ``Moments(count, mean, m2)``.
+
+    Raises:
+      TypeError: x is not floating.
+      ValueError: bad ``feature_axes`` or ``mask`` shape; x has NaN or Inf (checked only outside
+        ``jit``, where values are known: the message says how many. Under ``jit`` the statistics
+        simply become NaN; check with ``jnp.isfinite(state.mean).all()`` or ``checkify``).
+
+    References:
+      Chan, Golub & LeVeque 1983, "Algorithms for computing the sample variance".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm.preprocessing import moments
+      >>> m = moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]))
+      >>> m.count, m.mean, m.m2
+      (Array(2., dtype=float32), Array([2., 4.], dtype=float32), Array([2., 8.], dtype=float32))
+    """
+    x = jnp.asarray(x)
+    _checks.check_floating(x)
+    if x.ndim == 0:
+        raise ValueError("moments expects x with at least one axis, but x is a scalar")
+    axes = _feature_axes(feature_axes, x.ndim)
+    example_axes = tuple(a for a in range(x.ndim) if a not in axes)
+    feature_shape = tuple(x.shape[a] for a in axes)
+    example_shape = tuple(x.shape[a] for a in example_axes)
+    w = None
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != example_shape:
+            raise ValueError(
+                f"mask must have x's example shape {example_shape} (x.shape {x.shape} without "
+                f"feature_axes {axes}), but it has shape {mask.shape}"
+            )
+        w = mask.astype(bool)
+    m, n_bad = _local_moments_jit(x, w, axes, bool(full_covariance))
+    if not _checks.is_tracer(n_bad):
+        _check_finite_count(n_bad, x.size, "x")
+    if axis_name is not None:
+        m = _merge_across(m, axis_name, bool(full_covariance))
+    m2 = m.m2 if full_covariance else m.m2.reshape(feature_shape)
+    return Moments(m.count, m.mean.reshape(feature_shape), m2)
+
+
+def _check_same_kind(a: Moments, b: Moments) -> None:
+    if a.mean.shape != b.mean.shape or a.m2.shape != b.m2.shape:
+        raise ValueError(
+            "merge needs moments of the same features: got mean shapes "
+            f"{a.mean.shape} and {b.mean.shape}, m2 shapes {a.m2.shape} and {b.m2.shape} "
+            "(compute both with the same feature_axes and full_covariance)"
+        )
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """The moments of the union of two sets of examples, from the moments of each.
+
+    With n = n_a + n_b and delta = mean_b - mean_a (Chan, Golub & LeVeque 1983):
+
+        mean = mean_a + delta * n_b / n
+        m2 = m2_a + m2_b + delta^2 * n_a * n_b / n       (delta delta^T for a full m2)
+
+    Exact in exact arithmetic and stable in floating point, so moments merged over shards or a
+    stream equal the moments of the concatenation up to rounding. Empty moments (count 0) are
+    the identity.
+
+    Args:
+      a: moments of the first set.
+      b: moments of the second set, with the same feature shape and kind (diagonal or full).
+
+    Returns:
+      ``Moments`` of the union.
+
+    Raises:
+      ValueError: the two have different feature shapes or kinds.
+
+    References:
+      Chan, Golub & LeVeque 1983, "Algorithms for computing the sample variance".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm.preprocessing import merge, moments
+      >>> x = jnp.array([[1.0], [2.0], [3.0], [10.0]])
+      >>> m = merge(moments(x[:1]), moments(x[1:]))
+      >>> m.mean, m.m2
+      (Array([4.], dtype=float32), Array([50.], dtype=float32))
+    """
+    _check_same_kind(a, b)
+    dt = jnp.promote_types(jnp.result_type(a.mean), jnp.result_type(b.mean))
+    na, nb = jnp.asarray(a.count, dt), jnp.asarray(b.count, dt)
+    ma, mb = jnp.asarray(a.mean, dt), jnp.asarray(b.mean, dt)
+    n = na + nb
+    delta = (mb - ma).reshape(-1)
+    mean = ma.reshape(-1) + delta * _safe_div(nb, n)
+    weight = _safe_div(na * nb, n)
+    full = _is_full(a)
+    outer = delta[:, None] * delta[None, :] if full else delta * delta
+    m2 = jnp.asarray(a.m2, dt) + jnp.asarray(b.m2, dt) + weight * outer.reshape(a.m2.shape)
+    return Moments(n, mean.reshape(a.mean.shape), m2)
+
+
+def _is_full(m: Moments) -> bool:
+    return (
+        m.m2.ndim == 2 and m.m2.shape == (m.mean.size, m.mean.size) and m.m2.shape != m.mean.shape
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms and their states
+
+
+class Transform(NamedTuple):
+    """A preprocessing transform: pure functions over an explicit state.
+
+    Attributes:
+      fit: ``fit(x, *, feature_axes=-1, mask=None, axis_name=None) -> state``. The feature axes
+        must be the trailing axes of x (move others with ``jnp.moveaxis``).
+      apply: ``apply(state, x) -> z``, x of shape ``[..., *feature_shape]``; jittable, vmappable.
+      inverse: ``inverse(state, z) -> x``; ``inverse(state, apply(state, x)) == x`` up to rounding
+        when no component is dropped.
+      fit_moments: ``fit_moments(m: Moments) -> state``, for streamed or sharded statistics.
+      full_covariance: whether ``fit_moments`` needs the full scatter matrix
+        (``moments(..., full_covariance=True)``); :func:`fit_stream` reads it.
+    """
+
+    fit: Callable[..., Any]
+    apply: Callable[[Any, ArrayLike], jax.Array]
+    inverse: Callable[[Any, ArrayLike], jax.Array]
+    fit_moments: Callable[[Moments], Any]
+    full_covariance: bool = False
+
+
+class ZeroCenterState(NamedTuple):
+    """State of :func:`zero_center`: the per-feature ``mean`` of the training data."""
+
+    mean: jax.Array
+
+
+class NormalizeState(NamedTuple):
+    """State of :func:`normalize`, as StandardScaler's ``mean_``, ``var_`` and ``scale_``.
+
+    ``var`` is the population variance (denominator N); ``scale`` is ``sqrt(var + eps)``, or 1 for
+    a feature found constant.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+    scale: jax.Array
+
+
+class PCAState(NamedTuple):
+    """State of :func:`pca` and :func:`pca_whiten`.
+
+    Attributes:
+      mean: per-feature mean, shape = the feature shape.
+      components: ``[k, D]`` principal axes, one a row, by decreasing variance (scikit-learn's
+        ``components_``; the lecture's ``U[:, :k].T``).
+      scale: ``[k]`` factor applied after the rotation: 1 for ``pca``, ``1 / sqrt(lambda + eps)``
+        for ``pca_whiten`` (1 for directions beyond the rank).
+      explained_variance: ``[k]`` eigenvalues of the sample covariance (denominator N - 1).
+      explained_variance_ratio: ``[k]`` each eigenvalue over the sum of all D eigenvalues.
+    """
+
+    mean: jax.Array
+    components: jax.Array
+    scale: jax.Array
+    explained_variance: jax.Array
+    explained_variance_ratio: jax.Array
+
+
+class ZCAState(NamedTuple):
+    """State of :func:`zca_whiten`.
+
+    Attributes:
+      mean: per-feature mean, shape = the feature shape.
+      whitening: ``[D, D]`` symmetric matrix W = U diag(1 / sqrt(lambda + eps)) U^T.
+      coloring: ``[D, D]`` its inverse U diag(sqrt(lambda + eps)) U^T (used by ``inverse``).
+      explained_variance: ``[D]`` eigenvalues of the sample covariance, decreasing.
+      explained_variance_ratio: ``[D]`` each eigenvalue over their sum.
+    """
+
+    mean: jax.Array
+    whitening: jax.Array
+    coloring: jax.Array
+    explained_variance: jax.Array
+    explained_variance_ratio: jax.Array
+
+
+def _trailing_feature_axes(x, feature_axes, name: str) -> tuple[int, ...]:
+    axes = _feature_axes(feature_axes, x.ndim)
+    want = tuple(range(x.ndim - len(axes), x.ndim))
+    if axes != want:
+        raise ValueError(
+            f"{name} needs the feature axes last, but feature_axes={feature_axes!r} for x of "
+            f"shape {x.shape} gives axes {axes}; move them with jnp.moveaxis first (e.g. NCHW -> "
+            "NHWC), or compute moments(x, feature_axes=...) for statistics alone"
+        )
+    return axes
+
+
+def _make_fit(fit_moments, full_covariance: bool, name: str):
+    def fit(x, *, feature_axes=-1, mask=None, axis_name=None):
+        x = jnp.asarray(x)
+        _checks.check_floating(x)
+        axes = _trailing_feature_axes(x, feature_axes, name)
+        m = moments(x, axes, full_covariance=full_covariance, mask=mask, axis_name=axis_name)
+        return fit_moments(m)
+
+    fit.__doc__ = (
+        f"Fit {name} on x (the training split): moments(x, feature_axes, ...) then fit_moments."
+    )
+    return fit
+
+
+def _check_moments(m: Moments, full: bool, name: str) -> None:
+    if not isinstance(m, Moments):
+        raise TypeError(f"{name}.fit_moments expects a Moments, but got {type(m).__name__}")
+    if full and not _is_full(m):
+        raise ValueError(
+            f"{name} needs the full scatter matrix, but the moments have m2 of shape "
+            f"{jnp.shape(m.m2)} for mean of shape {jnp.shape(m.mean)}; compute them with "
+            "moments(..., full_covariance=True)"
+        )
+
+
+def _diag_m2(m: Moments):
+    return jnp.diagonal(m.m2).reshape(m.mean.shape) if _is_full(m) else m.m2
+
+
+def _check_input(x, feature_shape, name: str, what: str = "x"):
+    x = jnp.asarray(x)
+    _checks.check_floating(x, what)
+    k = len(feature_shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(feature_shape):
+        raise ValueError(
+            f"{name} expects {what} of shape [..., {', '.join(map(str, feature_shape))}] "
+            f"(the feature shape the state was fitted on), but {what} has shape {x.shape}"
+        )
+    return x
+
+
+def _batch_shape(x, feature_shape):
+    return x.shape[: x.ndim - len(feature_shape)]
+
+
+def _bcast(v, x, dt):
+    # An explicit reshape: tests (and careful users) run with rank promotion set to raise.
+    return v.astype(dt).reshape((1,) * (x.ndim - v.ndim) + v.shape)
+
+
+def _flat(x, feature_shape):
+    return x.reshape((*_batch_shape(x, feature_shape), math.prod(feature_shape)))
+
+
+def _matmul(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def zero_center() -> Transform:
+    """Subtract the per-feature mean of the training data: x - mean.
+
+    Returns:
+      A :class:`Transform` with state :class:`ZeroCenterState`.
+
+    References:
+      The lecture's ``X -= np.mean(X, axis=0)``; Krizhevsky et al. 2012 (mean image,
+      ``feature_axes=(1, 2, 3)``); Simonyan & Zisserman 2015 (per-channel mean,
+      ``feature_axes=-1``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> t = preprocessing.zero_center()
+      >>> state = t.fit(jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+      >>> t.apply(state, jnp.array([[2.0, 2.0]]))
+      Array([[ 0., -1.]], dtype=float32)
+    """
+
+    def fit_moments(m):
+        _check_moments(m, False, "zero_center")
+        return ZeroCenterState(m.mean)
+
+    def apply(state, x):
+        x = _check_input(x, state.mean.shape, "zero_center.apply")
+        dt = _compute_dtype(x.dtype)
+        return (x.astype(dt) - _bcast(state.mean, x, dt)).astype(x.dtype)
+
+    def inverse(state, z):
+        z = _check_input(z, state.mean.shape, "zero_center.inverse", "z")
+        dt = _compute_dtype(z.dtype)
+        return (z.astype(dt) + _bcast(state.mean, z, dt)).astype(z.dtype)
+
+    return Transform(_make_fit(fit_moments, False, "zero_center"), apply, inverse, fit_moments)
+
+
+def _constant_features(var, mean, count):
+    """scikit-learn's ``_is_constant_feature`` test with float32-aware error growth.
+
+    scikit-learn flags var <= n eps var + (n eps mean)^2, the worst-case error of a sequential
+    two-pass sum in float64. In float32 n eps reaches 1 at 8.4M examples (one ImageNet channel
+    has far more), where that bound would call every feature constant; here the growth factor is
+    sqrt(n), the typical growth of rounding error, with eps of the dtype the statistics are in.
+    """
+    eps = jnp.finfo(var.dtype).eps
+    g = jnp.sqrt(jnp.maximum(count, 1.0)).astype(var.dtype) * eps
+    return var <= g * var + (g * mean) ** 2
+
+
+def normalize(eps: float = 0.0) -> Transform:
+    """Zero-centre and divide by the per-feature standard deviation: (x - mean) / scale.
+
+    scale = sqrt(var + eps) with var the population variance (denominator N, as StandardScaler
+    and ``np.std``). A constant or near-constant feature (its variance within the rounding error
+    of its mean, by scikit-learn's error-bound test, see ``_constant_features``) gets scale 1, so
+    it is centred but not blown up, while legitimately tiny variances are kept.
+
+    Args:
+      eps: added to the variance before the square root (default 0, as StandardScaler).
+
+    Returns:
+      A :class:`Transform` with state :class:`NormalizeState`.
+
+    Raises:
+      ValueError: eps is negative.
+
+    References:
+      The lecture's ``X /= np.std(X, axis=0)``; scikit-learn's StandardScaler.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> t = preprocessing.normalize()
+      >>> state = t.fit(jnp.array([[1.0, 5.0], [3.0, 5.0]]))
+      >>> state.scale
+      Array([1., 1.], dtype=float32)
+      >>> t.apply(state, jnp.array([[3.0, 5.0]]))
+      Array([[1., 0.]], dtype=float32)
+    """
+    if not eps >= 0:
+        raise ValueError(f"normalize needs eps >= 0, but got eps={eps!r}")
+
+    def fit_moments(m):
+        _check_moments(m, False, "normalize")
+        var = _safe_div(_diag_m2(m), m.count)
+        constant = _constant_features(var, m.mean, m.count)
+        scale = jnp.where(constant, jnp.ones_like(var), jnp.sqrt(var + jnp.asarray(eps, var.dtype)))
+        return NormalizeState(m.mean, var, scale)
+
+    def apply(state, x):
+        x = _check_input(x, state.mean.shape, "normalize.apply")
+        dt = _compute_dtype(x.dtype)
+        y = (x.astype(dt) - _bcast(state.mean, x, dt)) / _bcast(state.scale, x, dt)
+        return y.astype(x.dtype)
+
+    def inverse(state, z):
+        z = _check_input(z, state.mean.shape, "normalize.inverse", "z")
+        dt = _compute_dtype(z.dtype)
+        y = z.astype(dt) * _bcast(state.scale, z, dt) + _bcast(state.mean, z, dt)
+        return y.astype(z.dtype)
+
+    return Transform(_make_fit(fit_moments, False, "normalize"), apply, inverse, fit_moments)
+
+
+def _eigh_desc(m2, count):
+    """Eigenvalues (decreasing, >= 0) and eigenvectors (columns, svd_flip signs) of m2/(n-1)."""
+    cov = m2 / jnp.maximum(count - 1, 1).astype(m2.dtype)
+    lam, vec = jnp.linalg.eigh(cov, symmetrize_input=True)
+    lam, vec = jnp.maximum(lam[::-1], 0), vec[:, ::-1]
+    # scikit-learn 1.9's svd_flip(u_based_decision=False): the largest |entry| of each principal
+    # axis is positive, so the signs do not depend on the LAPACK build.
+    idx = jnp.argmax(jnp.abs(vec), axis=0)
+    signs = jnp.sign(vec[idx, jnp.arange(vec.shape[1])])
+    vec = vec * jnp.where(signs == 0, 1, signs).astype(vec.dtype)[None, :]
+    total = jnp.sum(lam)
+    ratio = _safe_div(lam, total)
+    return lam, vec, ratio
+
+
+_eigh_desc_jit = jax.jit(_eigh_desc)
+
+
+def _in_rank(lam, count):
+    """Directions with variance above the rounding level of the covariance, and below N - 1."""
+    d = lam.shape[0]
+    # eigh's backward error is a few eps * lambda_max, growing like sqrt(D) in practice; below that
+    # an eigenvalue is rounding noise, and whitening it would amplify noise, not signal.
+    tol = lam[0] * math.sqrt(d) * jnp.finfo(lam.dtype).eps
+    return (lam > tol) & (jnp.arange(d, dtype=lam.dtype) < count - 1)
+
+
+def _eps_abs(lam, eps, eps_mode):
+    if eps_mode == "absolute":
+        return jnp.asarray(eps, lam.dtype)
+    return jnp.asarray(eps, lam.dtype) * jnp.mean(lam)
+
+
+def _check_eps(eps, eps_mode, name):
+    if eps_mode not in ("absolute", "relative"):
+        raise ValueError(f'{name} needs eps_mode "absolute" or "relative", but got {eps_mode!r}')
+    if not eps >= 0:
+        raise ValueError(f"{name} needs eps >= 0, but got eps={eps!r}")
+
+
+def _check_num_components(num_components, name):
+    if num_components is None:
+        return
+    if isinstance(num_components, bool) or not isinstance(
+        num_components, int | float | np.integer | np.floating
+    ):
+        raise TypeError(
+            f"{name}: num_components must be None, an int (number of components) or a float in "
+            f"(0, 1) (fraction of variance to keep), but got {num_components!r}"
+        )
+    if isinstance(num_components, int | np.integer):
+        if num_components < 1:
+            raise ValueError(f"{name}: num_components must be >= 1, but got {num_components}")
+    elif not 0 < num_components < 1:
+        raise ValueError(
+            f"{name}: a float num_components is a fraction of variance and must be in (0, 1), "
+            f"but got {num_components}"
+        )
+
+
+def _resolve_k(num_components, ratio, d, name):
+    if num_components is None:
+        return d
+    if isinstance(num_components, int | np.integer):
+        if num_components > d:
+            raise ValueError(
+                f"{name}: num_components must be between 1 and the number of features {d}, "
+                f"but got {num_components}"
+            )
+        return int(num_components)
+    if _checks.is_tracer(ratio):
+        raise ValueError(
+            f"{name}: num_components={num_components} (a variance fraction) picks the number of "
+            "components from the data, which jit cannot do (shapes must be static); fit outside "
+            "jit, or pass an int"
+        )
+    # As scikit-learn: the fewest components whose cumulative ratio exceeds the fraction.
+    cum = np.cumsum(np.asarray(ratio, np.float64))
+    return int(min(np.searchsorted(cum, num_components, side="right") + 1, d))
+
+
+def _warn_rank(ok, k, count, d, name):
+    if _checks.is_tracer(ok) or _checks.is_tracer(count):
+        return
+    rank = int(np.sum(np.asarray(ok)[:k]))
+    if rank < k:
+        warnings.warn(
+            f"{name}: the covariance of {int(count)} samples with {d} features has numerical "
+            f"rank {int(np.sum(np.asarray(ok)))} < {k} kept components; the {k - rank} "
+            "direction(s) beyond the rank are left unscaled (not multiplied by 1/sqrt(eps)). "
+            "Fit on more samples than features, or keep fewer components",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _pca_state(mean, count, lam, vec, ratio, k, whiten, eps, eps_mode):
+    ok = _in_rank(lam, count)
+    if whiten:
+        s = jnp.where(ok, lax.rsqrt(lam + _eps_abs(lam, eps, eps_mode)), 1)[:k]
+    else:
+        s = jnp.ones((k,), lam.dtype)
+    return PCAState(mean, vec[:, :k].T, s.astype(lam.dtype), lam[:k], ratio[:k]), ok
+
+
+# One compiled program per (k, options) instead of a dozen eager dispatches per fit.
+_pca_state_jit = jax.jit(_pca_state, static_argnums=(5, 6, 7, 8))
+
+
+def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Transform:
+    _check_num_components(num_components, name)
+
+    def fit_moments(m):
+        _check_moments(m, True, name)
+        d = m.mean.size
+        lam, vec, ratio = _eigh_desc_jit(m.m2, m.count)
+        k = _resolve_k(num_components, ratio, d, name)
+        state, ok = _pca_state_jit(m.mean, m.count, lam, vec, ratio, k, whiten, eps, eps_mode)
+        if whiten:
+            _warn_rank(ok, k, m.count, d, name)
+        return state
+
+    def apply(state, x):
+        fs = state.mean.shape
+        x = _check_input(x, fs, f"{name}.apply")
+        dt = _compute_dtype(x.dtype)
+        xc = _flat(x.astype(dt) - _bcast(state.mean, x, dt), fs)
+        # The scale folded into the [D, k] matrix: one pass over x, one matmul.
+        w = state.components.astype(dt).T * state.scale.astype(dt)[None, :]
+        return _matmul(xc, w).astype(x.dtype)
+
+    def inverse(state, z):
+        z = jnp.asarray(z)
+        k = state.components.shape[0]
+        z = _check_input(z, (k,), f"{name}.inverse", "z")
+        dt = _compute_dtype(z.dtype)
+        w = state.components.astype(dt) / state.scale.astype(dt)[:, None]
+        x = _matmul(z.astype(dt), w).reshape(z.shape[:-1] + state.mean.shape)
+        return (x + _bcast(state.mean, x, dt)).astype(z.dtype)
+
+    fit = _make_fit(fit_moments, True, name)
+    return Transform(fit, apply, inverse, fit_moments, True)
+
+
+def pca(num_components: int | float | None = None) -> Transform:
+    """Rotate into the principal axes of the training data, keeping the first k: (x - mean) U_k.
+
+    U holds the eigenvectors of the sample covariance m2 / (N - 1), by decreasing eigenvalue, with
+    scikit-learn's signs. Features are flattened: x [..., *feature_shape] -> z [..., k]; ``inverse``
+    maps back and unflattens (exact when k = D).
+
+    Args:
+      num_components: None for all D components; an int k in [1, D]; or a float in (0, 1): the
+        fewest components whose explained variance ratio sums to more than it (as scikit-learn;
+        needs an eager fit, not under ``jit``).
+
+    Returns:
+      A :class:`Transform` with state :class:`PCAState` (``scale`` all ones).
+
+    Raises:
+      TypeError / ValueError: num_components of the wrong type or out of range (at construction,
+        or at fit time for k > D).
+
+    References:
+      Pearson 1901; the lecture's ``U, S, V = np.linalg.svd(cov); Xrot = X @ U[:, :k]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> t = preprocessing.pca(1)
+      >>> state = t.fit(jnp.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
+      >>> state.explained_variance
+      Array([2.], dtype=float32)
+    """
+    return _pca_transform(num_components, 0.0, "absolute", False, "pca")
+
+
+def pca_whiten(
+    num_components: int | float | None = None,
+    eps: float = 1e-5,
+    *,
+    eps_mode: str = "absolute",
+) -> Transform:
+    """PCA, then divide each component by its standard deviation: (x - mean) U_k / sqrt(lambda + e).
+
+    e = eps (``eps_mode="absolute"``, the lecture's 1e-5) or eps * mean(lambda)
+    (``"relative"``, unit-free). The whitened training data has sample covariance close to the
+    identity (exactly lambda / (lambda + e)). Directions beyond the covariance's rank (fewer
+    samples than features, or collinear features) keep scale 1 and an eager fit warns.
+
+    Args:
+      num_components: as in :func:`pca`.
+      eps: regulariser added to each eigenvalue, >= 0.
+      eps_mode: ``"absolute"`` or ``"relative"``.
+
+    Returns:
+      A :class:`Transform` with state :class:`PCAState`.
+
+    Raises:
+      TypeError / ValueError: bad num_components, eps or eps_mode.
+
+    References:
+      The lecture's ``Xwhite = Xrot / np.sqrt(S + 1e-5)``; scikit-learn's ``PCA(whiten=True)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> t = preprocessing.pca_whiten(eps=0.0)
+      >>> x = jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
+      >>> z = t.apply(t.fit(x), x)
+      >>> jnp.allclose(z.T @ z / 3, jnp.eye(2), atol=1e-5)
+      Array(True, dtype=bool)
+    """
+    _check_eps(eps, eps_mode, "pca_whiten")
+    return _pca_transform(num_components, eps, eps_mode, True, "pca_whiten")
+
+
+def _zca_state(mean, m2, count, eps, eps_mode):
+    lam, vec, ratio = _eigh_desc(m2, count)
+    ok = _in_rank(lam, count)
+    s = jnp.where(ok, lax.rsqrt(lam + _eps_abs(lam, eps, eps_mode)), 1).astype(lam.dtype)
+    whitening = _matmul(vec * s[None, :], vec.T)
+    coloring = _matmul(vec / s[None, :], vec.T)
+    # Symmetric by construction; averaging with the transpose removes the rounding asymmetry.
+    whitening = 0.5 * (whitening + whitening.T)
+    coloring = 0.5 * (coloring + coloring.T)
+    return ZCAState(mean, whitening, coloring, lam, ratio), ok
+
+
+_zca_state_jit = jax.jit(_zca_state, static_argnums=(3, 4))
+
+
+def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
+    """Zero-phase whitening: (x - mean) W with W = U diag(1 / sqrt(lambda + e)) U^T symmetric.
+
+    PCA whitening rotated back to the original axes, so the output stays closest to the input
+    (Bell & Sejnowski 1997) and keeps the feature shape (images stay images). e as in
+    :func:`pca_whiten`; directions beyond the rank are left unscaled.
+
+    Args:
+      eps: regulariser added to each eigenvalue, >= 0.
+      eps_mode: ``"absolute"`` or ``"relative"``.
+
+    Returns:
+      A :class:`Transform` with state :class:`ZCAState`.
+
+    Raises:
+      ValueError: bad eps or eps_mode.
+
+    References:
+      Bell & Sejnowski 1997; Krizhevsky 2009, "Learning multiple layers of features from tiny
+      images", appendix A.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> t = preprocessing.zca_whiten(eps=0.0)
+      >>> state = t.fit(jnp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [2.0, 1.0]]))
+      >>> jnp.diagonal(state.whitening)
+      Array([0.866, 1.732], dtype=float32)
+    """
+    _check_eps(eps, eps_mode, "zca_whiten")
+    name = "zca_whiten"
+
+    def fit_moments(m):
+        _check_moments(m, True, name)
+        d = m.mean.size
+        state, ok = _zca_state_jit(m.mean, m.m2, m.count, eps, eps_mode)
+        _warn_rank(ok, d, m.count, d, name)
+        return state
+
+    def _map(state, x, mat, what, sign):
+        fs = state.mean.shape
+        x = _check_input(x, fs, f"{name}.{what}", "x" if sign > 0 else "z")
+        dt = _compute_dtype(x.dtype)
+        if sign > 0:
+            y = _matmul(_flat(x.astype(dt) - _bcast(state.mean, x, dt), fs), mat.astype(dt))
+            return y.reshape(x.shape).astype(x.dtype)
+        y = _matmul(_flat(x.astype(dt), fs), mat.astype(dt)).reshape(x.shape)
+        return (y + _bcast(state.mean, y, dt)).astype(x.dtype)
+
+    def apply(state, x):
+        return _map(state, x, state.whitening, "apply", 1)
+
+    def inverse(state, z):
+        return _map(state, z, state.coloring, "inverse", -1)
+
+    return Transform(_make_fit(fit_moments, True, name), apply, inverse, fit_moments, True)
+
+
+def _push_moments(state, m: Moments) -> Moments:
+    """The moments of apply(state, x) from those of x (every transform here is affine)."""
+    d = m.mean.reshape(-1) - state.mean.reshape(-1).astype(m.mean.dtype)
+    full = _is_full(m)
+    if isinstance(state, ZeroCenterState):
+        return Moments(m.count, d.reshape(m.mean.shape), m.m2)
+    if isinstance(state, NormalizeState):
+        s = state.scale.reshape(-1).astype(m.mean.dtype)
+        if full:
+            m2 = m.m2 / (s[:, None] * s[None, :])
+        else:
+            m2 = m.m2 / jnp.square(state.scale.astype(m.m2.dtype))
+        return Moments(m.count, (d / s).reshape(m.mean.shape), m2)
+    if isinstance(state, PCAState):
+        w = state.components.T.astype(m.m2.dtype) * state.scale.astype(m.m2.dtype)[None, :]
+        out_shape = (w.shape[1],)
+    elif isinstance(state, ZCAState):
+        w = state.whitening.astype(m.m2.dtype)
+        out_shape = state.mean.shape
+    else:
+        raise TypeError(f"chain cannot carry moments through a state of type {type(state)}")
+    return Moments(m.count, _matmul(d, w).reshape(out_shape), _matmul(_matmul(w.T, m.m2), w))
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Compose transforms: apply runs them in order, inverse in reverse order.
+
+    ``fit`` fits the first on x, the second on the first's output, and so on (the feature axes
+    after a PCA are its k components). ``fit_moments`` carries the moments through each fitted
+    transform exactly (they are all affine: mean' = (mean - mu) W, m2' = W^T m2 W); with diagonal
+    moments that is exact only for the diagonal transforms (zero_center, normalize), and a
+    transform that needs the full matrix says so.
+
+    Args:
+      *transforms: the transforms, first applied first.
+
+    Returns:
+      A :class:`Transform` whose state is the tuple of the states.
+
+    Raises:
+      TypeError: an argument is not a :class:`Transform`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> t = preprocessing.chain(preprocessing.zero_center(), preprocessing.normalize())
+      >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+      >>> t.apply(t.fit(x), x)
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, Transform):
+            raise TypeError(f"chain expects Transforms, but argument {i} is {type(t).__name__}")
+    full = any(t.full_covariance for t in transforms)
+
+    def fit(x, *, feature_axes=-1, mask=None, axis_name=None):
+        x = jnp.asarray(x)
+        _checks.check_floating(x)
+        axes = _trailing_feature_axes(x, feature_axes, "chain")
+        n_examples = x.ndim - len(axes)
+        states = []
+        for t in transforms:
+            fa = tuple(range(n_examples, x.ndim))
+            states.append(t.fit(x, feature_axes=fa, mask=mask, axis_name=axis_name))
+            x = t.apply(states[-1], x)
+        return tuple(states)
+
+    def fit_moments(m):
+        states = []
+        for i, t in enumerate(transforms):
+            states.append(t.fit_moments(m))
+            if i + 1 < len(transforms):
+                m = _push_moments(states[-1], m)
+        return tuple(states)
+
+    def apply(state, x):
+        for t, s in zip(transforms, state, strict=True):
+            x = t.apply(s, x)
+        return x
+
+    def inverse(state, z):
+        for t, s in zip(reversed(transforms), reversed(state), strict=True):
+            z = t.inverse(s, z)
+        return z
+
+    return Transform(fit, apply, inverse, fit_moments, full)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming
+
+
+class _Counter:
+    """A minimal stderr progress line for when tqdm is not installed."""
+
+    def __init__(self, total):
+        self.total, self.n, self.last = total, 0, 0.0
+
+    def update(self, k=1):
+        self.n += k
+        now = time.monotonic()
+        if now - self.last > 0.5 or self.n == self.total:
+            self.last = now
+            of = f"/{self.total}" if self.total else ""
+            sys.stderr.write(f"\rfit_stream: {self.n}{of} batches")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.n:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _progress(total):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Counter(total)
+    return tqdm(total=total, desc="fit_stream", unit="batch")
+
+
+def fit_stream(
+    transform: Transform,
+    batches: Iterable[ArrayLike],
+    *,
+    feature_axes: int | Sequence[int] = -1,
+    progress: bool = True,
+):
+    """Fit ``transform`` on a stream of batches, merging their moments (constant memory).
+
+    Each batch is reduced to :class:`Moments` (a ``[D, D]`` scatter matrix when the transform
+    needs it) and merged into a running total with :func:`merge`, so memory does not grow with
+    the number of batches and the data never needs to be on the device at once (ZCA on
+    image-sized features from a data loader or a memory-mapped array). The result equals
+    ``transform.fit`` on the concatenation up to rounding.
+
+    Args:
+      transform: a :class:`Transform`.
+      batches: an iterable of arrays (NumPy or JAX) with the same feature shape, e.g.
+        ``(x[i:i + b] for i in range(0, len(x), b))``.
+      feature_axes: the (trailing) feature axes of each batch.
+      progress: show a progress bar: tqdm when installed, else a counter on stderr.
+
+    Returns:
+      The fitted state.
+
+    Raises:
+      ValueError: no batches; batches with different feature shapes; non-finite values (the
+        message names the batch).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> batches = [jnp.array([[1.0], [2.0]]), jnp.array([[3.0], [10.0]])]
+      >>> preprocessing.fit_stream(preprocessing.zero_center(), batches, progress=False)
+      ZeroCenterState(mean=Array([4.], dtype=float32))
+    """
+    if not isinstance(transform, Transform):
+        raise TypeError(f"fit_stream expects a Transform, but got {type(transform).__name__}")
+    full = transform.full_covariance
+    total = len(batches) if hasattr(batches, "__len__") else None
+    bar = _progress(total) if progress else None
+    acc = None
+    pending = None  # (index, size, non-finite count) of the previous batch, checked one step late
+    feature_shape = None
+    try:
+        for i, batch in enumerate(batches):
+            x = jnp.asarray(batch)
+            _checks.check_floating(x, f"batch {i}")
+            axes = _trailing_feature_axes(x, feature_axes, "fit_stream")
+            fs = tuple(x.shape[a] for a in axes)
+            if feature_shape is None:
+                feature_shape = fs
+            elif fs != feature_shape:
+                raise ValueError(
+                    f"fit_stream: batch {i} has feature shape {fs}, but the earlier batches have "
+                    f"{feature_shape}"
+                )
+            m, n_bad = _local_moments_jit(x, None, axes, full)
+            acc = m if acc is None else _merge_jit(acc, m)
+            # Checking the previous batch lets this one's computation overlap the wait.
+            if pending is not None:
+                _check_finite_count(pending[2], pending[1], f"batch {pending[0]}")
+            pending = (i, x.size, n_bad)
+            if bar is not None:
+                bar.update(1)
+        if pending is not None:
+            _check_finite_count(pending[2], pending[1], f"batch {pending[0]}")
+    finally:
+        if bar is not None:
+            bar.close()
+    if acc is None:
+        raise ValueError("fit_stream got no batches; pass a non-empty iterable of arrays")
+    m2 = acc.m2 if full else acc.m2.reshape(feature_shape)
+    return transform.fit_moments(Moments(acc.count, acc.mean.reshape(feature_shape), m2))
+
+
+_merge_jit = jax.jit(merge)
+
+
+# --------------------------------------------------------------------------------------------------
+# Save and load (npz, no pickle)
+
+_STATE_TYPES = {
+    cls.__name__: cls for cls in (Moments, ZeroCenterState, NormalizeState, PCAState, ZCAState)
+}
+_FORMAT = "jaxnorm.preprocessing/1"
+
+
+def _encode(node, arrays: dict) -> dict:
+    if isinstance(node, tuple) and type(node).__name__ in _STATE_TYPES:
+        return {
+            "type": type(node).__name__,
+            "fields": {f: _encode(getattr(node, f), arrays) for f in node._fields},
+        }
+    if isinstance(node, tuple | list) and not hasattr(node, "_fields"):
+        return {"type": "tuple", "items": [_encode(v, arrays) for v in node]}
+    if isinstance(node, jax.Array | np.ndarray | np.generic):
+        a = np.asarray(node)
+        key = f"leaf_{len(arrays)}"
+        dtype = a.dtype
+        if dtype.kind == "V" or dtype.name not in np.sctypeDict:
+            # bfloat16 and other ml_dtypes: store the bits, since np.load cannot name the dtype.
+            a = a.view(f"u{dtype.itemsize}")
+        arrays[key] = a
+        return {"leaf": key, "dtype": dtype.name}
+    raise TypeError(
+        f"save expects a preprocessing state (a NamedTuple of arrays such as PCAState, or a tuple "
+        f"of them from chain), but found {type(node).__name__}"
+    )
+
+
+def _decode(node, arrays):
+    t = node.get("type")
+    if t == "tuple":
+        return tuple(_decode(v, arrays) for v in node["items"])
+    if t is not None:
+        cls = _STATE_TYPES.get(t)
+        if cls is None:
+            raise ValueError(f"load: unknown state type {t!r}; known: {sorted(_STATE_TYPES)}")
+        if list(node["fields"]) != list(cls._fields):
+            raise ValueError(
+                f"load: saved {t} has fields {list(node['fields'])}, but this version of jaxnorm "
+                f"expects {list(cls._fields)}"
+            )
+        return cls(**{f: _decode(v, arrays) for f, v in node["fields"].items()})
+    a = arrays[node["leaf"]]
+    dtype = jnp.dtype(node["dtype"])
+    return a.view(dtype) if a.dtype != dtype else a
+
+
+def save(path: str | os.PathLike, state) -> None:
+    """Save a preprocessing state to an ``.npz`` file, without pickle.
+
+    The arrays are stored as they are (bit for bit, bfloat16 included); the pytree structure (the
+    NamedTuple type names and field names, tuples for :func:`chain`) is stored as JSON beside
+    them.
+
+    Args:
+      path: file name; NumPy appends ``.npz`` when it has no such suffix.
+      state: a state returned by a transform's fit (or :class:`Moments`).
+
+    Raises:
+      TypeError: state holds something other than known NamedTuples, tuples and arrays.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> state = preprocessing.zero_center().fit(jnp.ones((4, 3)))
+      >>> path = os.path.join(tempfile.mkdtemp(), "state.npz")
+      >>> preprocessing.save(path, state)
+      >>> preprocessing.load(path)
+      ZeroCenterState(mean=array([1., 1., 1.], dtype=float32))
+    """
+    arrays: dict = {}
+    tree = _encode(state, arrays)
+    header = json.dumps({"format": _FORMAT, "tree": tree})
+    np.savez(path, __jaxnorm__=np.array(header), **arrays)
+
+
+def load(path: str | os.PathLike):
+    """Load a state written by :func:`save` (``allow_pickle=False``).
+
+    Returns:
+      The state with NumPy array leaves (bit-identical to what was saved); ``jax.device_put`` it
+      to place it on a device, or pass it to ``apply`` as it is.
+
+    Raises:
+      ValueError: the file was not written by :func:`save`, or holds an unknown state type.
+    """
+    with np.load(path, allow_pickle=False) as f:
+        if "__jaxnorm__" not in f.files:
+            raise ValueError(f"load: {os.fspath(path)!r} was not written by preprocessing.save")
+        header = json.loads(str(f["__jaxnorm__"]))
+        if header.get("format") != _FORMAT:
+            raise ValueError(
+                f"load: {os.fspath(path)!r} has format {header.get('format')!r}, "
+                f"expected {_FORMAT!r}"
+            )
+        arrays = {k: f[k] for k in f.files if k != "__jaxnorm__"}
+    return _decode(header["tree"], arrays)

@@ -1,0 +1,484 @@
+"""Tests for jaxnorm.preprocessing against NumPy float64 and scikit-learn."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnorm import preprocessing as pp
+from tests.helpers import to_f64, tol
+
+sklearn_pca = pytest.importorskip("sklearn.decomposition")
+sklearn_pre = pytest.importorskip("sklearn.preprocessing")
+
+
+def _data(n=300, d=6, offset=0.0, seed=0, dtype=np.float32):
+    """Correlated data with distinct variances: x = offset + g @ A, A upper triangular."""
+    rng = np.random.default_rng(seed)
+    a = np.triu(rng.normal(size=(d, d))) + np.diag(np.linspace(3.0, 0.5, d))
+    return (offset + rng.normal(size=(n, d)) @ a).astype(dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# moments and merge
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_moments_diag_vs_numpy(dtype):
+    x = jnp.asarray(_data(200, 5, offset=2.0), dtype)
+    m = pp.moments(x)
+    xr = to_f64(x)
+    assert m.mean.dtype == jnp.float32  # low precision reduces in float32
+    np.testing.assert_allclose(m.count, 200)
+    np.testing.assert_allclose(m.mean, xr.mean(0), **tol(jnp.float32, 10))
+    np.testing.assert_allclose(m.m2, ((xr - xr.mean(0)) ** 2).sum(0), **tol(jnp.float32, 10))
+
+
+def test_moments_full_vs_numpy():
+    x = _data(200, 5, offset=-3.0)
+    m = pp.moments(x, full_covariance=True)
+    xr = x.astype(np.float64)
+    xc = xr - xr.mean(0)
+    np.testing.assert_allclose(m.m2, xc.T @ xc, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(m.m2, m.m2.T)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_moments_large_offset_float32(full):
+    # |mean| / std = 1e4: E[x^2] - E[x]^2 in float32 would lose every digit of the variance.
+    x = (1e4 + np.random.default_rng(1).normal(size=(4000, 3))).astype(np.float32)
+    m = pp.moments(x, full_covariance=full)
+    xr = x.astype(np.float64)
+    xc = xr - xr.mean(0)
+    ref = xc.T @ xc if full else (xc**2).sum(0)
+    np.testing.assert_allclose(m.mean, xr.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(m.m2, ref, rtol=1e-4, atol=1e-2 * 4000)
+
+
+def test_moments_mask_ignores_nan_padding():
+    x = _data(50, 4, offset=5.0)
+    mask = np.arange(50) < 37
+    xp = x.copy()
+    xp[37:] = np.nan
+    m = pp.moments(xp, mask=mask, full_covariance=True)
+    ref = pp.moments(x[:37], full_covariance=True)
+    np.testing.assert_allclose(m.count, 37)
+    np.testing.assert_allclose(m.mean, ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(m.m2, ref.m2, rtol=1e-5, atol=1e-4)
+
+
+def test_moments_empty_mask_is_merge_identity():
+    x = _data(20, 3)
+    empty = pp.moments(x, mask=np.zeros(20, bool))
+    assert float(empty.count) == 0 and np.all(np.isfinite(empty.mean))
+    m = pp.moments(x)
+    for got in (pp.merge(empty, m), pp.merge(m, empty)):
+        np.testing.assert_allclose(got.mean, m.mean, rtol=1e-6)
+        np.testing.assert_allclose(got.m2, m.m2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_merge_equals_concatenated_fit_with_offset(full):
+    x = _data(1000, 4, offset=1e4, seed=3)
+    parts = np.split(x, [1, 10, 400, 401])
+    acc = pp.moments(parts[0], full_covariance=full)
+    for p in parts[1:]:
+        acc = pp.merge(acc, pp.moments(p, full_covariance=full))
+    xr = x.astype(np.float64)
+    xc = xr - xr.mean(0)
+    ref = xc.T @ xc if full else (xc**2).sum(0)
+    np.testing.assert_allclose(acc.count, 1000)
+    np.testing.assert_allclose(acc.mean, xr.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(acc.m2, ref, rtol=1e-4, atol=1e-3 * np.abs(ref).max())
+
+
+def test_moments_image_per_channel_and_per_pixel():
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(6, 4, 5, 3)) * [1.0, 2.0, 3.0] + [100.0, 50.0, 0.0]).astype(np.float32)
+    xr = x.astype(np.float64)
+    per_channel = pp.moments(x, -1)
+    assert per_channel.mean.shape == (3,)
+    np.testing.assert_allclose(per_channel.count, 6 * 4 * 5)
+    np.testing.assert_allclose(per_channel.mean, xr.mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(per_channel.m2 / 120, xr.var((0, 1, 2)), rtol=1e-5)
+    per_pixel = pp.moments(x, (1, 2, 3))
+    assert per_pixel.mean.shape == (4, 5, 3)
+    np.testing.assert_allclose(per_pixel.mean, xr.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(per_pixel.m2 / 6, xr.var(0), rtol=1e-4, atol=1e-5)
+    # NCHW layout: the channel axis need not be last for moments.
+    nchw = pp.moments(np.moveaxis(x, -1, 1), 1)
+    np.testing.assert_allclose(nchw.mean, per_channel.mean, rtol=1e-6)
+
+
+def test_moments_axis_name_with_vmap_collectives():
+    x = _data(64, 3, offset=1e3).reshape(4, 16, 3)
+    m = jax.vmap(lambda s: pp.moments(s, full_covariance=True, axis_name="i"), axis_name="i")(x)
+    ref = pp.moments(x.reshape(64, 3), full_covariance=True)
+    for i in range(4):  # every member of the axis gets the global moments
+        np.testing.assert_allclose(m.count[i], 64)
+        np.testing.assert_allclose(m.mean[i], ref.mean, rtol=1e-6)
+        np.testing.assert_allclose(m.m2[i], ref.m2, rtol=1e-4, atol=1e-2)
+
+
+def test_moments_under_jit_equals_eager():
+    x = _data(40, 3)
+    eager = pp.moments(x, full_covariance=True)
+    jitted = jax.jit(lambda x: pp.moments(x, full_covariance=True))(x)
+    for a, b in zip(eager, jitted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# normalize vs StandardScaler
+
+
+def test_normalize_vs_standard_scaler_with_constant_features():
+    rng = np.random.default_rng(4)
+    n = 500
+    x = np.stack(
+        [
+            rng.normal(size=n) * 3 + 7,  # ordinary
+            np.full(n, 0.1),  # constant, not exactly representable
+            np.full(n, 123.456) + rng.normal(size=n) * 1e-12,  # below float32 resolution
+            rng.normal(size=n) * 1e-6,  # legitimately tiny variance around 0: kept
+        ],
+        axis=1,
+    ).astype(np.float32)
+    ss = sklearn_pre.StandardScaler().fit(x.astype(np.float64))
+    t = pp.normalize()
+    state = t.fit(x)
+    np.testing.assert_allclose(state.mean, ss.mean_, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(state.var, ss.var_, rtol=1e-4, atol=1e-12)
+    np.testing.assert_allclose(state.scale, ss.scale_, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(state.scale)[1:3], [1.0, 1.0])
+    z = t.apply(state, x)
+    np.testing.assert_allclose(z, ss.transform(x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(t.inverse(state, z), x, rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_eps_is_added_to_variance():
+    x = _data(100, 3)
+    state = pp.normalize(eps=0.5).fit(x)
+    np.testing.assert_allclose(state.scale, np.sqrt(x.astype(np.float64).var(0) + 0.5), rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------
+# PCA and whitening vs scikit-learn and NumPy
+
+
+def test_pca_vs_sklearn_components_signs_and_variances():
+    x = _data(400, 6, offset=50.0)
+    ref = sklearn_pca.PCA(svd_solver="full").fit(x.astype(np.float64))
+    t = pp.pca()
+    state = t.fit(x)
+    # Same sign convention as scikit-learn's svd_flip, so no "up to sign" is needed.
+    np.testing.assert_allclose(state.components, ref.components_, atol=2e-5)
+    np.testing.assert_allclose(state.explained_variance, ref.explained_variance_, rtol=2e-5)
+    np.testing.assert_allclose(
+        state.explained_variance_ratio, ref.explained_variance_ratio_, rtol=2e-5
+    )
+    np.testing.assert_allclose(
+        t.apply(state, x), ref.transform(x.astype(np.float64)), rtol=1e-4, atol=1e-3
+    )
+    np.testing.assert_allclose(t.inverse(state, t.apply(state, x)), x, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [2, 0.9])
+def test_pca_truncated_vs_sklearn(k):
+    x = _data(400, 6)
+    ref = sklearn_pca.PCA(k, svd_solver="full").fit(x.astype(np.float64))
+    t = pp.pca(k)
+    state = t.fit(x)
+    assert state.components.shape == (ref.n_components_, 6)
+    z = t.apply(state, x)
+    np.testing.assert_allclose(z, ref.transform(x.astype(np.float64)), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(t.inverse(state, z), ref.inverse_transform(z), rtol=1e-4, atol=1e-3)
+
+
+def test_pca_whiten_vs_sklearn_and_identity_covariance():
+    x = _data(500, 5, offset=-20.0)
+    ref = sklearn_pca.PCA(whiten=True, svd_solver="full").fit(x.astype(np.float64))
+    t = pp.pca_whiten(eps=0.0)
+    state = t.fit(x)
+    z = t.apply(state, x)
+    np.testing.assert_allclose(z, ref.transform(x.astype(np.float64)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.cov(to_f64(z).T), np.eye(5), atol=1e-4)
+    np.testing.assert_allclose(t.inverse(state, z), x, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("eps_mode", ["absolute", "relative"])
+def test_whitening_eps_policy(eps_mode):
+    x = _data(300, 4)
+    eps = 0.3
+    state = pp.pca_whiten(eps=eps, eps_mode=eps_mode).fit(x)
+    lam = np.linalg.eigvalsh(np.cov(x.astype(np.float64).T))[::-1]
+    e = eps if eps_mode == "absolute" else eps * lam.mean()
+    np.testing.assert_allclose(state.scale, 1 / np.sqrt(lam + e), rtol=1e-5)
+    z = pp.pca_whiten(eps=eps, eps_mode=eps_mode).apply(state, x)
+    np.testing.assert_allclose(np.cov(to_f64(z).T), np.diag(lam / (lam + e)), atol=1e-4)
+
+
+def test_zca_symmetric_inverse_sqrt_covariance():
+    x = _data(500, 5, offset=100.0)
+    t = pp.zca_whiten(eps=0.0)
+    state = t.fit(x)
+    w = np.asarray(state.whitening, np.float64)
+    np.testing.assert_array_equal(state.whitening, state.whitening.T)
+    lam, u = np.linalg.eigh(np.cov(x.astype(np.float64).T))
+    np.testing.assert_allclose(w, u @ np.diag(lam**-0.5) @ u.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state.coloring, u @ np.diag(lam**0.5) @ u.T, rtol=1e-4, atol=1e-4)
+    z = t.apply(state, x)
+    np.testing.assert_allclose(np.cov(to_f64(z).T), np.eye(5), atol=1e-4)
+    np.testing.assert_allclose(t.inverse(state, z), x, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("make", [pp.pca_whiten, pp.zca_whiten])
+def test_fewer_samples_than_features_warns_and_leaves_null_directions(make):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 8)).astype(np.float32)  # rank of the centred data: 3
+    t = make(eps=1e-5)
+    with pytest.warns(RuntimeWarning, match="rank 3"):
+        state = t.fit(x)
+    z = t.apply(state, x)
+    assert np.all(np.isfinite(z))
+    assert np.abs(to_f64(z)).max() < 10  # not blown up by 1 / sqrt(eps) ~ 316
+    # A direction orthogonal to the data's span passes through with its length unchanged.
+    xc = x.astype(np.float64) - x.mean(0)
+    _, _, vt = np.linalg.svd(xc)
+    null = vt[-1].astype(np.float32)
+    out = t.apply(state, np.asarray(state.mean) + null)
+    np.testing.assert_allclose(np.linalg.norm(to_f64(out)), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(t.inverse(state, z), x, rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------------------
+# Round trips, jit and vmap, images, chain, streams
+
+
+ALL = [
+    ("zero_center", pp.zero_center),
+    ("normalize", pp.normalize),
+    ("pca", pp.pca),
+    ("pca_whiten", pp.pca_whiten),
+    ("zca_whiten", pp.zca_whiten),
+]
+
+
+@pytest.mark.parametrize("name, make", ALL)
+def test_apply_inverse_jit_vmap(name, make):
+    x = _data(60, 4, offset=10.0)
+    t = make()
+    state = t.fit(x)
+    z = t.apply(state, x)
+    z_jit = jax.jit(t.apply)(state, x)
+    np.testing.assert_allclose(z_jit, z, rtol=1e-5, atol=1e-5)
+    z_vmap = jax.vmap(t.apply, in_axes=(None, 0))(state, x)
+    np.testing.assert_allclose(z_vmap, z, rtol=1e-5, atol=1e-5)
+    back = jax.jit(t.inverse)(state, z)
+    np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.vmap(t.inverse, in_axes=(None, 0))(state, z), back, atol=1e-5)
+    assert z.dtype == x.dtype and back.shape == x.shape
+
+
+@pytest.mark.parametrize("name, make", ALL)
+def test_low_precision_apply_keeps_dtype(name, make):
+    x = _data(60, 4)
+    t = make()
+    state = t.fit(x)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    z = t.apply(state, xb)
+    assert z.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        to_f64(z), to_f64(t.apply(state, to_f64(xb).astype(np.float32))), **tol(jnp.bfloat16, 4)
+    )
+
+
+def test_fit_under_jit_equals_eager():
+    x = _data(100, 4)
+    t = pp.pca_whiten(3)
+    eager = t.fit(x)
+    jitted = jax.jit(t.fit)(x)
+    for a, b in zip(eager, jitted, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_images_pca_on_flattened_features_and_zca_keeps_shape():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(50, 3, 2, 2)).astype(np.float32) + 0.5
+    t = pp.pca(5)
+    state = t.fit(x, feature_axes=(1, 2, 3))
+    assert state.mean.shape == (3, 2, 2) and state.components.shape == (5, 12)
+    z = t.apply(state, x)
+    ref = sklearn_pca.PCA(5, svd_solver="full").fit(x.reshape(50, 12).astype(np.float64))
+    np.testing.assert_allclose(z, ref.transform(x.reshape(50, 12)), rtol=1e-4, atol=1e-4)
+    assert t.inverse(state, z).shape == x.shape
+    tz = pp.zca_whiten()
+    sz = tz.fit(x, feature_axes=(1, 2, 3))
+    zz = tz.apply(sz, x)
+    assert zz.shape == x.shape
+    np.testing.assert_allclose(tz.inverse(sz, zz), x, rtol=1e-4, atol=1e-4)
+    # Per-channel mean (VGG) with zero_center on NHWC.
+    zc = pp.zero_center()
+    sc = zc.fit(x, feature_axes=-1)
+    np.testing.assert_allclose(sc.mean, x.astype(np.float64).mean((0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(zc.apply(sc, x), x - x.mean((0, 1, 2)), atol=1e-5)
+
+
+def test_chain_fit_and_fit_moments_agree():
+    x = _data(300, 5, offset=30.0)
+    t = pp.chain(pp.normalize(), pp.pca(3), pp.zca_whiten(eps=0.0))
+    assert t.full_covariance
+    s_fit = t.fit(x)
+    s_mom = t.fit_moments(pp.moments(x, full_covariance=True))
+    for a, b in zip(jax.tree.leaves(s_fit), jax.tree.leaves(s_mom), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    z = t.apply(s_fit, x)
+    assert z.shape == (300, 3)
+    np.testing.assert_allclose(np.cov(to_f64(z).T), np.eye(3), atol=1e-4)
+    # Reference: StandardScaler then PCA(3) then ZCA, all in float64 NumPy.
+    xs = sklearn_pre.StandardScaler().fit_transform(x.astype(np.float64))
+    xr = sklearn_pca.PCA(3, svd_solver="full").fit_transform(xs)
+    lam, u = np.linalg.eigh(np.cov(xr.T))
+    np.testing.assert_allclose(z, xr @ u @ np.diag(lam**-0.5) @ u.T, rtol=1e-3, atol=1e-3)
+    chain2 = pp.chain(pp.zero_center(), pp.normalize())
+    np.testing.assert_allclose(
+        chain2.inverse(chain2.fit(x), chain2.apply(chain2.fit(x), x)), x, rtol=1e-5, atol=1e-4
+    )
+
+
+def test_fit_stream_equals_in_memory_fit():
+    x = _data(1000, 4, offset=1e4, seed=7)
+    t = pp.zca_whiten()
+    streamed = pp.fit_stream(t, (x[i : i + 64] for i in range(0, 1000, 64)), progress=False)
+    in_memory = t.fit(x)
+    for a, b in zip(streamed, in_memory, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    s2 = pp.fit_stream(pp.normalize(), [x[:500], x[500:]], progress=False)
+    np.testing.assert_allclose(s2.var, x.astype(np.float64).var(0), rtol=1e-4)
+
+
+def test_fit_stream_progress_tqdm_and_fallback(monkeypatch, capsys):
+    x = _data(40, 2)
+    batches = [x[:20], x[20:]]
+    pytest.importorskip("tqdm")
+    pp.fit_stream(pp.zero_center(), batches)
+    assert "fit_stream" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    pp.fit_stream(pp.zero_center(), batches)
+    assert "fit_stream: 2/2 batches" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------------
+# save / load
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    x = _data(80, 4, offset=3.0)
+    states = {
+        "zero_center": pp.zero_center().fit(x),
+        "normalize": pp.normalize().fit(x),
+        "pca": pp.pca(2).fit(x),
+        "zca": pp.zca_whiten().fit(x),
+        "chain": pp.chain(pp.normalize(), pp.pca_whiten(3)).fit(x),
+        "moments_bf16": jax.tree.map(
+            lambda a: a.astype(jnp.bfloat16), pp.moments(x, full_covariance=True)
+        ),
+    }
+    for name, state in states.items():
+        path = tmp_path / f"{name}.npz"
+        pp.save(path, state)
+        loaded = pp.load(path)
+        assert jax.tree.structure(loaded) == jax.tree.structure(state)
+        assert type(loaded).__name__ == type(state).__name__
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state), strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(
+                np.asarray(a).reshape(-1).view(np.uint8), np.asarray(b).reshape(-1).view(np.uint8)
+            )
+    t = pp.chain(pp.normalize(), pp.pca_whiten(3))
+    loaded = pp.load(tmp_path / "chain.npz")
+    np.testing.assert_array_equal(t.apply(loaded, x), t.apply(states["chain"], x))
+
+
+# -------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_nonfinite_fit_data_counts_bad_values():
+    x = _data(20, 3)
+    x[2, 1] = np.nan
+    x[5, 0] = np.inf
+    with pytest.raises(ValueError, match=r"2 non-finite value\(s\) \(NaN or Inf\) among 60"):
+        pp.pca().fit(x)
+    with pytest.raises(ValueError, match="batch 1 has 2 non-finite"):
+        pp.fit_stream(pp.normalize(), [x[10:], x[:10]], progress=False)
+
+
+def test_shape_mismatch_messages():
+    x = _data(20, 3)
+    for t in (pp.zero_center(), pp.normalize(), pp.pca(), pp.zca_whiten()):
+        state = t.fit(x)
+        with pytest.raises(ValueError, match=r"expects x of shape \[\.\.\., 3\].*\(20, 4\)"):
+            t.apply(state, np.zeros((20, 4), np.float32))
+    t = pp.pca(2)
+    state = t.fit(x)
+    with pytest.raises(ValueError, match=r"expects z of shape \[\.\.\., 2\].*\(5, 3\)"):
+        t.inverse(state, np.zeros((5, 3), np.float32))
+
+
+@pytest.mark.parametrize(
+    "k, exc, match",
+    [
+        (0, ValueError, "must be >= 1, but got 0"),
+        (1.5, ValueError, r"must be in \(0, 1\), but got 1.5"),
+        (True, TypeError, "must be None, an int"),
+        ("mle", TypeError, "must be None, an int"),
+    ],
+)
+def test_num_components_out_of_range_at_construction(k, exc, match):
+    with pytest.raises(exc, match=match):
+        pp.pca(k)
+
+
+def test_num_components_errors_at_fit():
+    x = _data(20, 3)
+    with pytest.raises(ValueError, match="between 1 and the number of features 3, but got 4"):
+        pp.pca_whiten(4).fit(x)
+    with pytest.raises(ValueError, match="which jit cannot do"):
+        jax.jit(pp.pca(0.9).fit)(x)
+
+
+def test_argument_and_type_errors(tmp_path):
+    x = _data(20, 3)
+    with pytest.raises(TypeError, match="floating dtype"):
+        pp.moments(np.ones((4, 3), np.int32))
+    with pytest.raises(ValueError, match="eps >= 0"):
+        pp.zca_whiten(eps=-1.0)
+    with pytest.raises(ValueError, match="eps >= 0"):
+        pp.normalize(eps=-1.0)
+    with pytest.raises(ValueError, match='eps_mode "absolute" or "relative"'):
+        pp.pca_whiten(eps_mode="mean")
+    with pytest.raises(ValueError, match=r"needs the full scatter matrix.*full_covariance=True"):
+        pp.pca().fit_moments(pp.moments(x))
+    with pytest.raises(ValueError, match="same features"):
+        pp.merge(pp.moments(x), pp.moments(x, full_covariance=True))
+    with pytest.raises(ValueError, match=r"mask must have x's example shape \(20,\)"):
+        pp.moments(x, mask=np.ones(19, bool))
+    with pytest.raises(ValueError, match="feature axes last"):
+        pp.normalize().fit(np.ones((2, 3, 4), np.float32), feature_axes=1)
+    with pytest.raises(ValueError, match="out of range"):
+        pp.moments(x, feature_axes=2)
+    with pytest.raises(ValueError, match="no batches"):
+        pp.fit_stream(pp.zero_center(), [], progress=False)
+    with pytest.raises(ValueError, match=r"batch 1 has feature shape \(2,\).*\(3,\)"):
+        pp.fit_stream(pp.zero_center(), [x, x[:, :2]], progress=False)
+    with pytest.raises(TypeError, match="expects Transforms"):
+        pp.chain(pp.pca(), "normalize")
+    with pytest.raises(TypeError, match="preprocessing state"):
+        pp.save(tmp_path / "bad.npz", {"mean": x})
+    np.savez(tmp_path / "other.npz", a=x)
+    with pytest.raises(ValueError, match=r"not written by preprocessing\.save"):
+        pp.load(tmp_path / "other.npz")
