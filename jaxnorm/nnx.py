@@ -1,0 +1,309 @@
+"""Flax nnx modules: thin shells over jaxnorm's functions (no math lives here).
+
+- :class:`PReLU`: a learned leaky-ReLU slope, shared or per channel.
+- :class:`BatchNorm`: a drop-in for ``flax.nnx.BatchNorm``, over
+  :func:`jaxnorm.batchnorm.batch_norm`.
+
+The optax weight-decay mask for nnx parameters is :func:`jaxnorm.nn.weight_decay_mask` (it works
+on ``nnx.State`` as on linen dicts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks, activations, batchnorm
+from jaxnorm.nn import _flax_result_dtype, _prelu_slope_shape
+
+__all__ = ["BatchNorm", "PReLU"]
+
+
+class PReLU(nnx.Module):
+    r"""Parametric ReLU with a learned slope, shared or one per channel (flax.nnx).
+
+    .. math:: y = \begin{cases} x & x > 0 \\ \alpha_c\,x & x \le 0 \end{cases}
+
+    The nnx twin of :class:`jaxnorm.nn.PReLU`: ``num_parameters`` is 1 for a shared slope (a
+    scalar, as in ``flax.nnx.PReLU``) or the number of channels, found on ``channel_axis`` of x
+    (default -1; use 1 for NCHW inputs ported from PyTorch's ``nn.PReLU``). The slope starts at
+    0.25 (He et al. 2015) and is the ``nnx.Param`` attribute ``negative_slope``, the name
+    ``flax.nnx.PReLU`` uses.
+
+    Args:
+      num_parameters: 1 for a shared slope, else the number of channels.
+      negative_slope_init: the initial slope (the argument name flax.nnx.PReLU uses).
+      channel_axis: the axis of x that holds the channels when num_parameters > 1.
+      param_dtype: the slope's dtype.
+
+    References:
+      He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import nnx as jnnx
+      >>> layer = jnnx.PReLU(num_parameters=2)
+      >>> layer(jnp.array([[-4.0, 4.0]]))
+      Array([[-1.,  4.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        num_parameters: int = 1,
+        *,
+        negative_slope_init: float = 0.25,
+        channel_axis: int = -1,
+        param_dtype: Any = jnp.float32,
+    ):
+        shape = _prelu_slope_shape(num_parameters)
+        self.negative_slope = nnx.Param(jnp.full(shape, negative_slope_init, param_dtype))
+        self.num_parameters = num_parameters
+        self.channel_axis = channel_axis
+
+    def __call__(self, x: ArrayLike) -> jax.Array:
+        """Apply the activation; y has x's shape and dtype."""
+        channel_axis = None if self.num_parameters == 1 else self.channel_axis
+        return activations.prelu(x, self.negative_slope[...], channel_axis=channel_axis)
+
+
+class BatchNorm(nnx.Module):
+    r"""Batch normalization, a drop-in for ``flax.nnx.BatchNorm`` (Ioffe & Szegedy 2015).
+
+    .. math::
+        y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta, \qquad
+        \mu \leftarrow m\,\mu + (1 - m)\,\mu_B, \quad
+        \sigma^2 \leftarrow m\,\sigma^2 + (1 - m)\,\sigma_B^2
+
+    The nnx twin of :class:`jaxnorm.nn.BatchNorm`, a shell over
+    :func:`jaxnorm.batchnorm.batch_norm`. It takes flax.nnx.BatchNorm's constructor arguments and
+    has the same attributes: ``mean``, ``var`` (``nnx.BatchStat``, float32) and ``scale``,
+    ``bias`` (``nnx.Param``, or None when unused), so ``nnx.state`` trees and checkpoints match
+    flax's and the outputs and updated statistics are the same. ``model.train()`` /
+    ``model.eval()`` and ``nnx.view(model, use_running_average=...)`` switch modes as for flax's.
+
+    Differences from flax, as for the linen module: the variance is always accurate
+    (``use_fast_variance`` is accepted and ignored), statistics reduce in float32 whatever
+    ``dtype`` is (flax.nnx first casts x, the statistics and the parameters to ``dtype``),
+    ``axis_name`` merges statistics exactly, and the extra options ``activation``,
+    ``unbiased_running_var``, ``cumulative`` (adds a ``count`` BatchStat), ``virtual_batch_size``
+    and ``renorm``/``r_max``/``d_max`` pass through to the functional core. ``promote_dtype`` is not
+    taken.
+
+    Under ``nnx.vmap`` over a stack of models (an ensemble, a hyperparameter sweep) each member
+    keeps its own statistics. ``nnx.vmap`` of *one* model over a data axis (``in_axes=(None,
+    ...)``) in training mode needs ``axis_name`` on both the vmap and the BatchNorm, so that the
+    statistics are global over the mapped axis; without it each slice would give different running
+    statistics for the one model, and nnx refuses the update, for flax's BatchNorm and this one
+    alike (flax issue 4760).
+
+    Train step::
+
+        model = Model(rngs=nnx.Rngs(0))           # contains jaxnorm.nnx.BatchNorm layers
+        optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+        @nnx.jit
+        def train_step(model, optimizer, x, labels):
+            def loss_fn(model):
+                return loss(model(x), labels)      # updates the BatchStats in place
+            l, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return l
+
+        model.train(); train_step(model, optimizer, x, labels)
+        model.eval();  logits = model(x)           # running statistics, nothing updated
+
+    The explicit functional form is :func:`jaxnorm.batchnorm.batch_norm`.
+
+    Args:
+      num_features: the feature size (the product of the sizes on the feature axes).
+      use_running_average: use the running statistics (inference) instead of the batch's.
+      axis: the feature axis or axes (``-1`` for NHWC and ``[N, D]``; ``1`` for NCHW).
+      momentum: weight of the old running value (flax's convention; PyTorch's is ``1 - p``).
+      epsilon: added to the variance.
+      dtype: dtype of the output (default: flax's inference from x, the statistics and the
+        parameters, so bfloat16 x gives float32 y).
+      param_dtype: dtype of scale and bias.
+      use_bias, use_scale: learn :math:`\beta` / :math:`\gamma`.
+      bias_init, scale_init: their initializers (zeros, ones).
+      axis_name, axis_index_groups: combine statistics over a mapped axis, exactly.
+      use_fast_variance: accepted for flax compatibility and ignored.
+      activation: None, a name from :mod:`jaxnorm.activations` or a callable, fused into the op.
+      unbiased_running_var, cumulative: PyTorch's running-variance and ``momentum=None`` behaviour.
+      virtual_batch_size: ghost batch norm over groups of this many rows of axis 0.
+      renorm, r_max, d_max: Batch Renormalization (Ioffe 2017) and its clipping bounds.
+      rngs: the ``nnx.Rngs`` for the initializers.
+      bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables, as in flax.
+
+    References:
+      Ioffe & Szegedy 2015, "Batch normalization"; Ioffe 2017, "Batch renormalization".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxnorm import nnx as jnnx
+      >>> bn = jnnx.BatchNorm(2, momentum=0.9, rngs=nnx.Rngs(0))
+      >>> bn(jnp.array([[1.0, 10.0], [3.0, 30.0]])).round(3)
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> bn.mean[...]
+      Array([0.2, 2. ], dtype=float32)
+      >>> bn.eval()
+      >>> bn(jnp.array([[0.2, 2.0]])).round(3)
+      Array([[0., 0.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int | Sequence[int] = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable = nnx.initializers.zeros,
+        scale_init: Callable = nnx.initializers.ones,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        activation: str | Callable | None = None,
+        unbiased_running_var: bool = False,
+        cumulative: bool = False,
+        virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        feature_shape = (num_features,)
+        state = batchnorm.init_state(num_features)
+        self.mean = nnx.BatchStat(state.mean)
+        self.var = nnx.BatchStat(state.var)
+        # Only the cumulative average needs the count; otherwise the state tree is flax's.
+        self.count = nnx.BatchStat(state.count) if cumulative else nnx.data(None)
+        self.scale: nnx.Param | None
+        if use_scale:
+            self.scale = nnx.Param(
+                scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata
+            )
+        else:
+            self.scale = nnx.data(None)
+        self.bias: nnx.Param | None
+        if use_bias:
+            self.bias = nnx.Param(
+                bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.activation = activation
+        self.unbiased_running_var = unbiased_running_var
+        self.cumulative = cumulative
+        self.virtual_batch_size = virtual_batch_size
+        self.renorm = renorm
+        self.r_max = r_max
+        self.d_max = d_max
+
+    def __call__(
+        self,
+        x: ArrayLike,
+        use_running_average: bool | None = None,
+        *,
+        mask: ArrayLike | None = None,
+    ) -> jax.Array:
+        """Normalise x with the batch's statistics (updating ``mean``/``var``) or the running ones.
+
+        Args:
+          x: the input; the feature axes are ``self.axis``.
+          use_running_average: overrides the attribute for this call.
+          mask: True where a position counts in the statistics (broadcastable to x with x's
+            rank, flax's convention), or one flag per row of the batch shape.
+
+        Returns:
+          y of x's shape, in ``self.dtype`` (or flax's inferred dtype).
+
+        Raises:
+          ValueError: if use_running_average is None both here and on the module.
+        """
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError(
+                "BatchNorm needs use_running_average: pass it to the constructor, to the call, "
+                "or set it with model.train() / model.eval() / nnx.view(model, "
+                "use_running_average=...)"
+            )
+        x = jnp.asarray(x)
+        feature_axes = _checks.normalize_axes(self.axis, x.ndim)
+        feature_shape = tuple(x.shape[a] for a in feature_axes)
+        if math.prod(feature_shape) != self.num_features:
+            raise ValueError(
+                f"BatchNorm was built with num_features={self.num_features} but x of shape "
+                f"{x.shape} has feature shape {feature_shape} on axis {self.axis}"
+            )
+        # The variables are flat (num_features,) as in flax.nnx; several feature axes share them.
+        as_features = lambda v: None if v is None else v[...].reshape(feature_shape)
+        count = self.count[...] if self.count is not None else jnp.zeros((), self.mean[...].dtype)
+        state = batchnorm.BatchNormState(as_features(self.mean), as_features(self.var), count)
+        scale, bias = as_features(self.scale), as_features(self.bias)
+        train = not use_running_average
+        y, new_state = batchnorm.batch_norm(
+            x,
+            scale,
+            bias,
+            state,
+            train=train,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            activation=self.activation,
+            unbiased_running_var=self.unbiased_running_var,
+            cumulative=self.cumulative,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=self.renorm,
+            r_max=self.r_max,
+            d_max=self.d_max,
+        )
+        if train:
+            self.mean[...] = new_state.mean.reshape(self.mean[...].shape)
+            self.var[...] = new_state.var.reshape(self.var[...].shape)
+            if self.count is not None:
+                self.count[...] = new_state.count
+        # flax.nnx infers the output dtype from x, the statistics and the parameters.
+        out_dtype = self.dtype or _flax_result_dtype(
+            x.dtype,
+            self.mean[...].dtype,
+            *(p.dtype for p in (scale, bias) if p is not None),
+        )
+        return y.astype(out_dtype)
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by ``nnx.view``: set ``use_running_average`` when given (as flax's BatchNorm)."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
