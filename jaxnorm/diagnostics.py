@@ -1,0 +1,1106 @@
+"""Diagnostics that make training visible: activations, dead and saturated units, update ratios.
+
+The lecture's babysitting habits as functions:
+
+- :func:`capture_activations` runs a Flax model (linen or nnx) and returns the output of every
+  submodule, in call order, without changing the model; :func:`activation_stats` turns those into
+  per-layer mean, std, dead and saturated fractions and histograms (:func:`stats_table` prints
+  them), the statistics behind the lecture's "all activations collapse to zero" and "all tanh
+  units saturate" figures.
+- :func:`update_ratio` is the ratio ``||update|| / ||param||`` per parameter (about 1e-3 is
+  healthy); :func:`update_ratio_monitor` computes it inside an optax chain, under ``jit``, and
+  keeps it in the optimizer state; :func:`check_update_ratios` flags leaves far from 1e-3.
+- :func:`expected_initial_loss` and :func:`check_initial_loss`: with small weights the first loss
+  of a softmax classifier is ``log(C)``.
+- :func:`lsuv`: layer-sequential unit-variance initialisation (Mishkin & Matas 2015).
+
+What counts as a layer activation: the output of each submodule's ``__call__`` (a ``Dense``'s
+output is its pre-activation; add a module such as ``jaxnorm.nn.PReLU``, or ``sow`` the value, to
+see a nonlinearity's output), plus anything the model ``sow``\\ s itself. A unit is a feature on the
+last axis: for ``[N, D]`` a column, for NHWC convolution outputs a channel.
+
+Layering: this module imports only jax and numpy at import time. Flax is imported inside
+:func:`capture_activations` and :func:`lsuv`, optax inside :func:`update_ratio_monitor` (both are
+jaxnorm dependencies; the lazy import keeps ``import jaxnorm.diagnostics`` light and the core free
+of them).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks
+
+__all__ = [
+    "InitialLossCheck",
+    "LayerStats",
+    "UpdateRatioCheck",
+    "UpdateRatioState",
+    "activation_stats",
+    "capture_activations",
+    "check_initial_loss",
+    "check_update_ratios",
+    "expected_initial_loss",
+    "latest_update_ratios",
+    "layer_stats",
+    "lsuv",
+    "stats_table",
+    "update_ratio",
+    "update_ratio_monitor",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Capturing activations
+# --------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _name(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _model_kind(model: Any) -> str:
+    try:
+        import flax.linen as linen
+        from flax import nnx
+    except ImportError as e:  # pragma: no cover - flax is a dependency of jaxnorm
+        raise ImportError("capturing activations needs flax: pip install flax") from e
+    if isinstance(model, linen.Module):
+        return "linen"
+    if isinstance(model, nnx.Module):
+        return "nnx"
+    raise TypeError(
+        f"model must be a flax.linen.Module or a flax.nnx.Module, but got {type(model).__name__}; "
+        "for a plain function, compute its intermediate values yourself and pass them to "
+        "activation_stats"
+    )
+
+
+def _add_leaves(records: list, path: tuple, value: Any) -> None:
+    # A module may return a pytree (an LSTM cell returns (carry, y)): one entry a leaf.
+    leaves = jax.tree_util.tree_flatten_with_path(value)[0]
+    for leaf_path, leaf in leaves:
+        if not hasattr(leaf, "shape"):
+            continue
+        suffix = tuple(_key_str(k) for k in leaf_path)
+        records.append(((*path, *suffix), leaf))
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _linen_records(model, variables, x, include, kwargs) -> list[tuple[tuple, jax.Array]]:
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(
+            "for a flax.linen model, variables must be the dict returned by model.init "
+            f"(with a 'params' collection), but got {type(variables).__name__}"
+        )
+    variables = {k: v for k, v in variables.items() if k != "intermediates"}
+    if include is None:
+        capture = True
+    else:
+
+        def capture(module, method_name):
+            return method_name == "__call__" and bool(include(module))
+
+    # Collections other than params are mutable so that train-mode batch norm runs; its updated
+    # statistics are dropped, so capturing has no side effect.
+    mutable = ["intermediates", *(c for c in variables if c != "params")]
+    _, state = model.apply(variables, x, capture_intermediates=capture, mutable=mutable, **kwargs)
+    records: list = []
+
+    def walk(tree, path):
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                walk(value, (*path, key))
+                continue
+            if key == "__call__":
+                if not path:  # the model's own output, not a layer's
+                    continue
+                entry = path
+            else:
+                entry = (*path, key)  # a value the model sowed itself
+            for i, v in enumerate(value):
+                _add_leaves(records, entry if i == 0 else (*entry[:-1], f"{entry[-1]}:{i}"), v)
+
+    walk(state.get("intermediates", {}), ())
+    return records
+
+
+def _nnx_records(model, variables, x, include, kwargs) -> list[tuple[tuple, jax.Array]]:
+    from flax import nnx
+
+    # Work on a copy: calling an nnx model mutates it (batch statistics, RNG counters), and
+    # capturing should not.
+    model = nnx.clone(model)
+    if variables is not None:
+        nnx.update(model, variables)
+    modules = list(nnx.iter_modules(model))
+    paths = {id(m): path for path, m in modules if path != () and (include is None or include(m))}
+    records: list = []
+    classes = {type(m) for _, m in modules}
+    originals = {cls: cls.__dict__.get("__call__", _MISSING) for cls in classes}
+    resolved = {cls: cls.__call__ for cls in classes}
+
+    def hooked(cls, call):
+        @functools.wraps(call)
+        def wrapper(self, *args, **kw):
+            out = call(self, *args, **kw)
+            # type(self) is cls: a subclass's __call__ calling super().__call__ records once.
+            if type(self) is cls and id(self) in paths:
+                _add_leaves(records, tuple(paths[id(self)]), out)
+            return out
+
+        return wrapper
+
+    # A forward hook, nnx having none: __call__ of the model's own classes is wrapped for the
+    # duration of one call and restored after (flax's nnx.capture(method_outputs=...) does the
+    # same, but returns the values sorted by path rather than in call order).
+    try:
+        for cls in classes:
+            cls.__call__ = hooked(cls, resolved[cls])
+        _, sown = nnx.capture(lambda m: m(x, **kwargs), nnx.Intermediate)(model)
+    finally:
+        for cls, original in originals.items():
+            if original is _MISSING:
+                delattr(cls, "__call__")
+            else:
+                cls.__call__ = original
+    # Values the model sowed itself come after the module outputs (nnx keeps no call order).
+    for path, var in nnx.to_flat_state(sown):
+        value = var.get_value() if hasattr(var, "get_value") else var
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            p = tuple(path) if i == 0 else (*path[:-1], f"{path[-1]}:{i}")
+            _add_leaves(records, p, v)
+    return records
+
+
+def _records(model, variables, x, include, kwargs) -> list[tuple[tuple, jax.Array]]:
+    if include is not None and not callable(include):
+        raise TypeError(f"include must be a predicate on modules or None, but got {include!r}")
+    if _model_kind(model) == "linen":
+        return _linen_records(model, variables, x, include, kwargs)
+    return _nnx_records(model, variables, x, include, kwargs)
+
+
+def capture_activations(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    include: Callable[[Any], bool] | None = None,
+    **kwargs: Any,
+) -> collections.OrderedDict[str, jax.Array]:
+    """The output of every submodule of a Flax model on ``x``, in call order.
+
+    linen: ``model.apply(variables, x, capture_intermediates=..., **kwargs)``. Collections other
+    than ``params`` are made mutable and their updates dropped, so train-mode batch norm runs
+    without side effects. nnx: ``model(x, **kwargs)`` is run on a copy of the model (with
+    ``variables``, an ``nnx.State``, applied to the copy if given), with ``__call__`` of the
+    model's classes hooked for the duration of the call; the model itself is not changed.
+
+    Names join the module path with ``/`` (``"Dense_0"``, ``"Block_0/Dense_0"`` in linen,
+    ``"layers/0"`` in nnx). The model's own output is left out. A module called more than once
+    gives ``name``, ``name:1``, ...; a module returning a pytree gives one entry a leaf. Values
+    the model ``sow``\\ s (linen: into ``"intermediates"``; nnx: as ``nnx.Intermediate``) are
+    included under the sow's name. linen lists an entry at its module's first call; nnx lists
+    sown values after the module outputs.
+
+    Args:
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      variables: linen: the variables dict (``model.init``'s result); nnx: ``None`` (use the
+        model's own state) or an ``nnx.State`` to run with instead.
+      x: the model's input, e.g. a batch ``[N, D]``.
+      include: keep only the submodules ``m`` with ``include(m)`` true (e.g.
+        ``lambda m: isinstance(m, nn.Dense)``); default all.
+      **kwargs: passed on to the model's call (``train=False``, ...).
+
+    Returns:
+      An ``OrderedDict`` ``name -> array`` in call order. (An ``OrderedDict`` rather than a
+      ``dict``: JAX flattens a ``dict`` with sorted keys, so one returned from ``jit`` would come
+      back sorted; an ``OrderedDict`` keeps its order through ``jit``.)
+
+    Raises:
+      TypeError: ``model`` is not a Flax module; linen ``variables`` without ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxnorm import diagnostics
+      >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+      >>> x = jnp.ones((3, 5))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> acts = diagnostics.capture_activations(model, variables, x)
+      >>> {k: v.shape for k, v in acts.items()}
+      {'layers_0': (3, 4), 'layers_2': (3, 2)}
+    """
+    return collections.OrderedDict(
+        (_name(p), v) for p, v in _records(model, variables, x, include, kwargs)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Activation statistics
+# --------------------------------------------------------------------------------------------
+
+
+class LayerStats(NamedTuple):
+    """Statistics of one layer's activations (every field an array, so it runs under ``jit``).
+
+    Attributes:
+      mean: mean over all entries.
+      std: standard deviation over all entries (population, ``ddof=0``, as NumPy's default).
+      dead_fraction: fraction of units (last-axis features) never > 0 over the batch.
+      saturated_fraction: fraction of entries in the saturated range of ``kind`` (NaN when the
+        kind has none, e.g. relu or unknown).
+      hist_counts: ``[bins]`` int32 histogram counts.
+      hist_edges: ``[bins + 1]`` bin edges.
+    """
+
+    mean: jax.Array
+    std: jax.Array
+    dead_fraction: jax.Array
+    saturated_fraction: jax.Array
+    hist_counts: jax.Array
+    hist_edges: jax.Array
+
+
+_SATURATING = ("tanh", "sigmoid")
+_KINDS = (
+    "sigmoid",
+    "tanh",
+    "relu",
+    "leaky_relu",
+    "prelu",
+    "elu",
+    "selu",
+    "gelu",
+    "silu",
+    "softplus",
+    "maxout",
+    "linear",
+    "identity",
+)
+
+
+def _check_kind(kind: Any, who: str) -> None:
+    if kind is None:
+        return
+    if not isinstance(kind, str):
+        raise TypeError(f"{who}: kind must be an activation name or None, but got {kind!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"{who}: unknown kind {kind!r}; expected one of {', '.join(_KINDS)}")
+
+
+def _check_threshold(value: Any, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a number, but got {value!r}")
+    if not lo < float(value) < hi:
+        raise ValueError(f"{name} must be in ({lo}, {hi}), but got {value}")
+    return float(value)
+
+
+def layer_stats(
+    y: ArrayLike,
+    *,
+    kind: str | None = None,
+    bins: int = 20,
+    hist_range: tuple[float, float] | None = None,
+    tanh_threshold: float = 0.99,
+    sigmoid_threshold: float = 0.01,
+) -> LayerStats:
+    r"""Mean, std, dead and saturated fractions and a histogram of one layer's activations.
+
+    With ``y`` viewed as ``[M, U]`` (``U`` units on the last axis, ``M`` = batch and spatial
+    positions):
+
+    - dead fraction: :math:`\frac1U \#\{u : \max_m y_{mu} \le 0\}` (a ReLU unit that never fires;
+      for a pre-activation, the ReLU after it),
+    - saturated fraction: tanh :math:`\#\{|y| > t\} / (MU)` with ``t = tanh_threshold``; sigmoid
+      :math:`\#\{y < s \lor y > 1 - s\} / (MU)` with ``s = sigmoid_threshold``; NaN otherwise.
+
+    Reductions run in float32 (or float64 for float64 input).
+
+    Args:
+      y: activations, at least 1-D, floating.
+      kind: the activation that produced ``y`` (``"tanh"``, ``"sigmoid"``, ``"relu"``, ...), for
+        the saturated fraction; None for unknown.
+      bins: number of histogram bins (a positive int).
+      hist_range: ``(lo, hi)`` of the histogram; default the data's min and max. Give a fixed
+        range (``(-1, 1)`` for tanh) to compare layers.
+      tanh_threshold: ``t`` in (0, 1).
+      sigmoid_threshold: ``s`` in (0, 0.5).
+
+    Returns:
+      A :class:`LayerStats`.
+
+    Raises:
+      TypeError: non-floating ``y``, a non-int ``bins``, a non-str ``kind``.
+      ValueError: a 0-d or empty ``y``, ``bins < 1``, an unknown ``kind``, thresholds out of range.
+
+    References:
+      Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward neural
+      networks" (saturation of sigmoid and tanh layers); CS231n, "Neural Networks Part 2".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import diagnostics
+      >>> y = jnp.array([[0.0, 1.0], [0.0, -2.0]])
+      >>> s = diagnostics.layer_stats(y, kind="relu")
+      >>> float(s.dead_fraction), float(s.mean)
+      (0.5, -0.25)
+    """
+    who = "layer_stats"
+    _checks.check_floating(y, "y")
+    y = jnp.asarray(y)
+    if y.ndim == 0 or y.size == 0:
+        raise ValueError(
+            f"{who}: y must have at least 1 dimension and 1 entry, got shape {y.shape}"
+        )
+    _check_kind(kind, who)
+    if isinstance(bins, bool) or not isinstance(bins, int | np.integer):
+        raise TypeError(f"{who}: bins must be an int, but got {bins!r}")
+    if bins < 1:
+        raise ValueError(f"{who}: bins must be at least 1, but got {bins}")
+    t = _check_threshold(tanh_threshold, "tanh_threshold", 0.0, 1.0)
+    s = _check_threshold(sigmoid_threshold, "sigmoid_threshold", 0.0, 0.5)
+    if hist_range is not None:
+        lo, hi = (float(v) for v in hist_range)
+        if not lo < hi:
+            raise ValueError(f"{who}: hist_range must be (lo, hi) with lo < hi, got {hist_range}")
+        hist_range = (lo, hi)
+    cdtype = _checks.compute_dtype(y.dtype)
+    y = y.astype(cdtype)
+    units = y.reshape(-1, y.shape[-1])
+    dead = jnp.mean(jnp.logical_not(jnp.any(units > 0, axis=0)).astype(cdtype))
+    if kind == "tanh":
+        saturated = jnp.mean((jnp.abs(y) > t).astype(cdtype))
+    elif kind == "sigmoid":
+        saturated = jnp.mean(((y < s) | (y > 1.0 - s)).astype(cdtype))
+    else:
+        saturated = jnp.asarray(jnp.nan, cdtype)
+    counts, edges = jnp.histogram(y.ravel(), bins=int(bins), range=hist_range)
+    return LayerStats(
+        mean=jnp.mean(y),
+        std=jnp.std(y),
+        dead_fraction=dead,
+        saturated_fraction=saturated,
+        hist_counts=counts.astype(jnp.int32),
+        hist_edges=edges,
+    )
+
+
+def activation_stats(
+    acts: Mapping[str, ArrayLike],
+    *,
+    kind: str | Mapping[str, str | None] | None = None,
+    bins: int = 20,
+    hist_range: tuple[float, float] | None = None,
+    tanh_threshold: float = 0.99,
+    sigmoid_threshold: float = 0.01,
+) -> collections.OrderedDict[str, LayerStats]:
+    """:func:`layer_stats` of every layer of ``acts`` (e.g. from :func:`capture_activations`).
+
+    Args:
+      acts: ``name -> activations`` (order kept).
+      kind: one activation name for every layer, or ``name -> kind`` for some of them (the rest
+        None), or None.
+      bins, hist_range, tanh_threshold, sigmoid_threshold: as in :func:`layer_stats`.
+
+    Returns:
+      An ``OrderedDict`` ``name -> LayerStats`` in the order of ``acts`` (kept through ``jit``);
+      :func:`stats_table` prints it.
+
+    Raises:
+      TypeError: ``acts`` not a mapping; as :func:`layer_stats`.
+      ValueError: ``kind`` names a layer that ``acts`` does not have; as :func:`layer_stats`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import diagnostics
+      >>> stats = diagnostics.activation_stats({"h": jnp.array([[0.995, -0.2]])}, kind="tanh")
+      >>> float(stats["h"].saturated_fraction)
+      0.5
+    """
+    if not isinstance(acts, Mapping):
+        raise TypeError(f"acts must be a mapping name -> array, but got {type(acts).__name__}")
+    if isinstance(kind, Mapping):
+        unknown = [k for k in kind if k not in acts]
+        if unknown:
+            raise ValueError(
+                f"kind names layers {unknown} that acts does not have; its layers are {list(acts)}"
+            )
+        kinds = {name: kind.get(name) for name in acts}
+    else:
+        kinds = dict.fromkeys(acts, kind)
+    return collections.OrderedDict(
+        (
+            name,
+            layer_stats(
+                y,
+                kind=kinds[name],
+                bins=bins,
+                hist_range=hist_range,
+                tanh_threshold=tanh_threshold,
+                sigmoid_threshold=sigmoid_threshold,
+            ),
+        )
+        for name, y in acts.items()
+    )
+
+
+_BLOCKS = " ▁▂▃▄▅▆▇█"
+
+
+def _sparkline(counts: np.ndarray) -> str:
+    top = counts.max()
+    if top <= 0:
+        return ""
+    return "".join(_BLOCKS[math.ceil(c / top * (len(_BLOCKS) - 1))] for c in counts)
+
+
+def stats_table(stats: Mapping[str, LayerStats]) -> str:
+    """A readable table of :func:`activation_stats`' result, one row a layer.
+
+    Columns: layer, mean, std, dead (percent of units), saturated (percent of entries, ``n/a``
+    where the kind has no saturated range), and the histogram as a bar of block characters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import diagnostics
+      >>> stats = diagnostics.activation_stats({"h": jnp.array([[0.0, 1.0], [0.0, 3.0]])}, bins=4)
+      >>> print(diagnostics.stats_table(stats))
+      layer     mean     std    dead  saturated  histogram
+      h        1.000   1.225   50.0%        n/a  █▄ ▄
+    """
+    if not isinstance(stats, Mapping):
+        raise TypeError(f"stats must be activation_stats' dict, but got {type(stats).__name__}")
+    width = max([5, *(len(n) for n in stats)])
+    lines = [f"{'layer':<{width}}  {'mean':>7} {'std':>7} {'dead':>7}  {'saturated':>9}  histogram"]
+    for name, s in stats.items():
+        sat = float(s.saturated_fraction)
+        sat_str = "n/a" if math.isnan(sat) else f"{100 * sat:.1f}%"
+        lines.append(
+            f"{name:<{width}}  {float(s.mean):>7.3f} {float(s.std):>7.3f} "
+            f"{100 * float(s.dead_fraction):>6.1f}%  {sat_str:>9}  "
+            f"{_sparkline(np.asarray(s.hist_counts))}"
+        )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Update / parameter ratio
+# --------------------------------------------------------------------------------------------
+
+
+def _leaf_ratio(p: jax.Array, u: jax.Array) -> jax.Array:
+    # float64 only if a side is float64; never jnp.promote_types (strict promotion rejects
+    # float32 with bfloat16, a legitimate mix of parameters and updates).
+    wide = any(np.dtype(jnp.result_type(a)) == np.float64 for a in (p, u))
+    cdtype = jnp.float64 if wide else jnp.float32
+    pn = jnp.linalg.norm(jnp.ravel(jnp.asarray(p, cdtype)))
+    un = jnp.linalg.norm(jnp.ravel(jnp.asarray(u, cdtype)))
+    # Safe inner where: 0 / 0 is 0 (nothing moved); u / 0 is inf (a zero parameter, such as a
+    # bias at its initial 0, moved: the relative change is unbounded).
+    safe = jnp.where(pn > 0, pn, jnp.ones_like(pn))
+    return jnp.where(pn > 0, un / safe, jnp.where(un > 0, jnp.inf, 0.0).astype(cdtype))
+
+
+def update_ratio(params: Any, updates: Any) -> Any:
+    r"""Per-leaf ratio of the update's norm to the parameter's: :math:`\|u\|_2 / \|p\|_2`.
+
+    The lecture's rule of thumb: about 1e-3 per step for weights; far below, the learning rate is
+    too low; far above, too high. ``updates`` are what the optimizer adds to the parameters (for
+    SGD ``-lr * grad``), as optax's ``update`` returns them. Norms are Frobenius norms over the
+    whole leaf, computed in float32 at least. 0-safe: 0 when both norms are 0, ``inf`` when only
+    the parameter is 0 (e.g. a zero-initialised bias on the first step).
+
+    Args:
+      params: a pytree of parameter arrays.
+      updates: a pytree of the same structure and shapes.
+
+    Returns:
+      A pytree with ``params``' structure and one scalar a leaf.
+
+    Raises:
+      ValueError: different tree structures or leaf shapes.
+
+    References:
+      CS231n, "Neural Networks Part 3: ratio of weights:updates".
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm import diagnostics
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> r = diagnostics.update_ratio(params, {"w": jnp.array([0.003, 0.004])})
+      >>> round(float(r["w"]), 6)
+      0.001
+    """
+    p_def = jax.tree_util.tree_structure(params)
+    u_def = jax.tree_util.tree_structure(updates)
+    if p_def != u_def:
+        raise ValueError(
+            "update_ratio: params and updates must have the same tree structure, but params is "
+            f"{p_def} and updates is {u_def}"
+        )
+    p_leaves = jax.tree_util.tree_leaves_with_path(params)
+    u_leaves = jax.tree_util.tree_leaves(updates)
+    for (path, p), u in zip(p_leaves, u_leaves, strict=True):
+        if jnp.shape(p) != jnp.shape(u):
+            raise ValueError(
+                f"update_ratio: the update at {jax.tree_util.keystr(path)} has shape "
+                f"{jnp.shape(u)} but the parameter has shape {jnp.shape(p)}"
+            )
+    return jax.tree_util.tree_map(_leaf_ratio, params, updates)
+
+
+class UpdateRatioState(NamedTuple):
+    """State of :func:`update_ratio_monitor`: the latest per-leaf ratios (zeros before a step)."""
+
+    ratios: Any
+
+
+def update_ratio_monitor() -> Any:
+    """An optax transformation that records :func:`update_ratio` and passes updates through.
+
+    Put it last in the chain, so that it sees the final updates (after scaling by the learning
+    rate): ``optax.chain(optax.adam(1e-3), update_ratio_monitor())``. Its ``update`` needs the
+    parameters (``opt.update(grads, opt_state, params)``); it returns the updates unchanged and
+    stores the ratios in its state, so it works under ``jit`` and ``vmap`` (optax's own monitors
+    see only the updates). Read them with :func:`latest_update_ratios`.
+
+    optax is imported when this factory is called (jaxnorm's core imports only jax and numpy).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`UpdateRatioState`.
+
+    Raises:
+      ValueError (from ``update``): called without ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxnorm import diagnostics
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> opt = optax.chain(optax.sgd(1e-3), diagnostics.update_ratio_monitor())
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.array([3.0, 4.0])}, state, params)
+      >>> round(float(diagnostics.latest_update_ratios(state)["w"]), 6)
+      0.001
+    """
+    import optax
+
+    def init(params):
+        return UpdateRatioState(
+            ratios=jax.tree_util.tree_map(
+                lambda p: jnp.zeros((), _checks.compute_dtype(jnp.result_type(p))), params
+            )
+        )
+
+    def update(updates, state, params=None):
+        del state
+        if params is None:
+            raise ValueError(
+                "update_ratio_monitor needs the parameters: call opt.update(updates, opt_state, "
+                "params)"
+            )
+        return updates, UpdateRatioState(ratios=update_ratio(params, updates))
+
+    return optax.GradientTransformation(init, update)
+
+
+def latest_update_ratios(opt_state: Any) -> Any:
+    """The ratios kept by the first :func:`update_ratio_monitor` found in an optimizer state.
+
+    Args:
+      opt_state: an optax state containing an :class:`UpdateRatioState` (a chain's tuple,
+        ``inject_hyperparams``' state, ...).
+
+    Returns:
+      The per-leaf ratios pytree.
+
+    Raises:
+      ValueError: no :class:`UpdateRatioState` in ``opt_state``.
+    """
+    found = [
+        s
+        for s in jax.tree_util.tree_leaves(
+            opt_state, is_leaf=lambda s: isinstance(s, UpdateRatioState)
+        )
+        if isinstance(s, UpdateRatioState)
+    ]
+    if not found:
+        raise ValueError(
+            "opt_state holds no UpdateRatioState: chain update_ratio_monitor() into the optimizer, "
+            "e.g. optax.chain(optax.adam(1e-3), update_ratio_monitor())"
+        )
+    return found[0].ratios
+
+
+class UpdateRatioCheck(NamedTuple):
+    """:func:`check_update_ratios`' verdict.
+
+    Attributes:
+      ok: no leaf outside ``[low, high]`` (skipped leaves aside).
+      flagged: leaf name -> ratio, for the leaves outside.
+      skipped: names of the leaves whose parameter is all zeros (ratio ``inf``, e.g. a bias at
+        its initial 0): the ratio says nothing about the learning rate there.
+      message: a readable summary.
+    """
+
+    ok: bool
+    flagged: dict[str, float]
+    skipped: tuple[str, ...]
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(_key_str(k) for k in path) or "<root>"
+
+
+def check_update_ratios(ratios: Any, *, low: float = 1e-4, high: float = 1e-2) -> UpdateRatioCheck:
+    """Flag the leaves whose update ratio lies outside ``[low, high]`` (the lecture says ~1e-3).
+
+    Leaves with ratio ``inf`` (the parameter is all zeros, e.g. a bias on the first step) are
+    skipped, not flagged. Host-side (it reads the values): call it outside ``jit``.
+
+    Args:
+      ratios: :func:`update_ratio`'s pytree (or :func:`latest_update_ratios`').
+      low: smallest healthy ratio (below: learning rate probably too low).
+      high: largest healthy ratio (above: learning rate probably too high).
+
+    Returns:
+      An :class:`UpdateRatioCheck`.
+
+    Raises:
+      ValueError: ``not 0 <= low < high``.
+
+    Example:
+      >>> from jaxnorm import diagnostics
+      >>> print(diagnostics.check_update_ratios({"w": 1e-3, "b": 0.5}))
+      1 of 2 update ratios outside [0.0001, 0.01]: b=0.5 (too high: lower the learning rate)
+    """
+    if not 0 <= low < high:
+        raise ValueError(
+            f"check_update_ratios needs 0 <= low < high, but got low={low}, high={high}"
+        )
+    flagged: dict[str, float] = {}
+    skipped: list[str] = []
+    notes = []
+    leaves = jax.tree_util.tree_leaves_with_path(ratios)
+    for path, r in leaves:
+        value = float(r)
+        if low <= value <= high:
+            continue
+        name = _path_name(path)
+        if value == math.inf:
+            skipped.append(name)
+            continue
+        flagged[name] = value
+        if math.isnan(value):
+            why = "NaN: check the loss and gradients"
+        elif value > high:
+            why = "too high: lower the learning rate"
+        else:
+            why = "too low: raise the learning rate"
+        notes.append(f"{name}={value:.3g} ({why})")
+    checked = len(leaves) - len(skipped)
+    if not flagged:
+        message = f"all {checked} update ratios within [{low:g}, {high:g}]"
+    else:
+        message = (
+            f"{len(flagged)} of {checked} update ratios outside [{low:g}, {high:g}]: "
+            + "; ".join(notes)
+        )
+    if skipped:
+        message += f" (skipped {', '.join(skipped)}: parameter all zeros)"
+    return UpdateRatioCheck(
+        ok=not flagged, flagged=flagged, skipped=tuple(skipped), message=message
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Initial loss
+# --------------------------------------------------------------------------------------------
+
+_LOSS_KINDS = ("softmax_cross_entropy", "multiclass_svm", "sigmoid_binary_cross_entropy")
+
+
+def _check_num_classes(num_classes: Any, who: str) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise TypeError(f"{who}: num_classes must be an int, but got {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(f"{who}: num_classes must be at least 2, but got {num_classes}")
+    return int(num_classes)
+
+
+def expected_initial_loss(
+    num_classes: int, *, kind: str = "softmax_cross_entropy", margin: float = 1.0
+) -> float:
+    r"""The loss a classifier should start at when its scores are all about 0 (small weights).
+
+    - ``"softmax_cross_entropy"``: every class has probability ``1/C``, so :math:`\log C`
+      (2.303 for 10 classes).
+    - ``"multiclass_svm"`` (the CS231n/Weston-Watkins hinge
+      :math:`\sum_{j \ne y} \max(0, s_j - s_y + \Delta)`): :math:`(C - 1)\Delta`.
+    - ``"sigmoid_binary_cross_entropy"`` (mean over ``C`` independent outputs): :math:`\log 2`.
+
+    Args:
+      num_classes: the number of classes C (>= 2).
+      kind: the loss, one of the above.
+      margin: :math:`\Delta` of the hinge loss.
+
+    Returns:
+      The expected loss per example, a Python float (no regularisation term).
+
+    Raises:
+      TypeError: non-int ``num_classes``.
+      ValueError: ``num_classes < 2``; an unknown ``kind``.
+
+    References:
+      CS231n, "Neural Networks Part 3: look for correct loss at chance performance".
+
+    Example:
+      >>> from jaxnorm import diagnostics
+      >>> round(diagnostics.expected_initial_loss(10), 4)
+      2.3026
+    """
+    c = _check_num_classes(num_classes, "expected_initial_loss")
+    if kind == "softmax_cross_entropy":
+        return math.log(c)
+    if kind == "multiclass_svm":
+        return (c - 1) * float(margin)
+    if kind == "sigmoid_binary_cross_entropy":
+        return math.log(2.0)
+    raise ValueError(f"expected_initial_loss: unknown kind {kind!r}; expected one of {_LOSS_KINDS}")
+
+
+class InitialLossCheck(NamedTuple):
+    """:func:`check_initial_loss`' verdict: ``ok``, ``loss``, ``expected`` and ``message``."""
+
+    ok: bool
+    loss: float
+    expected: float
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check_initial_loss(
+    loss: ArrayLike,
+    num_classes: int,
+    *,
+    rtol: float = 0.1,
+    kind: str = "softmax_cross_entropy",
+    margin: float = 1.0,
+) -> InitialLossCheck:
+    """Compare a model's first loss (no regularisation) with :func:`expected_initial_loss`.
+
+    ``ok`` when ``|loss - expected| <= rtol * expected``. Too high usually means the initial
+    weights (the last layer's above all) are too large, so the scores are far from 0; too low, that
+    the loss is averaged or summed differently than assumed, or the labels leak into the input.
+    Host-side: call it outside ``jit``.
+
+    Args:
+      loss: the mean loss on a batch at initialisation (a scalar).
+      num_classes: the number of classes C (>= 2).
+      rtol: allowed relative deviation (>= 0).
+      kind, margin: as in :func:`expected_initial_loss`.
+
+    Returns:
+      An :class:`InitialLossCheck`.
+
+    Raises:
+      TypeError: ``loss`` is a traced value (inside ``jit``); non-int ``num_classes``.
+      ValueError: ``loss`` not a scalar; ``num_classes < 2``; ``rtol < 0``; an unknown ``kind``.
+
+    Example:
+      >>> from jaxnorm import diagnostics
+      >>> print(diagnostics.check_initial_loss(2.31, 10))
+      ok: initial loss 2.31 is close to log(10) = 2.303 for softmax_cross_entropy
+    """
+    expected = expected_initial_loss(num_classes, kind=kind, margin=margin)
+    if _checks.is_tracer(loss):
+        raise TypeError("check_initial_loss reads the loss's value: call it outside jax.jit")
+    if np.ndim(loss) != 0:
+        raise ValueError(
+            f"check_initial_loss: loss must be a scalar, but has shape {np.shape(loss)}"
+        )
+    if not rtol >= 0:
+        raise ValueError(f"check_initial_loss: rtol must be >= 0, but got {rtol}")
+    value = float(np.asarray(loss, dtype=np.float64))
+    name = {"softmax_cross_entropy": f"log({num_classes})", "multiclass_svm": f"(C - 1) * {margin}"}
+    what = f"{name.get(kind, 'log(2)')} = {expected:.4g} for {kind}"
+    if not math.isfinite(value):
+        return InitialLossCheck(
+            False,
+            value,
+            expected,
+            f"initial loss is {value}: the forward pass already overflows; check the inputs for "
+            "NaN/Inf and the initial weights' scale",
+        )
+    if abs(value - expected) <= rtol * expected:
+        return InitialLossCheck(
+            True, value, expected, f"ok: initial loss {value:.4g} is close to {what}"
+        )
+    if value > expected:
+        msg = (
+            f"initial loss {value:.4g} is too high, expected {what}: the scores are not near 0, "
+            "so the weights (especially the last layer's) are too large; use a smaller init or "
+            "scale the last layer down. (Is a regularisation term included in this loss?)"
+        )
+    else:
+        msg = (
+            f"initial loss {value:.4g} is too low, expected {what}: check that the loss is the "
+            "mean over examples of the right loss, and that the labels do not leak into the inputs"
+        )
+    return InitialLossCheck(False, value, expected, msg)
+
+
+# --------------------------------------------------------------------------------------------
+# LSUV
+# --------------------------------------------------------------------------------------------
+
+
+def _get_path(tree: Mapping, path: tuple) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set_path(tree: Mapping, path: tuple, value: Any) -> dict:
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = _set_path(tree[path[0]], path[1:], value)
+    return out
+
+
+def _check_lsuv_options(tol: Any, max_iter: Any) -> None:
+    if not (isinstance(tol, int | float) and 0 < tol < 1):
+        raise ValueError(f"lsuv: tol must be a number in (0, 1), but got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"lsuv: max_iter must be a positive int, but got {max_iter!r}")
+
+
+def lsuv(
+    model: Any,
+    variables: Any,
+    x: Any,
+    *,
+    key: jax.Array | None = None,
+    tol: float = 0.1,
+    max_iter: int = 10,
+    **kwargs: Any,
+) -> Any:
+    r"""Layer-sequential unit-variance initialisation (Mishkin & Matas 2015).
+
+    1. If ``key`` is given, every kernel is replaced by a random orthogonal matrix (the paper's
+       pre-initialisation; the distribution of ``jaxnorm.initializers.orthogonal()``).
+    2. For each layer with a ``kernel`` (Dense, Conv, ...) in call order: compute its output
+       ``B`` on the batch ``x`` and set :math:`W \leftarrow W / \sqrt{\mathrm{Var}(B)}`, until
+       :math:`|\mathrm{Var}(B) - 1| < \text{tol}` or ``max_iter`` rescalings.
+
+    The variance is over all entries of the layer's output (batch, positions and units), which
+    includes the bias; biases are left as they are (0 at a usual init, where one rescaling is
+    exact). Each step runs a jitted forward pass (compiled once). Not jittable itself.
+
+    Args:
+      model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
+      variables: linen: the variables dict; nnx: ``None`` or an ``nnx.State`` to start from.
+      x: a data batch (the paper uses a minibatch of real data).
+      key: PRNG key for the orthogonal pre-initialisation; None keeps the current kernels.
+      tol: tolerance on the variance (the paper's ``Tol_var``, 0.1).
+      max_iter: most rescalings per layer (the paper's ``T_max``, 10).
+      **kwargs: passed on to the model's call.
+
+    Returns:
+      linen: new variables (same structure); nnx: the new ``nnx.State`` of the whole model (apply
+      it with ``nnx.update(model, state)``). The model itself is not changed.
+
+    Raises:
+      TypeError: ``model`` is not a Flax module.
+      ValueError: the model has no layer with a kernel; a layer's output has zero variance
+        (dead inputs: it cannot be scaled to 1); bad ``tol``/``max_iter``.
+
+    References:
+      Mishkin & Matas 2016, "All you need is a good init", ICLR (arXiv:1511.06422).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxnorm import diagnostics
+      >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(16)])
+      >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> v = diagnostics.lsuv(model, model.init(jax.random.key(1), x), x, key=jax.random.key(2))
+      >>> acts = diagnostics.capture_activations(model, v, x)
+      >>> [round(float(jnp.var(a)), 1) for a in acts.values()]
+      [1.0, 1.0]
+    """
+    _check_lsuv_options(tol, max_iter)
+    kind = _model_kind(model)
+    if kind == "linen":
+        return _lsuv_linen(model, variables, x, key, tol, max_iter, kwargs)
+    return _lsuv_nnx(model, variables, x, key, tol, max_iter, kwargs)
+
+
+def _key_seed(key: jax.Array) -> list[int]:
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key, dtype=np.uint32).ravel().tolist()
+
+
+def _orthogonal_all(key: jax.Array, kernels: list) -> list:
+    """Haar-random orthogonal kernels (the distribution of ``initializers.orthogonal()``).
+
+    Drawn on the host with NumPy, seeded from ``key``: XLA takes seconds to compile a sampler and
+    a QR per kernel shape on CPU, and LSUV needs each once.
+    """
+    rng = np.random.default_rng(_key_seed(key))
+    out = []
+    for w in kernels:
+        if w.ndim < 2:
+            out.append(w)
+            continue
+        cols = w.shape[-1]
+        rows = math.prod(w.shape) // cols
+        q, r = np.linalg.qr(rng.standard_normal((max(rows, cols), min(rows, cols))))
+        q = q * np.where(np.diagonal(r) < 0, -1.0, 1.0)[None, :]  # Mezzadri's sign fix
+        if rows < cols:
+            q = q.T
+        out.append(jnp.asarray(q.reshape(w.shape).astype(np.asarray(w).dtype)))
+    return out
+
+
+def _variances(records, names) -> dict[str, jax.Array]:
+    out = {}
+    for p, a in records:
+        if _name(p) in names and _name(p) not in out:
+            out[_name(p)] = jnp.var(a.astype(_checks.compute_dtype(a.dtype)))
+    return out
+
+
+def _traced_paths(fn, *args) -> list[tuple]:
+    # The layer order from an abstract trace (jax.eval_shape): no computation, no compilation.
+    paths: list = []
+
+    def run(*a):
+        paths.extend(p for p, _ in fn(*a))
+        return 0
+
+    jax.eval_shape(run, *args)
+    return paths
+
+
+def _rescaled(w: jax.Array, var: float) -> jax.Array:
+    # On the host: one division a step, not worth a compilation per kernel shape.
+    host = np.asarray(w)
+    wide = np.float64 if host.dtype == np.float64 else np.float32
+    return jnp.asarray((host.astype(wide) / math.sqrt(var)).astype(host.dtype))
+
+
+def _rescale_loop(layers, variances, get_kernel, set_kernel, tol, max_iter) -> None:
+    for path in layers:
+        for _ in range(max_iter):
+            var = float(variances()[_name(path)])
+            if not (math.isfinite(var) and var > 0):
+                raise ValueError(
+                    f"lsuv: the output of layer {_name(path)} has variance {var} on the batch, "
+                    "so it cannot be scaled to 1; check the data and the layers before it"
+                )
+            if abs(var - 1.0) < tol:
+                break
+            set_kernel(path, _rescaled(get_kernel(path), var))
+
+
+def _lsuv_linen(model, variables, x, key, tol, max_iter, kwargs):
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError(
+            "lsuv: for a flax.linen model, variables must be model.init's dict with 'params', "
+            f"but got {type(variables).__name__}"
+        )
+    state = {"v": {k: v for k, v in variables.items() if k != "intermediates"}}
+    params = state["v"]["params"]
+
+    def has_kernel(path):
+        try:
+            node = _get_path(params, path)
+        except (KeyError, TypeError):
+            return False
+        return isinstance(node, Mapping) and "kernel" in node
+
+    def records(v):
+        return _linen_records(model, v, x, None, kwargs)
+
+    layers = list(dict.fromkeys(p for p in _traced_paths(records, state["v"]) if has_kernel(p)))
+    if not layers:
+        raise ValueError("lsuv: the model has no submodule with a 'kernel' parameter to scale")
+    names = {_name(p) for p in layers}
+    variances = jax.jit(lambda v: _variances(records(v), names))
+
+    def get_kernel(path):
+        return _get_path(state["v"]["params"], path)["kernel"]
+
+    def set_kernel(path, w):
+        v = dict(state["v"])
+        v["params"] = _set_path(v["params"], (*path, "kernel"), w)
+        state["v"] = v
+
+    if key is not None:
+        fresh = _orthogonal_all(key, [get_kernel(p) for p in layers])
+        for path, w in zip(layers, fresh, strict=True):
+            set_kernel(path, w)
+    _rescale_loop(layers, lambda: variances(state["v"]), get_kernel, set_kernel, tol, max_iter)
+    return state["v"]
+
+
+def _lsuv_nnx(model, variables, x, key, tol, max_iter, kwargs):
+    from flax import nnx
+
+    work = nnx.clone(model)
+    if variables is not None:
+        nnx.update(work, variables)
+
+    def has_kernel(m):
+        return isinstance(getattr(m, "kernel", None), nnx.Param)
+
+    graphdef = nnx.graphdef(work)
+
+    def records(state):
+        return _nnx_records(nnx.merge(graphdef, state), None, x, has_kernel, kwargs)
+
+    layers = list(dict.fromkeys(_traced_paths(records, nnx.state(work))))
+    if not layers:
+        raise ValueError("lsuv: the model has no submodule with a 'kernel' nnx.Param to scale")
+    names = {_name(p) for p in layers}
+    modules = {tuple(p): m for p, m in nnx.iter_modules(work)}
+    variances = jax.jit(lambda state: _variances(records(state), names))
+
+    def get_kernel(path):
+        return modules[path].kernel.get_value()
+
+    def set_kernel(path, w):
+        modules[path].kernel.set_value(w)
+
+    if key is not None:
+        fresh = _orthogonal_all(key, [get_kernel(p) for p in layers])
+        for path, w in zip(layers, fresh, strict=True):
+            set_kernel(path, w)
+    _rescale_loop(layers, lambda: variances(nnx.state(work)), get_kernel, set_kernel, tol, max_iter)
+    return nnx.state(work)
