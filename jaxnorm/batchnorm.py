@@ -404,6 +404,7 @@ def batch_norm(
     renorm: bool = False,
     r_max: ArrayLike = 3.0,
     d_max: ArrayLike = 5.0,
+    dtype: Any = None,
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization with explicit running statistics (and an optional fused activation).
 
@@ -456,6 +457,9 @@ def batch_norm(
         :math:`d = \\mathrm{clip}((\\mu_B - \\mu)/\\sigma, -d_{max}, d_{max})` from the running
         statistics, both treated as constants in the gradient.
       r_max, d_max: the renorm clipping bounds (scalars, may be traced for a schedule).
+      dtype: the dtype of y (None: x's dtype). Flax's modules return the promotion of x with the
+        parameters (bfloat16 x, float32 scale: float32 y); passing that here casts once, from the
+        float32 computation, instead of rounding y to x's dtype first. dx keeps x's dtype.
 
     Returns:
       ``(y, new_state)``: y of x's shape and dtype; the updated (train) or same (eval) state.
@@ -494,6 +498,9 @@ def batch_norm(
     if isinstance(epsilon, int | float) and epsilon < 0:
         raise ValueError(f"epsilon must be non-negative, got {epsilon}")
     act = _resolve_activation(activation)
+    out_dtype = x.dtype if dtype is None else np.dtype(dtype)
+    if not jnp.issubdtype(out_dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype (the dtype of y), got {out_dtype}")
     raxes = tuple(a for a in range(x.ndim) if a not in faxes)
     cdt = _compute_dtype(x)
     pshape = tuple(x.shape[a] if a in faxes else 1 for a in range(x.ndim))
@@ -508,7 +515,7 @@ def batch_norm(
         if bias is not None:
             pre = pre + jnp.asarray(bias).astype(cdt).reshape(pshape)
         y = pre if act is None else act(pre)
-        return y.astype(x.dtype), state
+        return y.astype(out_dtype), state
 
     # Ghost batch norm: axis 0 becomes (groups, virtual batch); groups are normalised separately.
     shape = x.shape
@@ -537,6 +544,7 @@ def batch_norm(
         activation=act,
         renorm=bool(renorm),
         ghost=ghost,
+        out_dtype=out_dtype,
     )
     ones = jnp.ones(fshape, cdt)
     scale_a = ones if scale is None else jnp.asarray(scale)
@@ -579,6 +587,7 @@ class _Config(NamedTuple):
     activation: Callable | None
     renorm: bool
     ghost: bool
+    out_dtype: np.dtype
 
 
 def _const(v, dtype):
@@ -718,7 +727,7 @@ def _train_op(cfg, x, scale, bias, epsilon, ref_mean, masks, extras):
     )
     pre = (xc - mean) * (inv_std * gain) + shift
     y = pre if cfg.activation is None else cfg.activation(pre)
-    return y.astype(x.dtype), (mean, var, n)
+    return y.astype(cfg.out_dtype), (mean, var, n)
 
 
 def _is_zero(t) -> bool:
@@ -735,7 +744,7 @@ def _train_op_jvp(cfg, primals, tangents):
     y = pre if cfg.activation is None else cfg.activation(pre)
     # The tangent map is recomputed from x and the per-feature statistics under remat: its
     # residuals are x and a few [features] arrays, never x-hat or the pre-activation.
-    y_dot = jax.checkpoint(functools.partial(_tangent, cfg, x.dtype))(
+    y_dot = jax.checkpoint(functools.partial(_tangent, cfg, cfg.out_dtype))(
         xc,
         masks,
         mean,
@@ -750,8 +759,8 @@ def _train_op_jvp(cfg, primals, tangents):
     )
     stats = (mean, var, n)
     if y_dot is None:
-        y_dot = jnp.zeros_like(y, dtype=x.dtype)
-    return (y.astype(x.dtype), stats), (y_dot, jax.tree_util.tree_map(jnp.zeros_like, stats))
+        y_dot = jnp.zeros_like(y, dtype=cfg.out_dtype)
+    return (y.astype(cfg.out_dtype), stats), (y_dot, jax.tree_util.tree_map(jnp.zeros_like, stats))
 
 
 _train_op.defjvp(_train_op_jvp, symbolic_zeros=True)

@@ -334,6 +334,9 @@ class BatchNorm(nn.Module):
         state = batchnorm.BatchNormState(ra_mean.value, ra_var.value, count)
         initializing = self.is_initializing()
         train = not use_running_average
+        out_dtype = self.dtype or _flax_result_dtype(
+            x.dtype, *(p.dtype for p in (scale, bias) if p is not None)
+        )
         if initializing and train and _values_per_feature(x.shape, feature_axes) <= 1:
             train = False
         y, new_state = batchnorm.batch_norm(
@@ -356,16 +359,14 @@ class BatchNorm(nn.Module):
             renorm=self.renorm,
             r_max=self.r_max,
             d_max=self.d_max,
+            dtype=out_dtype,
         )
         if train and not initializing:
             ra_mean.value = new_state.mean
             ra_var.value = new_state.var
             if ra_count is not None:
                 ra_count.value = new_state.count
-        out_dtype = self.dtype or _flax_result_dtype(
-            x.dtype, *(p.dtype for p in (scale, bias) if p is not None)
-        )
-        return y.astype(out_dtype)
+        return y
 
 
 def _values_per_feature(shape, feature_axes) -> int:

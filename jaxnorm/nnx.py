@@ -270,6 +270,12 @@ class BatchNorm(nnx.Module):
         state = batchnorm.BatchNormState(as_features(self.mean), as_features(self.var), count)
         scale, bias = as_features(self.scale), as_features(self.bias)
         train = not use_running_average
+        # flax.nnx infers the output dtype from x, the statistics and the parameters.
+        out_dtype = self.dtype or _flax_result_dtype(
+            x.dtype,
+            self.mean[...].dtype,
+            *(p.dtype for p in (scale, bias) if p is not None),
+        )
         y, new_state = batchnorm.batch_norm(
             x,
             scale,
@@ -289,19 +295,14 @@ class BatchNorm(nnx.Module):
             renorm=self.renorm,
             r_max=self.r_max,
             d_max=self.d_max,
+            dtype=out_dtype,
         )
         if train:
             self.mean[...] = new_state.mean.reshape(self.mean[...].shape)
             self.var[...] = new_state.var.reshape(self.var[...].shape)
             if self.count is not None:
                 self.count[...] = new_state.count
-        # flax.nnx infers the output dtype from x, the statistics and the parameters.
-        out_dtype = self.dtype or _flax_result_dtype(
-            x.dtype,
-            self.mean[...].dtype,
-            *(p.dtype for p in (scale, bias) if p is not None),
-        )
-        return y.astype(out_dtype)
+        return y
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by ``nnx.view``: set ``use_running_average`` when given (as flax's BatchNorm)."""

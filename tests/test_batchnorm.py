@@ -285,6 +285,29 @@ def test_low_precision(dtype, shape, axis):
     np.testing.assert_allclose(to_f64(ye), ref, **tol(dtype, 4.0))
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_output_dtype_casts_once_from_float32(train):
+    # bfloat16 x with float32 parameters: dtype=float32 gives y unrounded (flax's output dtype).
+    scale, bias, state = _params((5,))
+    state = state._replace(mean=jnp.full((5,), 0.1), var=jnp.full((5,), 2.0))
+    x = _x((16, 5), jnp.bfloat16)
+    y, _ = bn.batch_norm(x, scale, bias, state, train=train, dtype=jnp.float32)
+    assert y.dtype == jnp.float32
+    if train:
+        ref = np_batch_norm_train(x, scale, bias, state.mean, state.var, (1,))[0]
+    else:
+        ref = np_batch_norm_eval(x, scale, bias, state.mean, state.var, (1,))
+    np.testing.assert_allclose(to_f64(y), ref, **tol(jnp.float32, 10.0))
+    g = jax.grad(
+        lambda x: jnp.sum(
+            bn.batch_norm(x, scale, bias, state, train=train, dtype=jnp.float32)[0] ** 2
+        )
+    )(x)
+    assert g.dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        bn.batch_norm(x, scale, bias, state, train=train, dtype=jnp.int32)
+
+
 def test_low_precision_gradient_dtypes():
     scale, bias, state = _params((5,))
     x = _x((16, 5), jnp.bfloat16)
