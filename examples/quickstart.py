@@ -16,7 +16,7 @@ NUM_CLASSES, DIM, HIDDEN = 3, 8, 64
 
 
 def make_data(key, n):
-    """Gaussian clouds around three centres, far from the origin (raw features need preprocessing)."""
+    """Gaussian clouds around three centres, far from the origin, as raw measurements are."""
     k_lab, k_x = jax.random.split(key)
     labels = jax.random.randint(k_lab, (n,), 0, NUM_CLASSES)
     centres = 3.0 * jax.random.normal(jax.random.key(42), (NUM_CLASSES, DIM))
