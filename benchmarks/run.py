@@ -26,6 +26,7 @@ MODULES = [
     "benchmarks.bench_gradcheck",
     "benchmarks.bench_batchnorm",
     "benchmarks.bench_preprocessing",
+    "benchmarks.bench_training",
 ]
 
 RESULTS = pathlib.Path(__file__).parent / "results"

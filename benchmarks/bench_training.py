@@ -1,0 +1,186 @@
+"""Training: many models in one vmapped program against the same code run model by model.
+
+- search: 64 trials of an MLP on scikit-learn's digits (per-trial learning rate and momentum
+  through ``optax.inject_hyperparams``, per-trial init and minibatch keys) as the one
+  ``jax.jit(jax.vmap(train_fn))`` program that :func:`jaxnorm.training.random_search` runs, against
+  64 calls of ``jax.jit(train_fn)`` (compiled once) in a Python loop. Steady state (compiled) and
+  end to end (``random_search`` itself, compilation included, against the loop with its one
+  compilation).
+- ensemble: 8 members with :func:`jaxnorm.training.train_ensemble` against 8 sequential
+  :func:`jaxnorm.training.fit` calls (jitted once).
+- memory: the peak memory of one vmapped chunk from XLA's ``memory_analysis()`` of the compiled
+  program (arguments + outputs + temporaries), and the device's ``memory_stats()`` peak where the
+  backend reports one (GPU/TPU).
+
+The anchor is the sequential run; ``x anchor`` below 1 means the vmapped program is faster.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import optax
+
+from benchmarks import harness
+from jaxnorm import data as jdata
+from jaxnorm import training
+
+# Per size, the MLPs timed: a lecture-sized one whose steps are dominated by per-step overhead
+# on CPU, and a wider one whose steps are dominated by the matmuls.
+CONFIG = {
+    "small": [
+        {"trials": 64, "members": 8, "widths": [64, 32, 10], "steps": 100, "batch": 32},
+        {"trials": 64, "members": 8, "widths": [64, 64, 10], "steps": 100, "batch": 64},
+    ],
+    "large": [
+        {"trials": 64, "members": 8, "widths": [64, 32, 10], "steps": 500, "batch": 32},
+        {"trials": 64, "members": 8, "widths": [64, 256, 256, 10], "steps": 500, "batch": 128},
+    ],
+}
+
+
+def _problem(cfg):
+    train, val, _ = jdata.digits(seed=0)
+    model = training.mlp(cfg["widths"])
+
+    def train_fn(hp, key):
+        k_init, k_train = jax.random.split(key)
+        params, _ = model.init(k_init)
+        opt = optax.inject_hyperparams(optax.sgd)(
+            learning_rate=hp["learning_rate"], momentum=hp["momentum"]
+        )
+        params, hist = training.fit(
+            model,
+            params,
+            opt,
+            tuple(train),
+            key=k_train,
+            num_steps=cfg["steps"],
+            batch_size=cfg["batch"],
+        )
+        out = training.evaluate(model, params, tuple(val))
+        return {"val_accuracy": out["accuracy"], "val_loss": out["loss"], "history": hist}
+
+    space = {
+        "learning_rate": training.log_uniform(1e-3, 1.0),
+        "momentum": training.uniform(0.5, 0.95),
+    }
+    return model, train, train_fn, space
+
+
+def _mb(n):
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _search_rows(cfg):
+    _, _, train_fn, space = _problem(cfg)
+    n = cfg["trials"]
+    key = jax.random.key(0)
+    hp = {
+        "learning_rate": 10.0 ** jax.random.uniform(jax.random.key(1), (n,), minval=-3, maxval=0),
+        "momentum": jax.random.uniform(jax.random.key(2), (n,), minval=0.5, maxval=0.95),
+    }
+    keys = jax.random.split(key, n)
+    vmapped = jax.jit(jax.vmap(train_fn))
+    single = jax.jit(train_fn)
+
+    def sequential(hp, keys):
+        return [single({k: v[i] for k, v in hp.items()}, keys[i]) for i in range(n)]
+
+    t = harness.interleaved({"vmap": vmapped, "loop": sequential}, hp, keys, warmup=1, reps=3)
+    rows = [
+        harness.Row(
+            "training",
+            f"search {n} trials, MLP {cfg['widths']}, {cfg['steps']} steps (compiled)",
+            t["vmap"],
+            f"{n} sequential jit calls",
+            t["loop"],
+            None,
+            f"{t['loop'] / t['vmap']:.1f}x faster",
+        )
+    ]
+
+    # End to end: random_search (sampling, compile, run, table) vs the loop with its compile.
+    t0 = time.perf_counter()
+    result = training.random_search(lambda hp, k: train_fn(hp, k), space, n, key, border=0.0)
+    t_search = time.perf_counter() - t0
+    # A new function object, so jit compiles it afresh (its cache is keyed by the function).
+    single_fresh = jax.jit(lambda hp, key: train_fn(hp, key))
+    t0 = time.perf_counter()
+    harness.block([single_fresh({k: v[i] for k, v in hp.items()}, keys[i]) for i in range(n)])
+    t_loop = time.perf_counter() - t0
+    rows.append(
+        harness.Row(
+            "training",
+            f"random_search {n} trials, MLP {cfg['widths']}, end to end (compile included)",
+            t_search,
+            f"{n} sequential calls + 1 compile",
+            t_loop,
+            None,
+            f"best val acc {result.best.metrics['val_accuracy']:.3f}, "
+            f"{len(result.diverged)} diverged",
+        )
+    )
+
+    compiled = vmapped.lower(hp, keys).compile()
+    mem = compiled.memory_analysis()
+    note = "n/a"
+    if mem is not None:
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        note = (
+            f"XLA peak {_mb(peak)} = args {_mb(mem.argument_size_in_bytes)} + out "
+            f"{_mb(mem.output_size_in_bytes)} + temp {_mb(mem.temp_size_in_bytes)} "
+            f"({_mb(peak / n)} a trial)"
+        )
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        note += f"; device peak_bytes_in_use {_mb(stats['peak_bytes_in_use'])}"
+    rows.append(
+        harness.Row(
+            "training", f"memory of one {n}-trial chunk, MLP {cfg['widths']}", t["vmap"], note=note
+        )
+    )
+    return rows
+
+
+def _ensemble_rows(cfg):
+    model, train, _, _ = _problem(cfg)
+    k = cfg["members"]
+    opt = optax.sgd(0.05, momentum=0.9)
+    kw = dict(num_steps=cfg["steps"], batch_size=cfg["batch"])
+    data = tuple(train)
+    keys = jax.random.split(jax.random.key(3), k)
+
+    @jax.jit
+    def vmapped(keys):
+        return training.train_ensemble(model, model.init, opt, data, keys, **kw)
+
+    @jax.jit
+    def one(key):
+        k_init, k_train = jax.random.split(key)
+        return training.fit(model, model.init(k_init)[0], opt, data, key=k_train, **kw)
+
+    def sequential(keys):
+        return [one(keys[i]) for i in range(k)]
+
+    t = harness.interleaved({"vmap": vmapped, "loop": sequential}, keys, warmup=1, reps=3)
+    return [
+        harness.Row(
+            "training",
+            f"ensemble of {k}, MLP {cfg['widths']}, {cfg['steps']} steps",
+            t["vmap"],
+            f"{k} sequential jit calls",
+            t["loop"],
+            None,
+            f"{t['loop'] / t['vmap']:.1f}x faster",
+        )
+    ]
+
+
+@harness.benchmark("training")
+def bench(size: str) -> list[harness.Row]:
+    rows = []
+    for cfg in CONFIG[size]:
+        rows += _search_rows(cfg) + _ensemble_rows(cfg)
+    return rows

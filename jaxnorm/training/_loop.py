@@ -1,0 +1,478 @@
+"""The training loop: optax does the updates; jaxnorm batches, records and watches for NaN."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnorm import diagnostics
+from jaxnorm.training._model import Model, classification_loss
+
+
+class DivergenceWarning(RuntimeWarning):
+    """The training loss became NaN or infinite (training diverged)."""
+
+
+class History(NamedTuple):
+    """What a training run recorded, one entry per optimisation step (a pytree).
+
+    Attributes:
+      loss: ``[T]`` the training loss of each step's minibatch (before that step's update).
+      metrics: ``{name: [T]}`` the other per-step metrics the loss returned (``"accuracy"`` for a
+        :class:`Model`).
+      update_ratio: per-leaf ``[T]`` arrays of :math:`\\|\\Delta\\theta\\| / \\|\\theta\\|`
+        (a tree shaped like the params), or None when not tracked.
+      nan_step: the first step whose loss was NaN or infinite, -1 when every loss was finite.
+      eval_step: ``[E]`` the steps after which ``eval_fn`` ran (:func:`train` only).
+      eval_metrics: ``{name: [E]}`` what ``eval_fn`` returned.
+      state: the final model state (batch-norm statistics; ``()`` when there is none).
+      ema_params: the Polyak/EMA average of the parameters when ``ema_decay`` was given, else None.
+    """
+
+    loss: Any
+    metrics: dict
+    update_ratio: Any
+    nan_step: Any
+    eval_step: Any
+    eval_metrics: dict
+    state: Any
+    ema_params: Any
+
+    @property
+    def accuracy(self):
+        """The per-step training accuracy, or None when the loss reports none."""
+        return self.metrics.get("accuracy")
+
+    @property
+    def diverged(self):
+        """True when some loss was NaN or infinite (an array under ``vmap``)."""
+        return self.nan_step >= 0
+
+
+class _Plan(NamedTuple):
+    n: int
+    batch_size: int
+    steps_per_epoch: int
+    num_steps: int
+    num_epochs: int
+
+
+def _check_int(value, name, who, minimum):
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{who}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{who}: {name} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _plan(data, batch_size, num_steps, epochs, who) -> _Plan:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError(f"{who}: data is empty; pass arrays such as (x, y) with a leading axis N")
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if len(sizes) != 1 or None in sizes:
+        shapes = [np.shape(a) for a in leaves]
+        raise ValueError(
+            f"{who}: every data array needs the same leading size N (examples), got shapes {shapes}"
+        )
+    (n,) = sizes
+    if n < 1:
+        raise ValueError(f"{who}: data has no examples")
+    bs = n if batch_size is None else _check_int(batch_size, "batch_size", who, 1)
+    if bs > n:
+        raise ValueError(f"{who}: batch_size={bs} is larger than the {n} examples in data")
+    spe = n // bs
+    if (num_steps is None) == (epochs is None):
+        raise ValueError(f"{who}: pass exactly one of num_steps and epochs")
+    if num_steps is not None:
+        total = _check_int(num_steps, "num_steps", who, 1)
+    else:
+        total = _check_int(epochs, "epochs", who, 1) * spe
+    return _Plan(n, bs, spe, total, math.ceil(total / spe))
+
+
+def _adapt_loss(loss_fn, state, who):
+    """A loss of the stateful form ``(params, state, batch, key) -> (loss, (state, metrics))``."""
+    if isinstance(loss_fn, Model):
+        return classification_loss(loss_fn), (() if state is None else state)
+    if not callable(loss_fn):
+        raise TypeError(f"{who}: loss_fn must be a callable or a Model, got {loss_fn!r}")
+    if state is not None:
+        return loss_fn, state
+
+    def stateless(params, state, batch, key):
+        out = loss_fn(params, batch, key)
+        if isinstance(out, tuple):
+            if len(out) != 2 or not isinstance(out[1], dict):
+                raise TypeError(
+                    f"{who}: loss_fn(params, batch, key) must return a scalar loss or "
+                    f"(loss, dict of metrics), got a tuple of {len(out)} values"
+                )
+            return out[0], (state, out[1])
+        return out, (state, {})
+
+    return stateless, ()
+
+
+def _permutations(key, plan: _Plan):
+    if plan.batch_size == plan.n:
+        return None  # full batch: every step sees all of data, in order
+    keys = jax.random.split(key, plan.num_epochs)
+    return jax.vmap(lambda k: jax.random.permutation(k, plan.n))(keys)
+
+
+def _make_step(loss, optimizer, plan: _Plan, ema_decay, track_ratio, who):
+    def step(carry, i, data, perms, step_key):
+        params, state, opt_state, ema = carry
+        if perms is None:
+            batch = data
+        else:
+            order = perms[i // plan.steps_per_epoch]
+            start = (i % plan.steps_per_epoch) * plan.batch_size
+            idx = jax.lax.dynamic_slice(order, (start,), (plan.batch_size,))
+            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+        key = jax.random.fold_in(step_key, i)
+        shape = jax.eval_shape(loss, params, state, batch, key)[0].shape
+        if shape != ():
+            raise ValueError(f"{who}: the loss must be a scalar, got shape {shape}")
+        (value, (new_state, metrics)), grads = jax.value_and_grad(loss, has_aux=True)(
+            params, state, batch, key
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if ema is not None:
+            ema = optax.incremental_update(new_params, ema, 1.0 - ema_decay)
+        out = {"loss": value, "metrics": metrics}
+        if track_ratio:
+            out["update_ratio"] = diagnostics.update_ratio(params, updates)
+        return (new_params, new_state, opt_state, ema), out
+
+    return step
+
+
+def _check_decay(ema_decay, who):
+    if ema_decay is None:
+        return None
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float):
+        raise TypeError(f"{who}: ema_decay must be a float in [0, 1), got {ema_decay!r}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"{who}: ema_decay must be in [0, 1), got {ema_decay}")
+    return float(ema_decay)
+
+
+def _check_optimizer(optimizer, who):
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(
+            f"{who}: optimizer must be an optax GradientTransformation (e.g. optax.sgd(0.1)), "
+            f"got {optimizer!r}"
+        )
+
+
+def _first_nonfinite(loss):
+    bad = ~jnp.isfinite(loss)
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
+
+
+def fit(
+    loss_fn: Callable | Model,
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    data: Any,
+    *,
+    key: jax.Array,
+    num_steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    state: Any = None,
+    ema_decay: float | None = None,
+    update_ratios: bool = False,
+) -> tuple[Any, History]:
+    r"""Train in one ``lax.scan``: pure, so it runs under ``jit`` and ``vmap`` (search, ensembles).
+
+    Each step draws a minibatch, computes :math:`g = \nabla_\theta L`, asks optax for the update
+    (``optimizer.update(g, opt_state, params)``) and applies it. Minibatches follow a fresh
+    permutation of ``data`` each epoch (the last ``N mod batch_size`` examples of a permutation
+    are skipped); with ``batch_size=None`` every step uses all of ``data``. A diverging run keeps
+    going (a traced loop cannot stop) and reports the first NaN step in ``History.nan_step``;
+    :func:`train` stops instead. Same results as :func:`train` for the same arguments.
+
+    Args:
+      loss_fn: a :class:`Model` (softmax cross-entropy on ``data = (x, y)``, accuracy recorded), or
+        ``loss_fn(params, batch, key) -> loss | (loss, metrics)``, or, when ``state`` is given,
+        ``loss_fn(params, state, batch, key) -> (loss, (new_state, metrics))``.
+      params: the initial parameters (any pytree).
+      optimizer: any optax ``GradientTransformation`` (schedules and
+        ``optax.inject_hyperparams`` included; a traced learning rate works under ``vmap``).
+      data: a pytree of arrays with a common leading axis N, e.g. ``(x, y)``.
+      key: PRNG key for the minibatch order and the per-step keys passed to the loss.
+      num_steps: number of steps (exactly one of num_steps and epochs).
+      epochs: number of passes over data (``N // batch_size`` steps each).
+      batch_size: minibatch size (None: full batch).
+      state: model state such as batch-norm statistics, threaded through the loss.
+      ema_decay: keep a Polyak/EMA copy of the parameters,
+        :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` (``optax.incremental_update``),
+        returned in ``History.ema_params``.
+      update_ratios: record the per-leaf update/parameter norm ratios.
+
+    Returns:
+      ``(params, history)``: the final parameters and a :class:`History` of JAX arrays.
+
+    Raises:
+      TypeError: a non-callable loss_fn, a non-optax optimizer, non-int counts.
+      ValueError: empty or ragged data, both or neither of num_steps/epochs, a batch larger than
+        data, a non-scalar loss.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxnorm import training
+      >>> loss = lambda w, batch, key: jnp.mean((batch[0] @ w - batch[1]) ** 2)
+      >>> x = jnp.eye(3); y = jnp.array([1.0, 2.0, 3.0])
+      >>> w, hist = training.fit(loss, jnp.zeros(3), optax.sgd(1.0), (x, y),
+      ...                        key=jax.random.key(0), num_steps=100)
+      >>> [round(float(v), 3) for v in w], int(hist.nan_step)
+      ([1.0, 2.0, 3.0], -1)
+    """
+    who = "fit"
+    _check_optimizer(optimizer, who)
+    loss, state = _adapt_loss(loss_fn, state, who)
+    plan = _plan(data, batch_size, num_steps, epochs, who)
+    decay = _check_decay(ema_decay, who)
+    data = jax.tree.map(jnp.asarray, data)
+    data_key, step_key = jax.random.split(key)
+    perms = _permutations(data_key, plan)
+    step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
+    ema = params if decay is not None else None
+    carry = (params, state, optimizer.init(params), ema)
+    carry, outs = jax.lax.scan(
+        lambda c, i: step(c, i, data, perms, step_key), carry, jnp.arange(plan.num_steps)
+    )
+    params, state, _, ema = carry
+    history = History(
+        loss=outs["loss"],
+        metrics=outs["metrics"],
+        update_ratio=outs.get("update_ratio"),
+        nan_step=_first_nonfinite(outs["loss"]),
+        eval_step=jnp.zeros(0, jnp.int32),
+        eval_metrics={},
+        state=state,
+        ema_params=ema,
+    )
+    return params, history
+
+
+def _progress_bar(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="step", leave=False)
+
+
+def train(
+    loss_fn: Callable | Model,
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    data: Any,
+    *,
+    key: jax.Array,
+    num_steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    state: Any = None,
+    eval_fn: Callable[[Any], dict] | None = None,
+    log_every: int = 100,
+    progress: bool = True,
+    ema_decay: float | None = None,
+    update_ratios: bool = True,
+    stop_on_nan: bool = True,
+) -> tuple[Any, History]:
+    """Train with a jitted step, a progress bar and NaN detection: the interactive loop.
+
+    The steps run in jitted ``lax.scan`` blocks of ``log_every`` steps (one dispatch per block).
+    After each block the losses come back to the host: the tqdm bar (when ``progress`` and tqdm,
+    from the ``lab`` extra, is installed; otherwise silently none) shows the latest loss,
+    ``eval_fn(params)`` runs, and a NaN or infinite loss stops training with a
+    :class:`DivergenceWarning` naming the step (``History.nan_step``); the history then ends at
+    that step. The minibatch order and the results are those of :func:`fit` for the same
+    arguments.
+
+    Args:
+      loss_fn, params, optimizer, data, key, num_steps, epochs, batch_size, state, ema_decay:
+        as in :func:`fit`.
+      eval_fn: ``eval_fn(params) -> {name: scalar}`` (e.g. validation accuracy, with
+        :func:`evaluate`), called after every block; recorded in ``History.eval_metrics``.
+        When ``state`` is used, ``eval_fn(params, state)`` is called instead.
+      log_every: steps per block.
+      progress: show a tqdm progress bar.
+      update_ratios: record the per-leaf update/parameter norm ratios (the lecture's ~1e-3).
+      stop_on_nan: stop at the first block with a NaN loss (else run on, still recording it).
+
+    Returns:
+      ``(params, history)`` with NumPy arrays in the history; ``params`` are those after the last
+      step run.
+
+    Raises:
+      As :func:`fit`; ValueError if log_every < 1.
+
+    Warns:
+      DivergenceWarning: when the loss becomes NaN or infinite.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxnorm import training
+      >>> model = training.mlp([2, 8, 2])
+      >>> params, state = model.init(jax.random.key(0))
+      >>> x = jnp.array([[0.0, 1.0], [1.0, 0.0]]); y = jnp.array([0, 1])
+      >>> params, hist = training.train(model, params, optax.adam(0.05), (x, y),
+      ...                               key=jax.random.key(1), num_steps=50, progress=False)
+      >>> float(hist.accuracy[-1])
+      1.0
+    """
+    who = "train"
+    _check_optimizer(optimizer, who)
+    stateful = state is not None
+    loss, state = _adapt_loss(loss_fn, state, who)
+    plan = _plan(data, batch_size, num_steps, epochs, who)
+    log_every = _check_int(log_every, "log_every", who, 1)
+    decay = _check_decay(ema_decay, who)
+    data = jax.tree.map(jnp.asarray, data)
+    data_key, step_key = jax.random.split(key)
+    perms = _permutations(data_key, plan)
+    step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
+
+    @jax.jit
+    def run_block(carry, steps, data, perms, step_key):
+        return jax.lax.scan(lambda c, i: step(c, i, data, perms, step_key), carry, steps)
+
+    carry = (params, state, optimizer.init(params), (params if decay is not None else None))
+    blocks, evals, eval_steps = [], [], []
+    nan_step = -1
+    bar = _progress_bar(plan.num_steps, progress)
+    try:
+        for start in range(0, plan.num_steps, log_every):
+            steps = jnp.arange(start, min(start + log_every, plan.num_steps))
+            carry, outs = run_block(carry, steps, data, perms, step_key)
+            outs = jax.tree.map(np.asarray, outs)
+            blocks.append(outs)
+            bad = np.flatnonzero(~np.isfinite(outs["loss"]))
+            if bar is not None:
+                bar.update(len(steps))
+                bar.set_postfix(loss=f"{outs['loss'][-1]:.4g}")
+            if bad.size and nan_step < 0:
+                nan_step = start + int(bad[0])
+                warnings.warn(
+                    f"train: the loss became {outs['loss'][bad[0]]} at step {nan_step}"
+                    + ("; training stopped" if stop_on_nan else ""),
+                    DivergenceWarning,
+                    stacklevel=2,
+                )
+                if stop_on_nan:
+                    break
+            if eval_fn is not None:
+                p, s = carry[0], carry[1]
+                result = eval_fn(p, s) if stateful else eval_fn(p)
+                if not isinstance(result, dict):
+                    raise TypeError(
+                        f"train: eval_fn must return a dict of scalar metrics, got "
+                        f"{type(result).__name__}"
+                    )
+                evals.append({k: float(v) for k, v in result.items()})
+                eval_steps.append(int(steps[-1]) + 1)
+    finally:
+        if bar is not None:
+            bar.close()
+    outs = jax.tree.map(lambda *xs: np.concatenate(xs), *blocks)
+    if stop_on_nan and nan_step >= 0:
+        outs = jax.tree.map(lambda a: a[: nan_step + 1], outs)
+    params, state, _, ema = carry
+    names = list(evals[0]) if evals else []
+    history = History(
+        loss=outs["loss"],
+        metrics=outs["metrics"],
+        update_ratio=outs.get("update_ratio"),
+        nan_step=nan_step,
+        eval_step=np.asarray(eval_steps, np.int64),
+        eval_metrics={k: np.asarray([e[k] for e in evals]) for k in names},
+        state=state,
+        ema_params=ema,
+    )
+    return params, history
+
+
+class PolyakState(NamedTuple):
+    """State of :func:`polyak_average`: the running average of the parameters."""
+
+    average: Any
+
+
+def polyak_average(decay: float) -> optax.GradientTransformation:
+    r"""An optax transform that keeps an EMA (Polyak average) of the parameters in its state.
+
+    .. math:: \bar\theta_t = d\,\bar\theta_{t-1} + (1 - d)\,\theta_t, \qquad \bar\theta_0 = \theta_0
+
+    ``optax.ema`` averages the *updates*, not the parameters; this transform sees the params, so
+    chained last it averages the new parameters :math:`\theta_t = \theta_{t-1} + u_t` and passes
+    the updates through unchanged. Read the average with :func:`polyak_params`. (:func:`fit` and
+    :func:`train` offer the same average through ``ema_decay``.)
+
+    Args:
+      decay: :math:`d` in [0, 1).
+
+    Returns:
+      An ``optax.GradientTransformation``; put it last in ``optax.chain``.
+
+    Raises:
+      ValueError: if decay is outside [0, 1), or update is called without params.
+
+    References:
+      Polyak & Juditsky 1992, "Acceleration of stochastic approximation by averaging".
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from jaxnorm import training
+      >>> opt = optax.chain(optax.sgd(1.0), training.polyak_average(0.5))
+      >>> p = jnp.array(0.0); s = opt.init(p)
+      >>> u, s = opt.update(jnp.array(-2.0), s, p)  # new params: 2.0
+      >>> training.polyak_params(s)
+      Array(1., dtype=float32)
+    """
+    decay = _check_decay(decay, "polyak_average")
+
+    def init_fn(params):
+        return PolyakState(average=jax.tree.map(jnp.asarray, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("polyak_average needs the params: call update(grads, state, params)")
+        new = optax.apply_updates(params, updates)
+        return updates, PolyakState(optax.incremental_update(new, state.average, 1.0 - decay))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def polyak_params(opt_state: Any) -> Any:
+    """The averaged parameters inside an optimizer state that contains a :func:`polyak_average`.
+
+    Raises:
+      ValueError: if the state holds no (or more than one) :class:`PolyakState`.
+    """
+    found = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, PolyakState))
+        if isinstance(s, PolyakState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"polyak_params: expected one PolyakState in the optimizer state (chain "
+            f"polyak_average(decay) into the optimizer), found {len(found)}"
+        )
+    return found[0].average

@@ -1,0 +1,729 @@
+"""Random hyperparameter search with every trial in one vmapped (and sharded) program."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxnorm.training._loop import History
+
+
+class SearchWarning(UserWarning):
+    """Base class of the warnings a hyperparameter search gives."""
+
+
+class BorderWarning(SearchWarning):
+    """The best value of a hyperparameter lies near the border of its search range."""
+
+
+class LogUniform(NamedTuple):
+    """``exp(U(log lo, log hi))``: every decade of [lo, hi] is equally likely."""
+
+    lo: float
+    hi: float
+
+
+class Uniform(NamedTuple):
+    """``U(lo, hi)``."""
+
+    lo: float
+    hi: float
+
+
+class Choice(NamedTuple):
+    """One of ``options``, each equally likely."""
+
+    options: tuple
+
+
+def _check_bounds(lo, hi, who):
+    for name, v in (("lo", lo), ("hi", hi)):
+        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+            raise TypeError(f"{who}: {name} must be a real number, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"{who}: {name} must be finite, got {v}")
+    if lo >= hi:
+        raise ValueError(f"{who}: needs lo < hi, got lo={lo}, hi={hi}")
+    return float(lo), float(hi)
+
+
+def log_uniform(lo: float, hi: float) -> LogUniform:
+    r"""A log-uniform range, for scale parameters such as the learning rate or weight decay.
+
+    .. math:: \log v \sim U(\log lo, \log hi)
+
+    The lecture's advice: sample learning rates and regularisation strengths in log space
+    (``10 ** uniform(-6, -1)``), since their effect is multiplicative.
+
+    Args:
+      lo: the lower bound, > 0.
+      hi: the upper bound, > lo.
+
+    Raises:
+      TypeError: if a bound is not a real number.
+      ValueError: if lo <= 0 or lo >= hi (or a bound is not finite).
+
+    References:
+      Bergstra & Bengio 2012, "Random search for hyper-parameter optimization".
+
+    Example:
+      >>> from jaxnorm import training
+      >>> training.log_uniform(1e-4, 1e-1)
+      LogUniform(lo=0.0001, hi=0.1)
+    """
+    lo, hi = _check_bounds(lo, hi, "log_uniform")
+    if lo <= 0:
+        raise ValueError(
+            f"log_uniform: lo must be > 0 (the range is sampled in log space), got lo={lo}; "
+            "use uniform(lo, hi) for ranges that include 0 or negative values"
+        )
+    return LogUniform(lo, hi)
+
+
+def uniform(lo: float, hi: float) -> Uniform:
+    """A uniform range, for parameters such as dropout rates or momentum.
+
+    Raises:
+      TypeError: if a bound is not a real number.
+      ValueError: if lo >= hi (or a bound is not finite).
+
+    Example:
+      >>> from jaxnorm import training
+      >>> training.uniform(0.0, 0.5)
+      Uniform(lo=0.0, hi=0.5)
+    """
+    return Uniform(*_check_bounds(lo, hi, "uniform"))
+
+
+def choice(*options: Any) -> Choice:
+    """A categorical hyperparameter, one of ``options`` with equal probability.
+
+    Numeric options (all ints, or ints and floats) reach ``train_fn`` as traced scalars, so every
+    trial shares one vmapped program. Other options (strings such as activation names, bools,
+    None, functions) are static: the trials are grouped by their non-numeric values and each
+    group runs as its own vmapped program, receiving the Python value itself.
+
+    Raises:
+      ValueError: if no option is given.
+
+    Example:
+      >>> from jaxnorm import training
+      >>> training.choice("relu", "tanh")
+      Choice(options=('relu', 'tanh'))
+    """
+    if not options:
+        raise ValueError("choice needs at least one option, e.g. choice(32, 64, 128)")
+    return Choice(tuple(options))
+
+
+def _is_numeric(dist: Choice) -> bool:
+    return all(
+        isinstance(o, int | float | np.integer | np.floating) and not isinstance(o, bool)
+        for o in dist.options
+    )
+
+
+def _check_space(space, who):
+    if not isinstance(space, Mapping):
+        raise TypeError(
+            f"{who}: space must be a dict of name -> log_uniform/uniform/choice, got "
+            f"{type(space).__name__}"
+        )
+    if not space:
+        raise ValueError(
+            f"{who}: the search space is empty; give at least one hyperparameter, e.g. "
+            "{'learning_rate': log_uniform(1e-4, 1e-1)}"
+        )
+    for name, dist in space.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{who}: hyperparameter names must be str, got {name!r}")
+        if not isinstance(dist, LogUniform | Uniform | Choice):
+            raise TypeError(
+                f"{who}: space[{name!r}] must be log_uniform(...), uniform(...) or choice(...), "
+                f"got {dist!r}"
+            )
+    return dict(space)
+
+
+def _sample(space, num_trials, key) -> dict[str, np.ndarray]:
+    """Values per name: float32 arrays for ranges, object arrays (or numeric) for choices."""
+    out = {}
+    for name, dist in space.items():
+        # One stream per name (fixed by the name's CRC), so adding a hyperparameter leaves the
+        # samples of the others unchanged.
+        k = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+        if isinstance(dist, Choice):
+            idx = np.asarray(jax.random.randint(k, (num_trials,), 0, len(dist.options)))
+            if _is_numeric(dist):
+                is_int = all(isinstance(o, int | np.integer) for o in dist.options)
+                dtype = np.int32 if is_int else np.float32
+                out[name] = np.asarray(dist.options, dtype)[idx]
+            else:
+                out[name] = np.array([dist.options[i] for i in idx] + [None], dtype=object)[:-1]
+            continue
+        u = np.asarray(jax.random.uniform(k, (num_trials,), jnp.float32), np.float64)
+        if isinstance(dist, LogUniform):
+            v = np.exp(np.log(dist.lo) + u * (np.log(dist.hi) - np.log(dist.lo)))
+        else:
+            v = dist.lo + u * (dist.hi - dist.lo)
+        out[name] = np.clip(v, dist.lo, dist.hi).astype(np.float32)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One trial of a search.
+
+    Attributes:
+      index: the trial's number (its position in the sampling order).
+      params: the hyperparameters it trained with.
+      metrics: every scalar ``train_fn`` returned, as floats.
+      status: ``"ok"``, or ``"diverged"`` when a loss or the metric was NaN/infinite.
+      diverged_step: the first step with a NaN/Inf loss (when train_fn returned a History), else
+        None.
+      round: the coarse-to-fine round (0 for a plain random search).
+    """
+
+    index: int
+    params: dict
+    metrics: dict
+    status: str
+    diverged_step: int | None = None
+    round: int = 0
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Every trial of a search, the best one, and the border check.
+
+    Attributes:
+      trials: every :class:`Trial`, in sampling order.
+      metric: the metric the search ranks by.
+      mode: ``"max"`` or ``"min"``.
+      space: the search space (the first round's for :func:`coarse_to_fine`).
+      at_border: ``{name: "low" | "high"}`` for each range whose best value lies within ``border``
+        (a fraction of the range, in log space for log_uniform) of an end.
+      spaces: the space of each round (coarse_to_fine), else ``[space]``.
+    """
+
+    trials: list
+    metric: str
+    mode: str
+    space: dict | None = None
+    at_border: dict = dataclasses.field(default_factory=dict)
+    spaces: list = dataclasses.field(default_factory=list)
+
+    def _key(self, t: Trial) -> float:
+        v = t.metrics.get(self.metric, math.nan)
+        return -v if self.mode == "max" else v
+
+    def ranked(self) -> list:
+        """Trials that did not diverge, best first, then the diverged ones."""
+        ok = sorted((t for t in self.trials if t.status == "ok"), key=self._key)
+        return ok + [t for t in self.trials if t.status != "ok"]
+
+    @property
+    def best(self) -> Trial | None:
+        """The best trial that did not diverge (None when every trial diverged)."""
+        ok = [t for t in self.trials if t.status == "ok"]
+        return min(ok, key=self._key) if ok else None
+
+    @property
+    def best_params(self) -> dict | None:
+        """The best configuration."""
+        return None if self.best is None else dict(self.best.params)
+
+    @property
+    def diverged(self) -> list:
+        """The trials that diverged."""
+        return [t for t in self.trials if t.status != "ok"]
+
+    def _columns(self):
+        params = list(dict.fromkeys(k for t in self.trials for k in t.params))
+        # The ranked metric first: from_csv reads the columns before it as hyperparameters.
+        metrics = list(dict.fromkeys([self.metric, *(k for t in self.trials for k in t.metrics)]))
+        return params, metrics
+
+    def table(self, *, limit: int | None = None) -> str:
+        """A plain-text table of the trials, best first; diverged trials last with their step."""
+        params, metrics = self._columns()
+        header = ["trial", "round", "status", *params, *metrics]
+        rows = []
+        for t in self.ranked()[:limit]:
+            status = t.status
+            if t.status != "ok" and t.diverged_step is not None:
+                status = f"diverged@{t.diverged_step}"
+            rows.append(
+                [str(t.index), str(t.round), status]
+                + [_fmt(t.params.get(p)) for p in params]
+                + [_fmt(t.metrics.get(m)) for m in metrics]
+            )
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        best = self.best
+        summary = (
+            f"best {self.metric} ({self.mode}): "
+            + ("none (every trial diverged)" if best is None else _fmt(best.metrics[self.metric]))
+            + f"; {len(self.diverged)} of {len(self.trials)} trials diverged"
+        )
+        if self.at_border:
+            summary += "; best value near the border of its range: " + ", ".join(
+                f"{k} ({v})" for k, v in self.at_border.items()
+            )
+        return "\n".join([summary, *lines])
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """Write every trial to ``path``: trial, round, status, diverged_step, the hyperparameters,
+        then the ranked metric and the other metrics."""
+        params, metrics = self._columns()
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["trial", "round", "status", "diverged_step", *params, *metrics])
+            for t in self.trials:
+                w.writerow(
+                    [t.index, t.round, t.status, "" if t.diverged_step is None else t.diverged_step]
+                    + [repr(t.params[p]) if p in t.params else "" for p in params]
+                    + [repr(t.metrics[m]) if m in t.metrics else "" for m in metrics]
+                )
+
+    @classmethod
+    def from_csv(
+        cls, path: str | os.PathLike, *, metric: str = "val_accuracy", mode: str = "max"
+    ) -> SearchResult:
+        """Read trials written by :meth:`to_csv` (same ``metric``): the columns before ``metric``
+        are hyperparameters, read back as int, float or str; the rest are metrics.
+        """
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        header, rows = rows[0], rows[1:]
+        if metric not in header:
+            raise ValueError(f"from_csv: {path} has no column {metric!r}; columns: {header}")
+        first_metric = header.index(metric)
+        names = header[4:]
+        trials = []
+        for r in rows:
+            values = {n: _parse(v) for n, v in zip(names, r[4:], strict=True) if v != ""}
+            trials.append(
+                Trial(
+                    index=int(r[0]),
+                    round=int(r[1]),
+                    status=r[2],
+                    diverged_step=None if r[3] == "" else int(r[3]),
+                    params={n: values[n] for n in header[4:first_metric] if n in values},
+                    metrics={n: float(values[n]) for n in header[first_metric:] if n in values},
+                )
+            )
+        return cls(trials=trials, metric=metric, mode=_check_mode(mode, "from_csv"))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float | np.floating):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _parse(s: str):
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
+        return s[1:-1]
+    return s
+
+
+def _check_mode(mode, who):
+    if mode not in ("max", "min"):
+        raise ValueError(f"{who}: mode must be 'max' or 'min', got {mode!r}")
+    return mode
+
+
+def _scalar_outputs(out, metric, who):
+    """train_fn's output as a flat dict of scalars; '__nan_step__' from a History."""
+    if not isinstance(out, Mapping):
+        raise TypeError(
+            f"{who}: train_fn(hparams, key) must return a dict of scalar metrics containing "
+            f"{metric!r} (and optionally a History under any key), got {type(out).__name__}"
+        )
+    if metric not in out:
+        raise ValueError(
+            f"{who}: train_fn's output has no metric {metric!r}; it returned keys "
+            f"{sorted(map(str, out))}. Return it, or pass metric= one of those"
+        )
+    flat = {}
+    for k, v in out.items():
+        if isinstance(v, History):
+            flat["__nan_step__"] = jnp.asarray(v.nan_step, jnp.int32)
+            continue
+        if not isinstance(k, str):
+            raise TypeError(f"{who}: train_fn's output keys must be str, got {k!r}")
+        shape = jnp.shape(v)
+        if shape != ():
+            raise ValueError(
+                f"{who}: train_fn's output {k!r} must be a scalar per trial, got shape {shape}; "
+                "reduce it (e.g. the last value) or return the History itself"
+            )
+        flat[k] = jnp.asarray(v, jnp.float32)
+    return flat
+
+
+def _devices(devices):
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("random_search: devices is empty")
+    return devices
+
+
+def _make_programs(train_fn, static_items, metric, who):
+    static = dict(static_items)
+
+    def one(hp_traced, key):
+        return _scalar_outputs(train_fn({**hp_traced, **static}, key), metric, who)
+
+    return one, jax.jit(jax.vmap(one))
+
+
+# The same train_fn searched again (coarse_to_fine's rounds, repeated searches) reuses its
+# compiled program: jit caches by function identity, so the vmapped function is kept per
+# (train_fn, static values, metric).
+_cached_programs = functools.lru_cache(maxsize=32)(_make_programs)
+
+
+def _programs(train_fn, static_items, metric, who):
+    try:
+        return _cached_programs(train_fn, static_items, metric, who)
+    except TypeError:  # unhashable static options: build afresh
+        return _make_programs(train_fn, static_items, metric, who)
+
+
+def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
+    """Run the trials of one group (same static values) in vmapped chunks; numpy outputs."""
+    n = len(keys)
+    one, program = _programs(train_fn, tuple(static.items()), metric, who)
+    # Check the output structure once, before compiling the vmapped program.
+    jax.eval_shape(one, {k: v[0] for k, v in hp.items()}, keys[0])
+    nd = len(devices)
+    chunk = n if chunk_size is None else min(chunk_size, n)
+    chunk = -(-chunk // nd) * nd  # a multiple of the device count, so the trial axis divides
+    sharding = None
+    if nd > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("trials",))
+        sharding = NamedSharding(mesh, P("trials"))
+    outs = []
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        # Pad the last chunk by repeating its last trial, so one compiled program serves all.
+        idx = np.minimum(np.arange(start, start + chunk), stop - 1)
+        args = ({k: jnp.asarray(v[idx]) for k, v in hp.items()}, keys[idx])
+        if sharding is not None:
+            args = jax.device_put(args, sharding)
+        res = jax.tree.map(np.asarray, program(*args))
+        outs.append({k: v[: stop - start] for k, v in res.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def _border_check(space, best, border):
+    at = {}
+    if best is None:
+        return at
+    for name, dist in space.items():
+        if isinstance(dist, Choice) or name not in best.params:
+            continue
+        v = float(best.params[name])
+        if isinstance(dist, LogUniform):
+            pos = (math.log(v) - math.log(dist.lo)) / (math.log(dist.hi) - math.log(dist.lo))
+        else:
+            pos = (v - dist.lo) / (dist.hi - dist.lo)
+        if pos < border:
+            at[name] = "low"
+        elif pos > 1 - border:
+            at[name] = "high"
+    return at
+
+
+def _warn_border(result, border, stacklevel):
+    for name, side in result.at_border.items():
+        dist = result.space[name]
+        scale = " (log scale)" if isinstance(dist, LogUniform) else ""
+        warnings.warn(
+            f"the best {result.metric} ({result.best.metrics[result.metric]:.4g}) has {name}="
+            f"{result.best.params[name]:.4g}, within {border:.0%} of the {side} end of its range "
+            f"[{dist.lo:.4g}, {dist.hi:.4g}]{scale}: the optimum may lie outside it; move the "
+            "range and search again",
+            BorderWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices, round_, who):
+    if isinstance(num_trials, bool) or not isinstance(num_trials, int | np.integer):
+        raise TypeError(f"{who}: num_trials must be an int, got {num_trials!r}")
+    if num_trials < 1:
+        raise ValueError(f"{who}: num_trials must be at least 1, got {num_trials}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"{who}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not callable(train_fn):
+        raise TypeError(f"{who}: train_fn must be callable, got {train_fn!r}")
+    sample_key, trial_key = jax.random.split(key)
+    values = _sample(space, num_trials, sample_key)
+    keys = jax.random.split(trial_key, num_trials)
+    static_names = [n for n, d in space.items() if isinstance(d, Choice) and not _is_numeric(d)]
+    traced_names = [n for n in space if n not in static_names]
+    # Group by option position, not value: options need not be hashable.
+    groups: dict[tuple, list[int]] = {}
+    for i in range(num_trials):
+        combo = tuple(space[n].options.index(values[n][i]) for n in static_names)
+        groups.setdefault(combo, []).append(i)
+    results: dict[int, dict] = {}
+    for combo, members in groups.items():
+        idx = np.asarray(members)
+        out = _run_group(
+            train_fn,
+            {n: values[n][idx] for n in traced_names},
+            {n: space[n].options[j] for n, j in zip(static_names, combo, strict=True)},
+            keys[idx],
+            chunk_size,
+            _devices(devices),
+            metric,
+            who,
+        )
+        for j, i in enumerate(members):
+            results[i] = {k: v[j] for k, v in out.items()}
+    trials = []
+    for i in range(num_trials):
+        out = results[i]
+        nan_step = int(out.pop("__nan_step__", -1))
+        metrics = {k: float(v) for k, v in out.items()}
+        diverged = nan_step >= 0 or not math.isfinite(metrics[metric])
+        params = {n: _py(values[n][i]) for n in space}
+        trials.append(
+            Trial(
+                index=i,
+                params=params,
+                metrics=metrics,
+                status="diverged" if diverged else "ok",
+                diverged_step=nan_step if nan_step >= 0 else None,
+                round=round_,
+            )
+        )
+    return trials
+
+
+def _py(v):
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
+
+
+def random_search(
+    train_fn: Callable[[dict, jax.Array], dict],
+    space: Mapping[str, LogUniform | Uniform | Choice],
+    num_trials: int,
+    key: jax.Array,
+    *,
+    chunk_size: int | None = None,
+    metric: str = "val_accuracy",
+    mode: str = "max",
+    devices: Sequence[jax.Device] | None = None,
+    border: float = 0.1,
+) -> SearchResult:
+    """Random search, the trials trained in parallel: ``jax.vmap`` over hyperparameters and keys.
+
+    ``num_trials`` configurations are drawn from ``space`` and each gets its own PRNG key; then
+    ``jax.jit(jax.vmap(train_fn))`` trains ``chunk_size`` trials at once in one compiled program
+    (chunks bound the memory; the last chunk is padded so one program serves all). With several
+    devices the trial axis is sharded over them (a ``NamedSharding`` over a 1-D mesh), the same
+    program partitioned by XLA; the chunk size is rounded up to a multiple of the device count.
+
+    ``train_fn(hparams, key)`` receives a dict with one scalar per hyperparameter: a traced
+    float32 for ``log_uniform``/``uniform``, a traced int32/float32 for numeric ``choice``, and
+    the Python value itself for non-numeric ``choice`` options (trials are grouped by those, one
+    vmapped program per group). Pass traced values to optax as hyperparameters, e.g.
+    ``optax.inject_hyperparams(optax.sgd)(learning_rate=hparams["learning_rate"])``, so that one
+    program serves every learning rate. It returns a dict of scalars containing ``metric``;
+    a :class:`History` (from :func:`fit`) may be included under any key, and its ``nan_step``
+    then marks the trial diverged at that step. A trial whose loss or metric is NaN/Inf is
+    marked ``"diverged"``, reported in the table with its step, and never stops the search.
+
+    The same ``key`` gives the same trials and results (each hyperparameter has its own stream,
+    so adding one leaves the others' samples unchanged). Trial ``i`` trains with the key
+    ``jax.random.split(jax.random.split(key)[1], num_trials)[i]``, whatever the chunking and the
+    devices, so any trial can be rerun alone.
+
+    Args:
+      train_fn: ``train_fn(hparams, key) -> {metric: scalar, ...}``, pure and traceable.
+      space: ``{name: log_uniform(lo, hi) | uniform(lo, hi) | choice(*options)}``.
+      num_trials: number of configurations (>= 1).
+      key: PRNG key.
+      chunk_size: trials per vmapped call (default all of a group at once).
+      metric: the output to rank by.
+      mode: ``"max"`` or ``"min"``.
+      devices: devices to shard the trials over (default ``jax.devices()``).
+      border: fraction of a range (in log space for log_uniform) counted as its border (0
+        switches the check off).
+
+    Returns:
+      A :class:`SearchResult`: ``.trials``, ``.best``, ``.best_params``, ``.table()``,
+      ``.to_csv(path)``, ``.at_border``.
+
+    Raises:
+      TypeError: a space that is not a dict of distributions, a train_fn output that is not a
+        dict, a non-int num_trials.
+      ValueError: an empty space, num_trials < 1, a bad chunk_size or mode, a train_fn output
+        without ``metric`` or with non-scalar entries.
+
+    Warns:
+      BorderWarning: when the best value of a range lies within ``border`` of its ends (the
+        lecture: the optimum may lie outside; move the range).
+
+    References:
+      Bergstra & Bengio 2012, "Random search for hyper-parameter optimization".
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxnorm import training
+      >>> def train_fn(hp, key):  # a stand-in for training: best at x = 0.3
+      ...     return {"score": -(hp["x"] - 0.3) ** 2}
+      >>> result = training.random_search(
+      ...     train_fn, {"x": training.uniform(0.0, 1.0)}, 16, jax.random.key(0), metric="score")
+      >>> abs(result.best_params["x"] - 0.3) < 0.1
+      True
+    """
+    who = "random_search"
+    space = _check_space(space, who)
+    mode = _check_mode(mode, who)
+    trials = _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices, 0, who)
+    result = SearchResult(trials=trials, metric=metric, mode=mode, space=space, spaces=[space])
+    result.at_border = _border_check(space, result.best, border)
+    _warn_border(result, border, stacklevel=2)
+    return result
+
+
+def _narrow(space, trials, result_key, top_k):
+    top = sorted((t for t in trials if t.status == "ok"), key=result_key)[:top_k]
+    if not top:
+        return space
+    new = {}
+    for name, dist in space.items():
+        vals = [t.params[name] for t in top]
+        if isinstance(dist, Choice):
+            kept = tuple(o for o in dist.options if any(_same(o, v) for v in vals))
+            new[name] = Choice(kept or dist.options)
+            continue
+        f, inv = (math.log, math.exp) if isinstance(dist, LogUniform) else (float, float)
+        lo, hi = f(dist.lo), f(dist.hi)
+        a, b = min(map(f, vals)), max(map(f, vals))
+        # Keep a margin around the best trials: a quarter of their spread, and at least 5% of the
+        # current range, so one lucky trial does not collapse the range to a point.
+        pad = max(0.25 * (b - a), 0.05 * (hi - lo))
+        a, b = max(lo, a - pad), min(hi, b + pad)
+        new[name] = type(dist)(inv(a), inv(b))
+    return new
+
+
+def _same(a, b):
+    try:
+        return bool(a == b)
+    except Exception:  # pragma: no cover - exotic options
+        return a is b
+
+
+def coarse_to_fine(
+    train_fn: Callable[[dict, jax.Array], dict],
+    space: Mapping[str, LogUniform | Uniform | Choice],
+    num_trials: int,
+    key: jax.Array,
+    *,
+    rounds: int = 2,
+    top_k: int = 5,
+    chunk_size: int | None = None,
+    metric: str = "val_accuracy",
+    mode: str = "max",
+    devices: Sequence[jax.Device] | None = None,
+    border: float = 0.1,
+) -> SearchResult:
+    """Coarse-to-fine random search: each round narrows the ranges around the best trials.
+
+    Round 0 is :func:`random_search` over ``space``. Each later round searches the ranges spanned
+    by the ``top_k`` best trials so far (in log space for log_uniform), widened by a quarter of
+    their spread (at least 5% of the range) and kept inside the previous range; a ``choice``
+    keeps the options the top trials used. ``num_trials`` trials run per round.
+
+    Args:
+      train_fn, space, num_trials, key, chunk_size, metric, mode, devices, border: as in
+        :func:`random_search` (``num_trials`` per round).
+      rounds: number of rounds (>= 1).
+      top_k: trials that define the next round's ranges (>= 1).
+
+    Returns:
+      A :class:`SearchResult` with every round's trials (``Trial.round``), ``spaces`` (each
+      round's space), and the border check against the original ``space``.
+
+    Raises:
+      As :func:`random_search`; ValueError if rounds or top_k < 1.
+
+    Warns:
+      BorderWarning: the best value lies near the border of its original range.
+
+    Example:
+      >>> import jax
+      >>> from jaxnorm import training
+      >>> f = lambda hp, key: {"loss": (jax.numpy.log10(hp["lr"]) + 2.5) ** 2}
+      >>> r = training.coarse_to_fine(f, {"lr": training.log_uniform(1e-5, 1.0)}, 16,
+      ...                             jax.random.key(0), rounds=3, metric="loss", mode="min")
+      >>> r.spaces[-1]["lr"].hi < 1.0 and 1e-3 < r.best_params["lr"] < 1e-2
+      True
+    """
+    who = "coarse_to_fine"
+    space = _check_space(space, who)
+    mode = _check_mode(mode, who)
+    for name, v in (("rounds", rounds), ("top_k", top_k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{who}: {name} must be an int >= 1, got {v!r}")
+    result = SearchResult(trials=[], metric=metric, mode=mode, space=space)
+    current = space
+    for r in range(rounds):
+        if r > 0:
+            current = _narrow(current, result.trials, result._key, top_k)
+        result.spaces.append(current)
+        trials = _search(
+            train_fn,
+            current,
+            num_trials,
+            jax.random.fold_in(key, r),
+            chunk_size,
+            metric,
+            mode,
+            devices,
+            r,
+            who,
+        )
+        offset = len(result.trials)
+        result.trials += [dataclasses.replace(t, index=t.index + offset) for t in trials]
+    result.at_border = _border_check(space, result.best, border)
+    _warn_border(result, border, stacklevel=2)
+    return result

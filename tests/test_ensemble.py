@@ -1,0 +1,101 @@
+"""jaxnorm.training's ensembles: vmapped members, identical seeds, probability averaging."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnorm import data as jdata
+from jaxnorm import training
+
+
+@pytest.fixture(scope="module")
+def digits_tiny():
+    train, val, _ = jdata.digits(seed=0)
+    return (train.x[:128], train.y[:128]), (val.x[:64], val.y[:64])
+
+
+def _close_trees(a, b, **kw):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
+
+
+def test_identical_keys_give_one_model_and_vmap_equals_sequential(digits_tiny):
+    (xtr, ytr), _ = digits_tiny
+    model = training.mlp([64, 16, 10])
+    opt = optax.sgd(0.1, momentum=0.9)
+    kw = dict(num_steps=12, batch_size=32)
+    key = jax.random.key(5)
+    same = jnp.stack([key] * 3)
+    params, hist = training.train_ensemble(model, model.init, opt, (xtr, ytr), same, **kw)
+    k_init, k_train = jax.random.split(key)
+    p0, _ = model.init(k_init)
+    alone, h_alone = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))(
+        p0, k_train
+    )
+    for m in range(3):
+        _close_trees(jax.tree.map(lambda a, m=m: a[m], params), alone, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hist.loss[m], h_alone.loss, rtol=1e-5)
+    # Different keys: members differ, and each equals its own sequential training.
+    keys = jax.random.split(jax.random.key(6), 3)
+    params, hist = training.train_ensemble(model, model.init, opt, (xtr, ytr), keys, **kw)
+    assert not np.allclose(params[0]["w"][0], params[0]["w"][1])
+    k_init, k_train = jax.random.split(keys[2])
+    p2, _ = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))(
+        model.init(k_init)[0], k_train
+    )
+    _close_trees(jax.tree.map(lambda a: a[2], params), p2, rtol=1e-4, atol=1e-5)
+
+
+# optax's adam and schedules raise an int count to a float power.
+@pytest.mark.loose_promotion
+def test_ensemble_predict_averages_probabilities(digits_tiny):
+    (xtr, ytr), (xva, yva) = digits_tiny
+    model = training.mlp([64, 16, 10])
+    keys = jax.random.split(jax.random.key(0), 4)
+    params, _ = training.train_ensemble(
+        model, model.init, optax.adam(1e-2), (xtr, ytr), keys, num_steps=30, batch_size=32
+    )
+    apply = lambda p, x: model.apply(p, (), x, train=False)[0]
+    probs, members = training.ensemble_predict(apply, params, xva, return_members=True)
+    assert probs.shape == (64, 10) and members.shape == (4, 64, 10)
+    ref = []
+    for m in range(4):
+        z = np.asarray(apply(jax.tree.map(lambda a, m=m: a[m], params), xva), np.float64)
+        e = np.exp(z - z.max(1, keepdims=True))
+        ref.append(e / e.sum(1, keepdims=True))
+    np.testing.assert_allclose(members, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs, np.mean(ref, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    # The ensemble's log-loss is at most the members' mean (Jensen: -log is convex).
+    y = np.asarray(yva)
+    ens_nll = -np.mean(np.log(np.asarray(probs)[np.arange(64), y]))
+    member_nll = np.mean([-np.mean(np.log(r[np.arange(64), y])) for r in ref])
+    assert ens_nll <= member_nll + 1e-6
+
+
+def test_batch_norm_members_and_ema(digits_tiny):
+    (xtr, ytr), (xva, _) = digits_tiny
+    model = training.mlp([64, 16, 10], batch_norm=True)
+    keys = jax.random.split(jax.random.key(1), 2)
+    params, hist = training.train_ensemble(
+        model, model.init, optax.sgd(0.1), (xtr, ytr), keys, num_steps=5, ema_decay=0.9
+    )
+    assert hist.state[0].mean.shape == (2, 16)
+    assert jax.tree.structure(hist.ema_params) == jax.tree.structure(params)
+    apply = lambda ps, x: model.apply(ps[0], ps[1], x, train=False)[0]
+    probs = training.ensemble_predict(apply, (params, hist.state), xva)
+    assert probs.shape == (64, 10)
+
+
+def test_errors(digits_tiny):
+    (xtr, ytr), _ = digits_tiny
+    model = training.mlp([64, 10])
+    with pytest.raises(ValueError, match="keys must hold K >= 1 keys"):
+        training.train_ensemble(
+            model, model.init, optax.sgd(0.1), (xtr, ytr), jax.random.key(0), num_steps=1
+        )
+    with pytest.raises(ValueError, match="one leading member axis K on every leaf"):
+        training.ensemble_predict(
+            lambda p, x: x @ p["w"], {"w": jnp.ones((2, 64, 10)), "b": jnp.ones(3)}, xtr
+        )

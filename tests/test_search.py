@@ -1,0 +1,283 @@
+"""jaxnorm.training's random search: samplers, vmapped trials, divergence, borders, CSV, errors."""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnorm import data as jdata
+from jaxnorm import training
+
+
+def _echo(hp, key):
+    # Returns its hyperparameters, so the samples can be read back from the trials.
+    out = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items() if not isinstance(v, str)}
+    out["score"] = jnp.asarray(0.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_tiny():
+    train, val, _ = jdata.digits(seed=0)
+    return (train.x[:128], train.y[:128]), (val.x[:64], val.y[:64])
+
+
+def _mlp_train_fn(digits_tiny, num_steps=15, loss="cross_entropy"):
+    (xtr, ytr), (xva, yva) = digits_tiny
+    model = training.mlp([64, 16, 10])
+
+    def mse(params, batch, key):
+        # Squared error on one-hot targets grows without bound at a high learning rate, so a
+        # large one reliably overflows to NaN (cross-entropy of a ReLU net only grows linearly).
+        x, y = batch
+        logits, _ = model.apply(params, (), x, train=True)
+        return jnp.mean((logits - jax.nn.one_hot(y, 10)) ** 2)
+
+    def train_fn(hp, key):
+        k_init, k_train = jax.random.split(key)
+        params, _ = model.init(k_init)
+        opt = optax.inject_hyperparams(optax.sgd)(learning_rate=hp["learning_rate"], momentum=0.9)
+        params, hist = training.fit(
+            model if loss == "cross_entropy" else mse,
+            params,
+            opt,
+            (xtr, ytr),
+            key=k_train,
+            num_steps=num_steps,
+            batch_size=32,
+        )
+        val = training.evaluate(model, params, (xva, yva))
+        return {"val_accuracy": val["accuracy"], "val_loss": val["loss"], "history": hist}
+
+    return train_fn
+
+
+def _ks_uniform(u):
+    """Kolmogorov-Smirnov distance of samples u from U(0, 1)."""
+    u = np.sort(u)
+    n = len(u)
+    return max(np.max(np.arange(1, n + 1) / n - u), np.max(u - np.arange(n) / n))
+
+
+def test_sampler_distributions():
+    n = 2000
+    space = {
+        "lr": training.log_uniform(1e-5, 1e-1),
+        "dropout": training.uniform(0.2, 0.7),
+        "width": training.choice(16, 32, 64, 128),
+    }
+    result = training.random_search(_echo, space, n, jax.random.key(0), metric="score")
+    lr = np.array([t.params["lr"] for t in result.trials])
+    dropout = np.array([t.params["dropout"] for t in result.trials])
+    width = np.array([t.params["width"] for t in result.trials])
+    # KS test at about the 1% level: 1.63 / sqrt(n).
+    bound = 1.63 / math.sqrt(n)
+    assert lr.min() >= 1e-5 and lr.max() <= 1e-1
+    assert _ks_uniform((np.log10(lr) + 5) / 4) < bound
+    assert _ks_uniform((dropout - 0.2) / 0.5) < bound
+    assert set(width.tolist()) == {16, 32, 64, 128}
+    counts = np.array([(width == w).sum() for w in (16, 32, 64, 128)])
+    assert np.all(np.abs(counts - n / 4) < 4 * math.sqrt(n * 3 / 16))  # binomial, 4 sigma
+    # The traced values reach train_fn as the recorded ones.
+    np.testing.assert_allclose([t.metrics["lr"] for t in result.trials], lr, rtol=1e-7)
+    assert isinstance(result.trials[0].params["width"], int)
+
+
+def test_reproducible_and_chunking_does_not_change_results(digits_tiny):
+    train_fn = _mlp_train_fn(digits_tiny)
+    space = {"learning_rate": training.log_uniform(1e-3, 1.0)}
+    a = training.random_search(train_fn, space, 6, jax.random.key(7), border=0.0)
+    b = training.random_search(train_fn, space, 6, jax.random.key(7), chunk_size=4, border=0.0)
+    assert [t.params for t in a.trials] == [t.params for t in b.trials]
+    for ta, tb in zip(a.trials, b.trials, strict=True):
+        assert ta.status == tb.status
+        np.testing.assert_allclose(ta.metrics["val_loss"], tb.metrics["val_loss"], rtol=1e-5)
+    c = training.random_search(
+        _echo, {"learning_rate": space["learning_rate"]}, 6, jax.random.key(8), metric="score"
+    )
+    assert [t.params for t in a.trials] != [t.params for t in c.trials]
+    assert a.best.metrics["val_accuracy"] == max(
+        t.metrics["val_accuracy"] for t in a.trials if t.status == "ok"
+    )
+
+
+def test_vmapped_trials_equal_one_configuration_alone(digits_tiny):
+    train_fn = _mlp_train_fn(digits_tiny)
+    space = {"learning_rate": training.log_uniform(1e-2, 0.5)}
+    key = jax.random.key(3)
+    result = training.random_search(train_fn, space, 4, key, border=0.0)
+    keys = jax.random.split(jax.random.split(key)[1], 4)
+    single = jax.jit(train_fn)
+    for i in (0, 3):
+        t = result.trials[i]
+        out = single({"learning_rate": jnp.float32(t.params["learning_rate"])}, keys[i])
+        np.testing.assert_allclose(t.metrics["val_loss"], out["val_loss"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(t.metrics["val_accuracy"], out["val_accuracy"], atol=1e-6)
+
+
+def test_divergent_trial_is_reported_not_fatal(digits_tiny):
+    train_fn = _mlp_train_fn(digits_tiny, loss="mse")
+    space = {"learning_rate": training.log_uniform(1e-2, 1e6)}
+    result = training.random_search(train_fn, space, 8, jax.random.key(0), border=0.0)
+    diverged = result.diverged
+    assert diverged and len(diverged) < 8
+    for t in diverged:
+        assert t.status == "diverged" and t.diverged_step is not None and t.diverged_step >= 0
+        assert t.params["learning_rate"] > 50.0
+        assert f"diverged@{t.diverged_step}" in result.table()
+    assert result.best.status == "ok" and result.best.params["learning_rate"] < 50.0
+    assert f"{len(diverged)} of 8 trials diverged" in str(result)
+
+
+def test_all_trials_diverged():
+    def train_fn(hp, key):
+        return {"val_accuracy": jnp.float32(jnp.nan) * hp["x"]}
+
+    result = training.random_search(train_fn, {"x": training.uniform(0, 1)}, 3, jax.random.key(0))
+    assert result.best is None and result.best_params is None
+    assert all(t.status == "diverged" and t.diverged_step is None for t in result.trials)
+    assert "every trial diverged" in result.table()
+
+
+def test_border_warning():
+    def train_fn(hp, key):
+        return {"val_accuracy": hp["lr"] + 0.0 * hp["m"]}  # best at the top of lr's range
+
+    space = {"lr": training.log_uniform(1e-4, 1.0), "m": training.uniform(0.0, 1.0)}
+    with pytest.warns(training.BorderWarning, match=r"lr=.*high end of its range"):
+        result = training.random_search(train_fn, space, 64, jax.random.key(0))
+    assert result.at_border.get("lr") == "high"
+    assert "near the border" in str(result)
+
+    def centred(hp, key):
+        return {"val_accuracy": -((jnp.log10(hp["lr"]) + 2.0) ** 2)}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = training.random_search(
+            centred, {"lr": training.log_uniform(1e-4, 1.0)}, 64, jax.random.key(0)
+        )
+    assert result.at_border == {}
+
+
+def test_static_choices_are_grouped_and_csv_round_trip(tmp_path):
+    seen = []
+
+    def train_fn(hp, key):
+        seen.append(hp["act"])
+        assert isinstance(hp["act"], str) and isinstance(hp["width"], jax.Array)
+        bonus = {"relu": 1.0, "tanh": 0.5}[hp["act"]]
+        width = hp["width"].astype(jnp.float32)
+        return {"val_accuracy": bonus - hp["lr"] + 0.0 * width, "extra": hp["lr"] * 2}
+
+    space = {
+        "lr": training.log_uniform(1e-3, 1e-1),
+        "act": training.choice("relu", "tanh"),
+        "width": training.choice(8, 16),
+    }
+    result = training.random_search(train_fn, space, 10, jax.random.key(1), chunk_size=3)
+    assert set(seen) == {"relu", "tanh"}
+    assert result.best.params["act"] == "relu"
+    for t in result.trials:
+        assert t.metrics["val_accuracy"] == pytest.approx(
+            {"relu": 1.0, "tanh": 0.5}[t.params["act"]] - t.params["lr"], rel=1e-6
+        )
+    path = tmp_path / "trials.csv"
+    result.to_csv(path)
+    back = training.SearchResult.from_csv(path)
+    assert len(back.trials) == 10
+    for t, u in zip(result.trials, back.trials, strict=True):
+        assert (t.index, t.status, t.diverged_step, t.round) == (u.index, u.status, None, 0)
+        assert t.params == u.params and t.metrics == u.metrics
+    assert back.best.index == result.best.index
+    text = path.read_text().splitlines()
+    assert text[0] == "trial,round,status,diverged_step,lr,act,width,val_accuracy,extra"
+
+
+def test_coarse_to_fine_narrows_around_the_best():
+    def train_fn(hp, key):
+        return {"loss": (jnp.log10(hp["lr"]) + 2.5) ** 2 + (hp["wd"] - 0.3) ** 2}
+
+    space = {"lr": training.log_uniform(1e-6, 1.0), "wd": training.uniform(0.0, 1.0)}
+    result = training.coarse_to_fine(
+        train_fn, space, 16, jax.random.key(0), rounds=3, top_k=4, metric="loss", mode="min"
+    )
+    assert len(result.trials) == 48 and [t.round for t in result.trials[::16]] == [0, 1, 2]
+    assert len(result.spaces) == 3 and result.space == space
+    last = result.spaces[-1]
+    assert isinstance(last["lr"], training.LogUniform)
+    assert last["lr"].lo > 1e-6 and last["lr"].hi < 1.0 and last["lr"].lo < 10**-2.5 < last["lr"].hi
+    assert last["wd"].hi - last["wd"].lo < 1.0
+    best_round0 = min(t.metrics["loss"] for t in result.trials if t.round == 0)
+    assert result.best.metrics["loss"] <= best_round0
+    assert sorted(t.index for t in result.trials) == list(range(48))
+
+
+def test_errors():
+    key = jax.random.key(0)
+    space = {"x": training.uniform(0, 1)}
+    for lo, hi in ((0.0, 1.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="lo must be > 0"):
+            training.log_uniform(lo, hi)
+    with pytest.raises(ValueError, match=r"needs lo < hi, got lo=0\.1, hi=0\.01"):
+        training.log_uniform(0.1, 0.01)
+    with pytest.raises(ValueError, match=r"needs lo < hi, got lo=1\.0, hi=1\.0"):
+        training.uniform(1.0, 1.0)
+    with pytest.raises(ValueError, match="must be finite"):
+        training.uniform(0.0, math.inf)
+    with pytest.raises(TypeError, match="hi must be a real number"):
+        training.uniform(0.0, "1")
+    with pytest.raises(ValueError, match="choice needs at least one option"):
+        training.choice()
+    with pytest.raises(ValueError, match="the search space is empty"):
+        training.random_search(_echo, {}, 2, key)
+    with pytest.raises(TypeError, match="space must be a dict"):
+        training.random_search(_echo, [training.uniform(0, 1)], 2, key)
+    with pytest.raises(TypeError, match=r"space\['x'\] must be log_uniform"):
+        training.random_search(_echo, {"x": (0, 1)}, 2, key)
+    with pytest.raises(ValueError, match="num_trials must be at least 1, got 0"):
+        training.random_search(_echo, space, 0, key, metric="score")
+    with pytest.raises(TypeError, match="num_trials must be an int"):
+        training.random_search(_echo, space, 2.0, key, metric="score")
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min'"):
+        training.random_search(_echo, space, 2, key, metric="score", mode="best")
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        training.random_search(_echo, space, 2, key, metric="score", chunk_size=0)
+    with pytest.raises(TypeError, match="must return a dict of scalar metrics containing 'acc'"):
+        training.random_search(lambda hp, k: hp["x"], space, 2, key, metric="acc")
+    with pytest.raises(ValueError, match=r"no metric 'val_accuracy'; it returned keys \['acc'\]"):
+        training.random_search(lambda hp, k: {"acc": hp["x"]}, space, 2, key)
+    with pytest.raises(ValueError, match=r"'curve' must be a scalar per trial, got shape \(3,\)"):
+        training.random_search(
+            lambda hp, k: {"val_accuracy": hp["x"], "curve": jnp.ones(3)}, space, 2, key
+        )
+    with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+        training.coarse_to_fine(_echo, space, 2, key, rounds=0, metric="score")
+    with pytest.raises(ValueError, match="top_k must be an int >= 1"):
+        training.coarse_to_fine(_echo, space, 2, key, top_k=0, metric="score")
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one():
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(here, "_search_multidevice_script.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ALL OK" in proc.stdout, proc.stdout

@@ -1,0 +1,371 @@
+"""jaxnorm.training: the loop (fit/train), the MLP, Polyak averaging and the babysitting checks.
+
+References are independent: NumPy float64 gradient descent on a least-squares problem, NumPy
+softmax cross-entropy, and the EMA recursion written out in NumPy.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnorm import data as jdata
+from jaxnorm import training
+
+
+def _lsq_problem():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 5)).astype(np.float32)
+    y = rng.normal(size=(32,)).astype(np.float32)
+    return x, y
+
+
+def _lsq_loss(w, batch, key):
+    del key
+    x, y = batch
+    return jnp.mean((x @ w - y) ** 2)
+
+
+def _numpy_gd(x, y, lr, steps):
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    w = np.zeros(x.shape[1])
+    ws = []
+    for _ in range(steps):
+        g = 2.0 / len(y) * x.T @ (x @ w - y)
+        w = w - lr * g
+        ws.append(w.copy())
+    return np.asarray(ws)
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    train, val, _ = jdata.digits(seed=0)
+    return (train.x[:256], train.y[:256]), (val.x[:128], val.y[:128])
+
+
+def test_fit_full_batch_equals_numpy_gradient_descent():
+    x, y = _lsq_problem()
+    w, hist = training.fit(
+        _lsq_loss, jnp.zeros(5), optax.sgd(0.1), (x, y), key=jax.random.key(0), num_steps=30
+    )
+    ref = _numpy_gd(x, y, 0.1, 30)
+    np.testing.assert_allclose(w, ref[-1], rtol=1e-4, atol=1e-5)
+    ref_loss = [np.mean((x @ np.r_[np.zeros(5)] - y) ** 2)] + [
+        np.mean((x.astype(np.float64) @ wi - y) ** 2) for wi in ref[:-1]
+    ]
+    np.testing.assert_allclose(hist.loss, ref_loss, rtol=1e-4)
+    assert int(hist.nan_step) == -1 and not bool(hist.diverged)
+
+
+def test_minibatches_cover_each_epoch_once():
+    n, bs = 12, 4
+    ids = jnp.arange(n, dtype=jnp.float32)
+
+    def loss(w, batch, key):
+        (b,) = batch
+        return jnp.sum(w * b), {"ids": b}
+
+    _, hist = training.fit(
+        loss, jnp.zeros(()), optax.sgd(0.0), (ids,), key=jax.random.key(3), epochs=3, batch_size=bs
+    )
+    seen = np.asarray(hist.metrics["ids"]).reshape(3, n)
+    for epoch in seen:
+        assert sorted(epoch.tolist()) == list(range(n))
+    assert not np.array_equal(seen[0], seen[1])  # a fresh order each epoch
+
+
+def test_train_equals_fit_and_logs(digits_small):
+    (xtr, ytr), (xva, yva) = digits_small
+    model = training.mlp([64, 16, 10])
+    params, _ = model.init(jax.random.key(0))
+    opt = optax.sgd(0.1, momentum=0.9)
+    kw = dict(key=jax.random.key(1), num_steps=20, batch_size=32)
+    p_fit, h_fit = training.fit(model, params, opt, (xtr, ytr), **kw)
+    evals = []
+
+    def eval_fn(p):
+        evals.append(1)
+        return training.evaluate(model, p, (xva, yva))
+
+    p_tr, h_tr = training.train(
+        model, params, opt, (xtr, ytr), eval_fn=eval_fn, log_every=10, progress=False, **kw
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p_fit, p_tr)
+    np.testing.assert_allclose(h_fit.loss, h_tr.loss, rtol=1e-5)
+    assert h_tr.accuracy.shape == (20,)
+    assert h_tr.eval_step.tolist() == [10, 20] and len(evals) == 2
+    assert set(h_tr.eval_metrics) == {"loss", "accuracy"}
+    # update ratios: a tree shaped like params, one value per step
+    assert jax.tree.structure(h_tr.update_ratio) == jax.tree.structure(params)
+    assert h_tr.update_ratio[0]["w"].shape == (20,)
+
+
+def test_update_ratio_first_step_by_hand():
+    x, y = _lsq_problem()
+    w0 = jnp.ones(5)
+    _, hist = training.fit(
+        _lsq_loss,
+        w0,
+        optax.sgd(0.01),
+        (x, y),
+        key=jax.random.key(0),
+        num_steps=1,
+        update_ratios=True,
+    )
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    g = 2.0 / len(y) * x64.T @ (x64 @ np.ones(5) - y64)
+    expected = np.linalg.norm(0.01 * g) / np.linalg.norm(np.ones(5))
+    np.testing.assert_allclose(hist.update_ratio[0], expected, rtol=1e-4)
+
+
+def test_train_reports_nan_step_and_stops():
+    x, y = _lsq_problem()
+    with pytest.warns(training.DivergenceWarning, match=r"at step \d+; training stopped"):
+        _, hist = training.train(
+            _lsq_loss,
+            jnp.zeros(5),
+            optax.sgd(1e3),
+            (x, y),
+            key=jax.random.key(0),
+            num_steps=200,
+            log_every=5,
+            progress=False,
+        )
+    assert hist.diverged and hist.nan_step > 0
+    assert len(hist.loss) == hist.nan_step + 1 < 200
+    assert not np.isfinite(hist.loss[-1]) and np.all(np.isfinite(hist.loss[:-1]))
+    _, h_fit = training.fit(
+        _lsq_loss, jnp.zeros(5), optax.sgd(1e3), (x, y), key=jax.random.key(0), num_steps=200
+    )
+    assert int(h_fit.nan_step) == hist.nan_step
+
+
+# optax's adam and schedules raise an int count to a float power.
+@pytest.mark.loose_promotion
+def test_train_progress_bar_and_optax_schedules():
+    x, y = _lsq_problem()
+    schedule = optax.cosine_decay_schedule(0.1, 20)
+    for opt in (
+        optax.adam(schedule),
+        optax.inject_hyperparams(optax.rmsprop)(learning_rate=1e-2),
+        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05, momentum=0.9, nesterov=True)),
+    ):
+        _, hist = training.train(
+            _lsq_loss, jnp.zeros(5), opt, (x, y), key=jax.random.key(1), num_steps=20, batch_size=16
+        )
+        assert hist.loss.shape == (20,) and hist.loss[-5:].mean() < hist.loss[:5].mean()
+
+
+def test_ema_params_follow_the_numpy_recursion():
+    x, y = _lsq_problem()
+    decay = 0.8
+    _, hist = training.fit(
+        _lsq_loss,
+        jnp.zeros(5),
+        optax.sgd(0.1),
+        (x, y),
+        key=jax.random.key(0),
+        num_steps=10,
+        ema_decay=decay,
+    )
+    ema = np.zeros(5)
+    for w in _numpy_gd(x, y, 0.1, 10):
+        ema = decay * ema + (1 - decay) * w
+    np.testing.assert_allclose(hist.ema_params, ema, rtol=1e-4, atol=1e-6)
+
+
+def test_polyak_average_transform():
+    x, y = _lsq_problem()
+    decay = 0.7
+    opt = optax.chain(optax.sgd(0.1), training.polyak_average(decay))
+    w = jnp.zeros(5)
+    state = opt.init(w)
+    for _ in range(6):
+        g = jax.grad(_lsq_loss)(w, (x, y), None)
+        u, state = opt.update(g, state, w)
+        w = optax.apply_updates(w, u)
+    ema = np.zeros(5)
+    for wi in _numpy_gd(x, y, 0.1, 6):
+        ema = decay * ema + (1 - decay) * wi
+    np.testing.assert_allclose(training.polyak_params(state), ema, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(w, _numpy_gd(x, y, 0.1, 6)[-1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the params"):
+        opt.update(g, state)
+    with pytest.raises(ValueError, match="one PolyakState"):
+        training.polyak_params(optax.sgd(0.1).init(w))
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        training.polyak_average(1.0)
+
+
+def test_classification_loss_matches_numpy():
+    model = training.mlp([6, 5, 4])
+    params, state = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (9, 6))
+    y = jnp.arange(9) % 4
+    loss, (_, metrics) = training.classification_loss(model)(params, state, (x, y), None)
+    p = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in params]
+    h = np.maximum(np.asarray(x, np.float64) @ p[0]["w"] + p[0]["b"], 0)
+    z = h @ p[1]["w"] + p[1]["b"]
+    logp = z - z.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    np.testing.assert_allclose(loss, -logp[np.arange(9), np.asarray(y)].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], np.mean(z.argmax(1) == np.asarray(y)))
+
+
+@pytest.mark.parametrize(
+    ("init", "std"),
+    [
+        ("he_normal", math.sqrt(2 / 400)),
+        ("xavier_normal", math.sqrt(2 / 800)),
+        ("small_normal", 0.01),
+    ],
+)
+def test_mlp_initial_scale(init, std):
+    model = training.mlp([400, 400, 10], init=init)
+    params, state = model.init(jax.random.key(0))
+    assert state == ()
+    np.testing.assert_allclose(np.std(np.asarray(params[0]["w"])), std, rtol=0.03)
+    assert np.all(np.asarray(params[0]["b"]) == 0)
+
+
+# optax's adam and schedules raise an int count to a float power.
+@pytest.mark.loose_promotion
+def test_mlp_batch_norm_trains_and_updates_state(digits_small):
+    (xtr, ytr), (xva, yva) = digits_small
+    model = training.mlp([64, 32, 32, 10], batch_norm=True)
+    params, state = model.init(jax.random.key(0))
+    assert len(state) == 2 and "scale" in params[0] and "scale" not in params[-1]
+    _, hist = training.train(
+        model,
+        params,
+        optax.adam(1e-2),
+        (xtr, ytr),
+        key=jax.random.key(1),
+        num_steps=30,
+        batch_size=64,
+        state=state,
+        eval_fn=lambda p, s: training.evaluate(model, p, (xva, yva), state=s),
+        progress=False,
+    )
+    assert not np.allclose(hist.state[0].mean, 0)
+    assert hist.eval_metrics["accuracy"][-1] > 0.5
+    with pytest.raises(ValueError, match="has batch norm: pass the state"):
+        training.fit(model, params, optax.sgd(0.1), (xtr, ytr), key=jax.random.key(0), num_steps=1)
+
+
+def test_check_initial_loss(digits_small):
+    (xtr, ytr), _ = digits_small
+    model = training.mlp([64, 32, 10], init="small_normal")
+    params, _ = model.init(jax.random.key(0))
+    check = training.check_initial_loss(model, params, (xtr, ytr), num_classes=10)
+    assert check.ok and abs(check.expected - math.log(10)) < 1e-12
+    big = jax.tree.map(lambda a: 30.0 * a + 1.0, params)
+    bad = training.check_initial_loss(model, big, (xtr, ytr), num_classes=10)
+    assert not bad.ok and "too high" in bad.message
+
+
+# optax's adam and schedules raise an int count to a float power.
+@pytest.mark.loose_promotion
+def test_overfit_small_subset(digits_small):
+    (xtr, ytr), _ = digits_small
+    model = training.mlp([64, 50, 10])
+    params, _ = model.init(jax.random.key(0))
+    result = training.overfit_small_subset(
+        model, params, optax.adam(1e-2), (xtr, ytr), key=jax.random.key(1), num_steps=150
+    )
+    assert result.passed and result.accuracy == 1.0 and result.steps_to_target < 150
+    assert result.loss_curve.shape == (150,) and result.loss_curve[-1] < result.loss_curve[0]
+    assert "passed" in str(result)
+    stuck = training.overfit_small_subset(
+        model, params, optax.sgd(0.0), (xtr, ytr), key=jax.random.key(1), num_steps=5
+    )
+    assert not stuck.passed and "FAILED" in str(stuck)
+    with pytest.raises(ValueError, match="reports no accuracy"):
+        training.overfit_small_subset(
+            _lsq_loss, jnp.zeros(5), optax.sgd(0.1), _lsq_problem(), key=jax.random.key(0)
+        )
+    with pytest.raises(ValueError, match="fewer than num_examples=20"):
+        training.overfit_small_subset(
+            model, params, optax.sgd(0.1), (xtr[:5], ytr[:5]), key=jax.random.key(0)
+        )
+
+
+def test_learning_rate_scan_finds_ranges(digits_small):
+    (xtr, ytr), _ = digits_small
+    model = training.mlp([64, 32, 10])
+    params, _ = model.init(jax.random.key(0))
+    scan = training.learning_rate_scan(
+        model,
+        params,
+        (xtr, ytr),
+        key=jax.random.key(1),
+        learning_rates=10.0 ** np.arange(-6, 5),
+        num_steps=40,
+        batch_size=64,
+    )
+    assert scan.status[0] == "too_low" and scan.status[-1] == "too_high"
+    assert scan.too_low[0] == 1e-6 and scan.too_high[1] == 1e4
+    assert scan.too_high[0] > scan.best > scan.too_low[1]
+    lo, hi = scan.suggested
+    assert scan.too_low[1] < lo <= scan.best <= hi < scan.too_high[0]
+    assert "exploding / NaN (too high)" in str(scan)
+    with pytest.raises(ValueError, match="positive finite"):
+        training.learning_rate_scan(
+            model, params, (xtr, ytr), key=jax.random.key(0), learning_rates=[0.1, -1.0]
+        )
+
+
+def test_errors():
+    x, y = _lsq_problem()
+    key = jax.random.key(0)
+    w = jnp.zeros(5)
+    opt = optax.sgd(0.1)
+    with pytest.raises(ValueError, match="exactly one of num_steps and epochs"):
+        training.fit(_lsq_loss, w, opt, (x, y), key=key)
+    with pytest.raises(ValueError, match="exactly one of num_steps and epochs"):
+        training.fit(_lsq_loss, w, opt, (x, y), key=key, num_steps=1, epochs=1)
+    with pytest.raises(ValueError, match="batch_size=64 is larger than the 32 examples"):
+        training.fit(_lsq_loss, w, opt, (x, y), key=key, num_steps=1, batch_size=64)
+    with pytest.raises(ValueError, match="same leading size N"):
+        training.fit(_lsq_loss, w, opt, (x, y[:3]), key=key, num_steps=1)
+    with pytest.raises(ValueError, match="data is empty"):
+        training.fit(_lsq_loss, w, opt, (), key=key, num_steps=1)
+    with pytest.raises(TypeError, match="optax GradientTransformation"):
+        training.fit(_lsq_loss, w, 0.1, (x, y), key=key, num_steps=1)
+    with pytest.raises(TypeError, match="must be a callable or a Model"):
+        training.fit("mse", w, opt, (x, y), key=key, num_steps=1)
+    with pytest.raises(ValueError, match="num_steps must be at least 1"):
+        training.fit(_lsq_loss, w, opt, (x, y), key=key, num_steps=0)
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        training.fit(lambda w, b, k: b[0] @ w, w, opt, (x, y), key=key, num_steps=1)
+    with pytest.raises(TypeError, match=r"\(loss, dict of metrics\)"):
+        training.fit(lambda w, b, k: (1.0, 2.0, 3.0), w, opt, (x, y), key=key, num_steps=1)
+    with pytest.raises(ValueError, match="log_every must be at least 1"):
+        training.train(_lsq_loss, w, opt, (x, y), key=key, num_steps=1, log_every=0)
+    with pytest.raises(TypeError, match="eval_fn must return a dict"):
+        training.train(
+            _lsq_loss, w, opt, (x, y), key=key, num_steps=1, eval_fn=lambda p: 1.0, progress=False
+        )
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        training.fit(_lsq_loss, w, opt, (x, y), key=key, num_steps=1, ema_decay=1.5)
+    with pytest.raises(ValueError, match="at least an input and an output"):
+        training.mlp([3])
+    with pytest.raises(ValueError, match="every width must be at least 1"):
+        training.mlp([3, 0, 2])
+    with pytest.raises(TypeError, match="widths must be ints"):
+        training.mlp([3, 2.5, 2])
+    with pytest.raises(ValueError, match="unknown init 'glorot'"):
+        training.mlp([3, 2], init="glorot")
+    with pytest.raises(ValueError, match="unknown activation"):
+        training.mlp([3, 2], activation="relux")
+    model = training.mlp([3, 2])
+    params, state = model.init(key)
+    with pytest.raises(ValueError, match=r"expects x of shape \[N, 3\]"):
+        model.apply(params, state, jnp.ones((2, 4)), train=False)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        training.evaluate(model, params, (jnp.ones((2, 3)), jnp.ones(2)))
+    with pytest.raises(ValueError, match=r"integer labels of shape \[2\]"):
+        training.evaluate(model, params, (jnp.ones((2, 3)), jnp.ones((2, 1), jnp.int32)))
