@@ -1,8 +1,8 @@
 """Timing and reporting shared by every benchmark.
 
 Every figure is a ratio measured side by side in one run: the jaxnorm candidate, its anchor
-(jax.nn, flax, PyTorch, scikit-learn, ...) and, where it applies, the memory floor (a read+write copy
-of the same bytes). Timing warms up (compiles) first, blocks on the result, repeats and takes the
+(jax.nn, flax, PyTorch, scikit-learn, ...) and, where it applies, the memory floor (a read+write
+copy of the same bytes). Timing warms up (compiles) first, blocks on the result, repeats and takes the
 median. Absolute times mean something only on an accelerator; on CPU read the ratios.
 
 A benchmark module registers functions with :func:`benchmark`; each takes the size name
@@ -134,7 +134,8 @@ def _fmt(v, spec):
 def table(rows: list[Row]) -> str:
     """A Markdown table of ``rows`` with the ratios against anchor and floor."""
     lines = [
-        "| group | case | jaxnorm (ms) | anchor | anchor (ms) | x anchor | floor (ms) | x floor | note |",
+        "| group | case | jaxnorm (ms) | anchor | anchor (ms) | x anchor | floor (ms) | x floor "
+        "| note |",
         "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:

@@ -44,9 +44,13 @@ def _load():
 def main(argv=None) -> int:
     _load()
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    p.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {sorted(harness.REGISTRY)})")
+    p.add_argument(
+        "names", nargs="*", help=f"benchmarks to run (default: all of {sorted(harness.REGISTRY)})"
+    )
     p.add_argument("--size", choices=["small", "large"], default="small")
-    p.add_argument("--save", action="store_true", help="write benchmarks/results/<platform>-<size>.md")
+    p.add_argument(
+        "--save", action="store_true", help="write benchmarks/results/<platform>-<size>.md"
+    )
     p.add_argument("--list", action="store_true", help="list the benchmark names and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
         rows += harness.REGISTRY[name](args.size)
     header = (
         f"# jaxnorm benchmarks: {', '.join(names)} ({args.size})\n\n"
-        f"- device: {harness.device_name()} ({jax.device_count()} device(s)), jax {jax.__version__}, "
+        f"- device: {harness.device_name()} ({jax.device_count()} device(s)), "
+        f"jax {jax.__version__}, "
         f"python {platform.python_version()}, {platform.machine()}\n"
         f"- date: {datetime.date.today().isoformat()}\n"
         "- times are medians after warm-up; `x anchor` and `x floor` are jaxnorm time / other time "
