@@ -2,8 +2,8 @@
 
 Every figure is a ratio measured side by side in one run: the jaxnorm candidate, its anchor
 (jax.nn, flax, PyTorch, scikit-learn, ...) and, where it applies, the memory floor (a read+write
-copy of the same bytes). Timing warms up (compiles) first, blocks on the result, repeats and takes the
-median. Absolute times mean something only on an accelerator; on CPU read the ratios.
+copy of the same bytes). Timing warms up (compiles) first, blocks on the result, repeats and
+takes the median. Absolute times mean something only on an accelerator; on CPU read the ratios.
 
 A benchmark module registers functions with :func:`benchmark`; each takes the size name
 (``"small"`` or ``"large"``) and returns a list of :class:`Row`.
