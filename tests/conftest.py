@@ -23,3 +23,8 @@ def _no_x64_leak():
     before = jax.config.jax_enable_x64
     yield
     assert jax.config.jax_enable_x64 == before, "a test changed jax_enable_x64 globally"
+
+
+# Scripts that the multi-device tests run in a subprocess (with 8 host devices); pytest's
+# --doctest-modules must not import them in a 1-device process.
+collect_ignore_glob = ["_*_script.py"]
