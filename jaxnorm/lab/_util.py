@@ -1,0 +1,159 @@
+"""Small helpers shared by the lab's experiments: keys, verdicts, JSON-safe conversion, timing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+AGREES = "agrees"
+PARTLY = "partly agrees"
+DISAGREES = "disagrees"
+INCONCLUSIVE = "inconclusive"
+
+
+class Verdict(NamedTuple):
+    """Whether an experiment's numbers agree with the lecture's claim.
+
+    Attributes:
+      status: ``"agrees"``, ``"partly agrees"``, ``"disagrees"`` or ``"inconclusive"`` (the
+        experiment could not decide, e.g. a run diverged where a number was needed).
+      claim: the lecture's claim, in one sentence.
+      text: what the numbers say, with the numbers.
+      checks: ``{name: bool}`` the individual tests the status is computed from.
+    """
+
+    status: str
+    claim: str
+    text: str
+    checks: dict
+
+
+def verdict_from_checks(claim: str, checks: Mapping[str, bool | None], text: str) -> Verdict:
+    """``agrees`` when every check passes, ``disagrees`` when none does, else ``partly agrees``.
+
+    A check that is None could not be computed; when all are None the verdict is inconclusive.
+    """
+    known = [bool(v) for v in checks.values() if v is not None]
+    if not known:
+        status = INCONCLUSIVE
+    elif all(known):
+        status = AGREES
+    elif not any(known):
+        status = DISAGREES
+    else:
+        status = PARTLY
+    return Verdict(
+        status, claim, text, {k: (None if v is None else bool(v)) for k, v in checks.items()}
+    )
+
+
+def as_key(key_or_seed: Any) -> jax.Array:
+    """A typed PRNG key from an int seed, or the key itself."""
+    if isinstance(key_or_seed, bool):
+        raise TypeError(f"expected a PRNG key or an int seed, got {key_or_seed!r}")
+    if isinstance(key_or_seed, int | np.integer):
+        return jax.random.key(int(key_or_seed))
+    key = jax.numpy.asarray(key_or_seed)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype == np.uint32 and key.shape == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(
+        f"expected a PRNG key (jax.random.key(0)) or an int seed, got an array of dtype "
+        f"{key.dtype} and shape {key.shape}"
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """Every JAX array of ``tree`` as a NumPy array (results stay plain data)."""
+    return jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, tree)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``float(value)``, or None when it is NaN or infinite (JSON has no NaN)."""
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` as JSON-safe Python data: NamedTuples and dataclasses become dicts, arrays lists.
+
+    NaN and infinities become None (``null``), since JSON has no literal for them.
+    """
+    if obj is None or isinstance(obj, bool | str):
+        return obj
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return finite_or_none(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return {k: to_jsonable(v) for k, v in zip(obj._fields, obj, strict=True)}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, jax.Array | np.ndarray):
+        a = np.asarray(obj)
+        if a.dtype.kind in "biu":
+            return a.tolist()
+        if a.dtype.kind == "f":
+            a64 = a.astype(np.float64)
+            out = np.where(np.isfinite(a64), a64, np.nan).astype(object)
+            out[~np.isfinite(a64)] = None
+            return out.tolist()
+        return [to_jsonable(v) for v in a.tolist()]
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    return str(obj)
+
+
+class Stopwatch:
+    """Wall-clock seconds since creation (``time.perf_counter``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# XLA's backend optimisations cost more compile time than a quick run saves (tiny shapes, few
+# steps): quick mode switches them off, per compiled function, never globally.
+_QUICK_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
+def jit(fun: Any, *, quick: bool, **kwargs: Any) -> Any:
+    """``jax.jit(fun, **kwargs)``, compiled for compile speed in quick mode."""
+    if quick:
+        kwargs["compiler_options"] = _QUICK_COMPILER_OPTIONS
+    return jax.jit(fun, **kwargs)
+
+
+def compile_all(lowered: list) -> list:
+    """Compile several lowered programs at once, in threads (XLA releases the GIL).
+
+    Compile time dominates the lab's small programs; the cores compile in parallel.
+    """
+    if len(lowered) < 2:
+        return [lo.compile() for lo in lowered]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(lowered), 4)) as pool:
+        return list(pool.map(lambda lo: lo.compile(), lowered))
+
+
+def block(tree: Any) -> Any:
+    """Wait for every array of ``tree`` (so a timing covers the computation, not its dispatch)."""
+    return jax.block_until_ready(tree)

@@ -1,0 +1,329 @@
+"""Tests of jaxnorm.lab and the ``jaxnorm lab`` command (quick mode, one shared run)."""
+
+import dataclasses
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from jaxnorm import lab
+from jaxnorm.lab import _util, cli, report
+
+# One quick run serves the whole module: with `pytest -n ... --dist loadgroup` the module's tests
+# stay on one worker (with plain --dist load each worker runs its own quick run).
+pytestmark = pytest.mark.xdist_group("lab")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The documented fields of each experiment's result (the contract of its NamedTuple).
+FIELDS = {
+    "activations": (
+        lab.ActivationCurves,
+        "x names values derivatives properties measured agreement max_sigmoid_derivative",
+    ),
+    "convergence": (
+        lab.Convergence,
+        "activations init epoch_accuracy target epochs_to_target seconds_per_epoch "
+        "seconds_to_target epoch_ratio_to_tanh time_ratio_to_tanh widths learning_rate "
+        "batch_size epochs num_seeds",
+    ),
+    "init": (
+        lab.InitStatistics,
+        "labels activation init layer_mean layer_std saturated_fraction dead_fraction "
+        "hist_counts hist_edges std_ratio num_layers width num_examples",
+    ),
+    "preprocessing": (
+        lab.PreprocessingViews,
+        "stages points mean cov var_population digit_images digit_zca digit_offdiag_corr "
+        "digit_distance zca_eps notes",
+    ),
+    "batchnorm": (
+        lab.BatchNormGrid,
+        "learning_rates init_stds accuracy diverged threshold max_good_lr init_spread num_good "
+        "widths num_steps batch_size",
+    ),
+    "gradcheck": (
+        lab.GradientCheck,
+        "passed leaves report control_passed control_failed_leaves",
+    ),
+    "babysitting": (
+        lab.Babysitting,
+        "initial_loss expected_loss initial_loss_ok loss_with_regularisation overfit_passed "
+        "overfit_steps overfit_loss overfit_accuracy learning_rates update_ratio median_ratio "
+        "final_loss best_lr best_median_ratio",
+    ),
+    "search": (
+        lab.Search,
+        "learning_rate weight_decay val_accuracy round diverged spaces best round_median "
+        "round_best at_border notes num_steps",
+    ),
+    "ensembles": (
+        lab.Ensembles,
+        "member_accuracy member_loss ensemble_accuracy ensemble_loss polyak_accuracy "
+        "polyak_loss ema_decay train_loss num_members num_steps learning_rate",
+    ),
+}
+STATUSES = {"agrees", "partly agrees", "disagrees", "inconclusive"}
+
+
+def _reject_constant(name):
+    raise ValueError(f"results.json contains the non-JSON constant {name}")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One in-process ``jaxnorm lab --quick`` run shared by the tests; records the outcomes."""
+    out = tmp_path_factory.mktemp("lab") / "report"
+    outcomes = {}
+    original = lab.run_experiment
+
+    def recording(*args, **kwargs):
+        outcome = original(*args, **kwargs)
+        outcomes[outcome.name] = outcome
+        return outcome
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lab, "run_experiment", recording)
+        rc = cli.main(["lab", "--quick", "--quiet", "--out", str(out)])
+    return types.SimpleNamespace(out=out, rc=rc, outcomes=outcomes)
+
+
+def test_quick_run_succeeds(quick_run):
+    errors = {n: o.error for n, o in quick_run.outcomes.items() if o.error}
+    assert not errors, errors
+    assert quick_run.rc == 0
+    assert list(quick_run.outcomes) == list(lab.EXPERIMENTS)
+
+
+def test_index_html_is_self_contained(quick_run):
+    page = (quick_run.out / "index.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert page.count("data:image/png;base64,") == len(lab.EXPERIMENTS)
+    # Nothing loaded or linked from outside: no http(s) or protocol-relative src/href.
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
+    assert "<script" not in page.lower()
+    for name in lab.EXPERIMENTS:
+        assert f'id="{name}"' in page
+    assert not list(quick_run.out.glob("*.tmp")) and not list(quick_run.out.glob(".*.tmp"))
+
+
+def test_results_json_has_every_experiment(quick_run):
+    text = (quick_run.out / "results.json").read_text(encoding="utf-8")
+    data = json.loads(text, parse_constant=_reject_constant)
+    assert data["quick"] is True and data["seed"] == 0
+    assert list(data["experiments"]) == list(lab.EXPERIMENTS)
+    for name, entry in data["experiments"].items():
+        assert entry["status"] == "ok", (name, entry["error"])
+        assert entry["verdict"]["status"] in STATUSES
+        assert entry["verdict"]["checks"], name
+        assert entry["table"]["columns"] and entry["table"]["rows"], name
+        assert set(FIELDS[name][1].split()) == set(entry["result"]), name
+
+
+def test_page_numbers_are_in_results_json(quick_run):
+    page = (quick_run.out / "index.html").read_text(encoding="utf-8")
+    data = json.loads((quick_run.out / "results.json").read_text(encoding="utf-8"))
+    for name, entry in data["experiments"].items():
+        assert html.escape(entry["verdict"]["text"]) in page, name
+        for row in entry["table"]["rows"]:
+            for cell in row:
+                assert html.escape(cell) in page, (name, cell)
+
+
+@pytest.mark.parametrize("name", list(FIELDS))
+def test_experiment_returns_documented_fields(quick_run, name):
+    cls, fields = FIELDS[name]
+    result = quick_run.outcomes[name].result
+    assert isinstance(result, cls)
+    assert result._fields == tuple(fields.split())
+    for field in result._fields:  # every field is documented in the class docstring
+        assert re.search(rf"\b{field}\b", cls.__doc__), (name, field)
+    for value in result:  # host data only, no device arrays
+        assert not type(value).__module__.startswith("jax"), (name, type(value))
+    assert lab.EXPERIMENTS[name].verdict(result).status in STATUSES
+
+
+def test_experiment_values(quick_run):
+    r = {n: o.result for n, o in quick_run.outcomes.items()}
+    a = r["activations"]
+    assert a.values.shape == a.derivatives.shape == (len(a.names), a.x.shape[0])
+    # The derivative curves are jax.grad's: compare with a centred difference of the values.
+    numeric = np.gradient(a.values, a.x, axis=1)
+    i = a.names.index("tanh")
+    np.testing.assert_allclose(a.derivatives[i, 1:-1], numeric[i, 1:-1], atol=2e-3)
+    init = r["init"]
+    assert init.layer_std.shape == (5, 10) and init.hist_counts.shape[:2] == (5, 10)
+    np.testing.assert_array_equal(init.hist_counts.sum(-1), init.num_examples * init.width)
+    p = r["preprocessing"]
+    assert p.points.shape[0] == len(p.stages) == 6
+    np.testing.assert_allclose(p.cov[-1], np.eye(2), atol=1e-3)  # ZCA: identity covariance
+    assert r["gradcheck"].passed
+    bn = r["batchnorm"]
+    assert bn.accuracy.shape == (2, len(bn.learning_rates), len(bn.init_stds))
+    b = r["babysitting"]
+    assert abs(b.initial_loss - np.log(10)) < 0.1 * np.log(10)
+    s = r["search"]
+    assert s.learning_rate.shape == s.weight_decay.shape == s.val_accuracy.shape
+    e = r["ensembles"]
+    assert e.member_accuracy.shape == e.polyak_accuracy.shape == (e.num_members,)
+
+
+def test_only_in_a_subprocess(tmp_path):
+    out = tmp_path / "only"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxnorm",
+            "lab",
+            "--quick",
+            "--only",
+            "activations",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[1/1] activations" in proc.stderr and "agrees" in proc.stderr
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert list(data["experiments"]) == ["activations"]
+    assert "data:image/png;base64," in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_importing_the_lab_does_not_import_pyplot():
+    code = (
+        "import sys, jaxnorm, jaxnorm.lab; "
+        "print('matplotlib' in sys.modules, 'matplotlib.pyplot' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+
+
+def test_plots_return_figures_without_pyplot(quick_run):
+    from matplotlib.figure import Figure
+
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    for name, outcome in quick_run.outcomes.items():
+        fig = lab.EXPERIMENTS[name].plot(outcome.result)
+        assert isinstance(fig, Figure), name
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+
+
+def test_unknown_only_lists_known_names(tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lab", "--only", "activations", "nonsense", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "nonsense" in err
+    for name in lab.EXPERIMENTS:
+        assert name in err
+    assert not out.exists()  # nothing done before the error
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an experiment ran before --out was checked")
+
+    monkeypatch.setattr(lab, "run_experiment", forbidden)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lab", "--quick", "--out", str(blocker / "report")])
+    assert exc.value.code == 2
+    assert "cannot write the report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
+def test_failed_rendering_leaves_no_index_html(quick_run, tmp_path, monkeypatch, exc_type):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "index.html").write_text("previous report")
+    monkeypatch.setattr(lab, "run_experiment", lambda name, *a, **k: quick_run.outcomes[name])
+    calls = []
+    original = report._render_section
+
+    def failing(outcome, plot):
+        calls.append(outcome.name)
+        if len(calls) == 2:  # the page is half written
+            raise exc_type("simulated failure while rendering")
+        return original(outcome, plot)
+
+    monkeypatch.setattr(report, "_render_section", failing)
+    args = ["lab", "--quick", "--quiet", "--only", "activations", "gradcheck", "--out", str(out)]
+    if exc_type is KeyboardInterrupt:
+        assert cli.main(args) == 1
+    else:
+        with pytest.raises(RuntimeError, match="simulated"):
+            cli.main(args)
+    assert (out / "index.html").read_text() == "previous report"
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "results.json"]
+
+
+def test_verdicts_follow_the_numbers(quick_run):
+    """A result changed to contradict the lecture gets a verdict (and a page) that says so."""
+    init = quick_run.outcomes["init"].result
+    he_collapses = init._replace(std_ratio=np.asarray([1e-6, 1.0, 0.4, 0.04, 1e-3]))
+    v = lab.EXPERIMENTS["init"].verdict(he_collapses)
+    assert v.status == "partly agrees"
+    assert v.checks["relu + He keeps the scale (within 2x)"] is False
+
+    ens = quick_run.outcomes["ensembles"].result
+    worse = ens._replace(
+        ensemble_accuracy=0.0,
+        ensemble_loss=1e3,
+        polyak_accuracy=ens.member_accuracy - 0.1,
+        polyak_loss=ens.member_loss + 1.0,
+    )
+    v = lab.EXPERIMENTS["ensembles"].verdict(worse)
+    assert v.status == "disagrees"
+    outcome = quick_run.outcomes["ensembles"]._replace(result=worse, verdict=v)
+    section = report._render_section(outcome, None)
+    assert "Disagrees with the lecture" in section
+
+
+def test_json_safe_conversion():
+    @dataclasses.dataclass
+    class D:
+        a: float
+
+    data = _util.to_jsonable(
+        {
+            "x": np.asarray([1.0, np.nan, np.inf]),
+            "y": float("nan"),
+            "d": D(np.float32(2.0)),
+            1: (np.int64(3), np.bool_(True)),
+        }
+    )
+    assert data == {"x": [1.0, None, None], "y": None, "d": {"a": 2.0}, "1": [3, True]}
+    json.dumps(data, allow_nan=False)
+
+
+def test_experiment_key_is_independent_of_selection():
+    import jax
+
+    a = jax.random.key_data(lab.experiment_key(3, "init"))
+    b = jax.random.key_data(lab.experiment_key(3, "init"))
+    c = jax.random.key_data(lab.experiment_key(3, "search"))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="known"):
+        lab.run_experiment("nonsense")
