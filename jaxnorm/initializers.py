@@ -860,6 +860,22 @@ def gain(name: str, **kw: Any) -> float:
     return _sqrt(2.0 / (1.0 + a * a))
 
 
+def lsuv(model: Any, variables: Any, x: Any, **kwargs: Any) -> Any:
+    """Layer-sequential unit-variance initialisation (Mishkin & Matas 2015) of a Flax model.
+
+    Data-driven, so it runs the model: the implementation lives in
+    :func:`jaxnorm.diagnostics.lsuv` (next to the activation capture it uses) and this name
+    forwards to it with the same arguments (``key=``, ``tol=``, ``max_iter=``, ...).
+
+    References:
+      Mishkin & Matas 2015, "All you need is a good init".
+    """
+    # Imported here: the data-driven init runs a model, which diagnostics (a layer up) knows how.
+    from jaxnorm import diagnostics
+
+    return diagnostics.lsuv(model, variables, x, **kwargs)
+
+
 __all__ = [
     "Initializer",
     "gain",
@@ -867,6 +883,7 @@ __all__ = [
     "he_uniform",
     "lecun_normal",
     "lecun_uniform",
+    "lsuv",
     "orthogonal",
     "small_normal",
     "torch_linear_bias_default",

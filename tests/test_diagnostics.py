@@ -543,6 +543,22 @@ def test_lsuv_linen_conv_without_key_keeps_directions():
 
 
 @pytest.mark.loose_promotion
+def test_lsuv_under_its_design_name_in_initializers():
+    from jaxnorm import initializers
+
+    model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+    x = 5.0 * jax.random.normal(jax.random.key(0), (64, 6))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    new = initializers.lsuv(model, variables, x, key=jax.random.key(2), tol=0.05)
+    h = np.asarray(x, np.float64)
+    for i, act in ((0, lambda a: np.maximum(a, 0)), (2, None)):
+        h = _dense(new["params"][f"layers_{i}"], h)
+        assert abs(h.var() - 1.0) < 0.05, (i, h.var())
+        if act is not None:
+            h = act(h)
+
+
+@pytest.mark.loose_promotion
 def test_lsuv_nnx():
     class Net(nnx.Module):
         def __init__(self, rngs):
