@@ -15,6 +15,7 @@ a helper). Arguments must be arrays; bind static options (``num_pieces``, ``trai
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +25,8 @@ import numpy as np
 import pytest
 
 from jaxnorm import activations as A
+from jaxnorm import batchnorm as BN
+from jaxnorm import preprocessing as P
 from tests.helpers import FLOAT_DTYPES, to_f64, tol
 
 
@@ -103,8 +106,67 @@ ACTIVATION_CASES = [
     ),
 ]
 
-# The lead appends the other modules' cases here (initializers, batchnorm, preprocessing, ...).
-CASES: list[Case] = [*ACTIVATION_CASES]
+
+def _bn_args(key, dtype):
+    kx, ks = jax.random.split(key)
+    x = (jax.random.normal(kx, (8, 5), jnp.float32) * 3 + 1).astype(dtype)
+    scale = 1 + 0.1 * jax.random.normal(ks, (5,), jnp.float32)
+    return x, scale, jnp.full((5,), 0.3, jnp.float32)
+
+
+_BN_STATE = BN.BatchNormState(jnp.full((5,), 0.5), jnp.full((5,), 2.0), jnp.zeros(()))
+
+
+def _bn_out(x, scale, bias):
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    return (
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        BN.BatchNormState(f32((5,)), f32((5,)), f32(())),
+    )
+
+
+BATCHNORM_CASES = [
+    Case(
+        f"batch_norm_{mode}",
+        functools.partial(lambda x, s, b, **kw: BN.batch_norm(x, s, b, _BN_STATE, **kw), **kw),
+        _bn_args,
+        (0, None, None),
+        (0, 1, 2),
+        _bn_out,
+    )
+    for mode, kw in [
+        ("train", {"train": True}),
+        ("eval", {"train": False}),
+        ("train_relu", {"train": True, "activation": "relu"}),
+        ("train_mask", {"train": True, "mask": jnp.arange(8) < 6}),
+    ]
+]
+
+# Transforms fitted once on fixed float32 data; apply and inverse are the pure functions.
+_FIT_X = jax.random.normal(jax.random.key(7), (64, 5)) @ jnp.diag(jnp.arange(1.0, 6.0)) + 10.0
+_TRANSFORMS = {
+    "normalize": P.chain(P.zero_center(), P.normalize()),
+    "pca_whiten": P.pca_whiten(),
+    "zca_whiten": P.zca_whiten(),
+}
+_STATES = {name: t.fit(_FIT_X) for name, t in _TRANSFORMS.items()}
+
+
+def _shifted(key, dtype):
+    return ((jax.random.normal(key, (6, 5), jnp.float32) + 10.0).astype(dtype),)
+
+
+PREPROCESSING_CASES = [
+    Case(
+        f"{name}_{direction}",
+        functools.partial(lambda x, t, st, d: getattr(t, d)(st, x), t=t, st=_STATES[name], d=d),
+        _shifted,
+    )
+    for name, t in _TRANSFORMS.items()
+    for direction, d in (("apply", "apply"), ("inverse", "inverse"))
+]
+
+CASES: list[Case] = [*ACTIVATION_CASES, *BATCHNORM_CASES, *PREPROCESSING_CASES]
 
 _BY_DTYPE = [
     pytest.param(c, d, id=f"{c.name}-{jnp.dtype(d).name}") for c in CASES for d in c.dtypes
