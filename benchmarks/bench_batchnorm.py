@@ -143,10 +143,15 @@ def bench(size: str) -> list[harness.Row]:
                 "flax_relu": functools.partial(flax_relu, *args),
                 "copy": functools.partial(copy, x),
             }
+            reps = 9 if size == "large" else 15
+            t = harness.interleaved(fns, reps=reps)
             torch_step = _torch_step(shape, dtype)
             if torch_step is not None:
-                fns["torch"] = torch_step
-            t = harness.interleaved(fns, reps=9 if size == "large" else 15)
+                # Timed on its own, after the JAX functions: torch's OpenMP workers keep spinning
+                # for a while after each op, which slowed whichever JAX function ran next when
+                # torch was interleaved with them (jaxnorm, first in each round, read 1.4-1.5x
+                # flax that way and 0.9-1.0x with torch left out).
+                t["torch"] = harness.timeit(torch_step, reps=reps)
             floor = FLOOR_COPIES * t["copy"]
             case = f"{shape} {_name(dtype)}"
             layout = "NCHW" if len(shape) == 4 else "NC"
