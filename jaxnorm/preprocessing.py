@@ -108,13 +108,6 @@ class Moments(NamedTuple):
     m2: jax.Array
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    # Not jnp.promote_types: under jax_numpy_dtype_promotion="strict" bfloat16 and float32 have
-    # no promotion path. Low precision reduces in float32; float32 and float64 stay as they are.
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
-
-
 def _feature_axes(feature_axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return _checks.normalize_axes(feature_axes, ndim, "feature_axes")
 
@@ -140,7 +133,7 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
     centred sums, minus (sum d)^2 / n. No E[x^2] - E[x]^2, so an offset |mean| >> std costs no
     accuracy, and the correction removes the first-order error of the float32 mean.
     """
-    dt = _compute_dtype(x.dtype)
+    dt = _checks.compute_dtype(x.dtype)
     example_axes = tuple(a for a in range(x.ndim) if a not in axes)
     num_features = math.prod(x.shape[a] for a in axes)
     x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features).astype(dt)
@@ -518,12 +511,12 @@ def zero_center() -> Transform:
 
     def apply(state, x):
         x = _check_input(x, state.mean.shape, "zero_center.apply")
-        dt = _compute_dtype(x.dtype)
+        dt = _checks.compute_dtype(x.dtype)
         return (x.astype(dt) - _bcast(state.mean, x, dt)).astype(x.dtype)
 
     def inverse(state, z):
         z = _check_input(z, state.mean.shape, "zero_center.inverse", "z")
-        dt = _compute_dtype(z.dtype)
+        dt = _checks.compute_dtype(z.dtype)
         return (z.astype(dt) + _bcast(state.mean, z, dt)).astype(z.dtype)
 
     return Transform(_make_fit(fit_moments, False, "zero_center"), apply, inverse, fit_moments)
@@ -584,13 +577,13 @@ def normalize(eps: float = 0.0) -> Transform:
 
     def apply(state, x):
         x = _check_input(x, state.mean.shape, "normalize.apply")
-        dt = _compute_dtype(x.dtype)
+        dt = _checks.compute_dtype(x.dtype)
         y = (x.astype(dt) - _bcast(state.mean, x, dt)) / _bcast(state.scale, x, dt)
         return y.astype(x.dtype)
 
     def inverse(state, z):
         z = _check_input(z, state.mean.shape, "normalize.inverse", "z")
-        dt = _compute_dtype(z.dtype)
+        dt = _checks.compute_dtype(z.dtype)
         y = z.astype(dt) * _bcast(state.scale, z, dt) + _bcast(state.mean, z, dt)
         return y.astype(z.dtype)
 
@@ -722,7 +715,7 @@ def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Tr
     def apply(state, x):
         fs = state.mean.shape
         x = _check_input(x, fs, f"{name}.apply")
-        dt = _compute_dtype(x.dtype)
+        dt = _checks.compute_dtype(x.dtype)
         xc = _flat(x.astype(dt) - _bcast(state.mean, x, dt), fs)
         # The scale folded into the [D, k] matrix: one pass over x, one matmul.
         w = state.components.astype(dt).T * state.scale.astype(dt)[None, :]
@@ -732,7 +725,7 @@ def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Tr
         z = jnp.asarray(z)
         k = state.components.shape[0]
         z = _check_input(z, (k,), f"{name}.inverse", "z")
-        dt = _compute_dtype(z.dtype)
+        dt = _checks.compute_dtype(z.dtype)
         w = state.components.astype(dt) / state.scale.astype(dt)[:, None]
         x = _matmul(z.astype(dt), w).reshape(z.shape[:-1] + state.mean.shape)
         return (x + _bcast(state.mean, x, dt)).astype(z.dtype)
@@ -871,7 +864,7 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
     def _map(state, x, mat, what, sign):
         fs = state.mean.shape
         x = _check_input(x, fs, f"{name}.{what}", "x" if sign > 0 else "z")
-        dt = _compute_dtype(x.dtype)
+        dt = _checks.compute_dtype(x.dtype)
         if sign > 0:
             y = _matmul(_flat(x.astype(dt) - _bcast(state.mean, x, dt), fs), mat.astype(dt))
             return y.reshape(x.shape).astype(x.dtype)
