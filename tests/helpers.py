@@ -26,3 +26,31 @@ def to_f64(x) -> np.ndarray:
     if x.dtype == jnp.bfloat16:  # NumPy cannot cast bfloat16 to float64 directly
         x = x.astype(np.float32)
     return x.astype(np.float64)
+
+
+def run_on_8_cpu_devices(script: str, *, timeout: int = 600):
+    """Run ``tests/<script>`` in a subprocess that sees 8 host CPU devices.
+
+    The device count is fixed when JAX starts, so multi-device tests run their checks in a fresh
+    interpreter. Returns the ``subprocess.CompletedProcess`` (stdout and stderr as text).
+    """
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here.parent), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, str(here / script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

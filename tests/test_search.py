@@ -1,9 +1,6 @@
 """jaxnorm.training's random search: samplers, vmapped trials, divergence, borders, CSV, errors."""
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -14,6 +11,7 @@ import pytest
 
 from jaxnorm import data as jdata
 from jaxnorm import training
+from tests.helpers import run_on_8_cpu_devices
 
 
 def _echo(hp, key):
@@ -266,18 +264,6 @@ def test_errors():
 
 @pytest.mark.slow
 def test_eight_devices_equal_one():
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, os.path.join(here, "_search_multidevice_script.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    proc = run_on_8_cpu_devices("_search_multidevice_script.py", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout, proc.stdout
