@@ -40,7 +40,7 @@ CONFIG = {
 }
 
 
-def _problem(cfg):
+def _problem(cfg, data_key=None):
     train, val, _ = jdata.digits(seed=0)
     model = training.mlp(cfg["widths"])
 
@@ -58,6 +58,7 @@ def _problem(cfg):
             key=k_train,
             num_steps=cfg["steps"],
             batch_size=cfg["batch"],
+            data_key=data_key,
         )
         out = training.evaluate(model, params, tuple(val))
         return {"val_accuracy": out["accuracy"], "val_loss": out["loss"], "history": hist}
@@ -82,23 +83,29 @@ def _search_rows(cfg):
         "momentum": jax.random.uniform(jax.random.key(2), (n,), minval=0.5, maxval=0.95),
     }
     keys = jax.random.split(key, n)
-    vmapped = jax.jit(jax.vmap(train_fn))
-    single = jax.jit(train_fn)
-
-    def sequential(hp, keys):
-        return [single({k: v[i] for k, v in hp.items()}, keys[i]) for i in range(n)]
-
-    t = harness.interleaved({"vmap": vmapped, "loop": sequential}, hp, keys, warmup=1, reps=3)
+    # The same train_fn with one data_key for every trial (common random numbers).
+    shared_fn = _problem(cfg, data_key=jax.random.key(4))[2]
+    fns = {}
+    for name, fn in (("own", train_fn), ("shared", shared_fn)):
+        single = jax.jit(fn)
+        fns[f"vmap {name}"] = jax.jit(jax.vmap(fn))
+        fns[f"loop {name}"] = lambda hp, keys, single=single: [
+            single({k: v[i] for k, v in hp.items()}, keys[i]) for i in range(n)
+        ]
+    vmapped = fns["vmap own"]
+    t = harness.interleaved(fns, hp, keys, warmup=1, reps=3)
     rows = [
         harness.Row(
             "training",
-            f"search {n} trials, MLP {cfg['widths']}, {cfg['steps']} steps (compiled)",
-            t["vmap"],
+            f"search {n} trials, MLP {cfg['widths']}, {cfg['steps']} steps (compiled), "
+            + ("each trial its own minibatch order" if name == "own" else "one data_key"),
+            t[f"vmap {name}"],
             f"{n} sequential jit calls",
-            t["loop"],
+            t[f"loop {name}"],
             None,
-            f"{t['loop'] / t['vmap']:.1f}x faster",
+            f"{t[f'loop {name}'] / t[f'vmap {name}']:.1f}x faster",
         )
+        for name in ("own", "shared")
     ]
 
     # End to end: random_search (sampling, compile, run, table) vs the loop with its compile.
@@ -138,7 +145,10 @@ def _search_rows(cfg):
         note += f"; device peak_bytes_in_use {_mb(stats['peak_bytes_in_use'])}"
     rows.append(
         harness.Row(
-            "training", f"memory of one {n}-trial chunk, MLP {cfg['widths']}", t["vmap"], note=note
+            "training",
+            f"memory of one {n}-trial chunk, MLP {cfg['widths']}",
+            t["vmap own"],
+            note=note,
         )
     )
     return rows
@@ -152,29 +162,37 @@ def _ensemble_rows(cfg):
     data = tuple(train)
     keys = jax.random.split(jax.random.key(3), k)
 
-    @jax.jit
-    def vmapped(keys):
-        return training.train_ensemble(model, model.init, opt, data, keys, **kw)
+    fns = {}
+    for name, data_key in (("own", None), ("shared", jax.random.key(4))):
 
-    @jax.jit
-    def one(key):
-        k_init, k_train = jax.random.split(key)
-        return training.fit(model, model.init(k_init)[0], opt, data, key=k_train, **kw)
+        @jax.jit
+        def vmapped(keys, data_key=data_key):
+            return training.train_ensemble(
+                model, model.init, opt, data, keys, data_key=data_key, **kw
+            )
 
-    def sequential(keys):
-        return [one(keys[i]) for i in range(k)]
+        @jax.jit
+        def one(key, data_key=data_key):
+            k_init, k_train = jax.random.split(key)
+            params = model.init(k_init)[0]
+            return training.fit(model, params, opt, data, key=k_train, data_key=data_key, **kw)
 
-    t = harness.interleaved({"vmap": vmapped, "loop": sequential}, keys, warmup=1, reps=3)
+        fns[f"vmap {name}"] = vmapped
+        fns[f"loop {name}"] = lambda keys, one=one: [one(keys[i]) for i in range(k)]
+
+    t = harness.interleaved(fns, keys, warmup=1, reps=3)
     return [
         harness.Row(
             "training",
-            f"ensemble of {k}, MLP {cfg['widths']}, {cfg['steps']} steps",
-            t["vmap"],
+            f"ensemble of {k}, MLP {cfg['widths']}, {cfg['steps']} steps, "
+            + ("each member its own minibatch order" if name == "own" else "one data_key"),
+            t[f"vmap {name}"],
             f"{k} sequential jit calls",
-            t["loop"],
+            t[f"loop {name}"],
             None,
-            f"{t['loop'] / t['vmap']:.1f}x faster",
+            f"{t[f'loop {name}'] / t[f'vmap {name}']:.1f}x faster",
         )
+        for name in ("own", "shared")
     ]
 
 

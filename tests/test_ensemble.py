@@ -47,6 +47,26 @@ def test_identical_keys_give_one_model_and_vmap_equals_sequential(digits_tiny):
     _close_trees(jax.tree.map(lambda a: a[2], params), p2, rtol=1e-4, atol=1e-5)
 
 
+def test_shared_data_key_equals_sequential_fits(digits_tiny):
+    (xtr, ytr), _ = digits_tiny
+    model = training.mlp([64, 16, 10])
+    opt = optax.sgd(0.1, momentum=0.9)
+    kw = dict(num_steps=12, batch_size=32, data_key=jax.random.key(7))
+    keys = jax.random.split(jax.random.key(6), 3)
+    params, hist = training.train_ensemble(model, model.init, opt, (xtr, ytr), keys, **kw)
+    one = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))
+    for m in range(3):
+        k_init, k_train = jax.random.split(keys[m])
+        pm, hm = one(model.init(k_init)[0], k_train)
+        _close_trees(jax.tree.map(lambda a, m=m: a[m], params), pm, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hist.loss[m], hm.loss, rtol=1e-5)
+    # Without data_key the members' orders differ, and so do their trained weights.
+    own, _ = training.train_ensemble(
+        model, model.init, opt, (xtr, ytr), keys, num_steps=12, batch_size=32
+    )
+    assert not np.allclose(own[0]["w"][1], params[0]["w"][1])
+
+
 # optax's adam and schedules raise an int count to a float power.
 @pytest.mark.loose_promotion
 def test_ensemble_predict_averages_probabilities(digits_tiny):

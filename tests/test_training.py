@@ -77,6 +77,74 @@ def test_minibatches_cover_each_epoch_once():
     assert not np.array_equal(seen[0], seen[1])  # a fresh order each epoch
 
 
+def _batch_ids(key, data_key=None, n=12, bs=4, epochs=2):
+    def loss(w, batch, key):
+        (b,) = batch
+        return jnp.sum(w * b), {"ids": b}
+
+    ids = jnp.arange(n, dtype=jnp.float32)
+    _, hist = training.fit(
+        loss,
+        jnp.zeros(()),
+        optax.sgd(0.0),
+        (ids,),
+        key=key,
+        epochs=epochs,
+        batch_size=bs,
+        data_key=data_key,
+    )
+    return np.asarray(hist.metrics["ids"])
+
+
+def test_data_key_sets_the_minibatch_order_alone():
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    shared = jax.random.key(9)
+    # The default is the order drawn from key's first split, as before data_key existed.
+    np.testing.assert_array_equal(_batch_ids(k1), _batch_ids(k1, jax.random.split(k1)[0]))
+    assert not np.array_equal(_batch_ids(k1), _batch_ids(k2))
+    np.testing.assert_array_equal(_batch_ids(k1, shared), _batch_ids(k2, shared))
+    assert not np.array_equal(_batch_ids(k1, shared), _batch_ids(k1, jax.random.key(10)))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 37, 1078, 5000])
+def test_shuffled_indices_are_permutations(n):
+    p = np.asarray(training.shuffled_indices(jax.random.key(n), n, 3))
+    assert p.shape == (3, n) and p.dtype == np.int32
+    for row in p:
+        np.testing.assert_array_equal(np.sort(row), np.arange(n))
+    assert training.shuffled_indices(jax.random.key(0), n).shape == (n,)
+    if n > 3:
+        assert not np.array_equal(p[0], p[1])
+
+
+def test_shuffled_indices_are_uniform():
+    from scipy import stats
+
+    # All 24 orders of 4 items equally often (chi-square), over 24000 keys.
+    keys = jax.random.split(jax.random.key(0), 24000)
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: training.shuffled_indices(k, 4)))(keys))
+    codes = perms @ np.array([64, 16, 4, 1])
+    _, counts = np.unique(codes, return_counts=True)
+    assert counts.size == 24
+    assert stats.chisquare(counts).pvalue > 1e-3
+    # For n = 1078 (two packed rounds) every item lands in each tenth of the order equally often.
+    n, m = 1078, 2000
+    perms = np.asarray(training.shuffled_indices(jax.random.key(1), n, m))
+    decile = np.argsort(perms, axis=1)[:, :10] * 10 // n  # where items 0..9 went
+    for item in range(10):
+        counts = np.bincount(decile[:, item], minlength=10)
+        assert stats.chisquare(counts).pvalue > 1e-4, counts
+
+
+def test_shuffled_indices_large_n_falls_back(monkeypatch):
+    from jaxnorm.training import _loop
+
+    monkeypatch.setattr(_loop, "_MAX_INDEX_BITS", 4)  # n = 37 > 2**4 takes the fallback
+    p = np.asarray(training.shuffled_indices(jax.random.key(0), 37, 2))
+    for row in p:
+        np.testing.assert_array_equal(np.sort(row), np.arange(37))
+
+
 def test_train_equals_fit_and_logs(digits_small):
     (xtr, ytr), (xva, yva) = digits_small
     model = training.mlp([64, 16, 10])

@@ -39,6 +39,7 @@ from jaxnorm.training._loop import (
     fit,
     polyak_average,
     polyak_params,
+    shuffled_indices,
     train,
 )
 from jaxnorm.training._model import Model, classification_loss, evaluate, mlp
@@ -85,6 +86,7 @@ __all__ = [
     "polyak_average",
     "polyak_params",
     "random_search",
+    "shuffled_indices",
     "train",
     "train_ensemble",
     "uniform",

@@ -121,11 +121,54 @@ def _adapt_loss(loss_fn, state, who):
     return stateless, ()
 
 
+# Indices up to 2**_MAX_INDEX_BITS are shuffled with packed one-operand sorts; above that the
+# random part of a packed key would be too short, and jax.random.permutation is used instead.
+_MAX_INDEX_BITS = 20
+
+
+def shuffled_indices(key: jax.Array, n: int, num: int | None = None) -> jax.Array:
+    """Uniformly random permutations of ``range(n)``: shape ``(n,)``, or ``(num, n)``.
+
+    What :func:`fit` and :func:`train` draw their minibatch order from. It is
+    ``jax.random.permutation``'s algorithm, random sort keys applied in rounds (Rao-Sandelius),
+    but each round sorts a single uint32 array whose high bits are random and whose low bits hold
+    the position. XLA's sort of one primitive array is several times faster than the key-value
+    sort ``jax.random.permutation`` runs, which under ``vmap`` over 64 trials on CPU took a third
+    of a search's time. Ties of the random part keep the previous order, so each round has
+    ``32 - ceil(log2 n)`` random bits, and the number of rounds is chosen, as JAX does for its
+    32 bits, so that ties are rare: 1 round for n up to 2**9, 2 up to 2**12, 5 at 2**20.
+    Larger n falls back to ``jax.random.permutation``.
+
+    Example:
+      >>> import jax
+      >>> from jaxnorm import training
+      >>> sorted(training.shuffled_indices(jax.random.key(0), 5).tolist())
+      [0, 1, 2, 3, 4]
+    """
+    shape = (n,) if num is None else (num, n)
+    if n <= 1:
+        return jnp.zeros(shape, jnp.int32)
+    index_bits = max(1, math.ceil(math.log2(n)))
+    if index_bits > _MAX_INDEX_BITS:
+        keys = jax.random.split(key, 1 if num is None else num)
+        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys).astype(jnp.int32)
+        return perms.reshape(shape)
+    random_bits = 32 - index_bits
+    rounds = max(1, math.ceil(3 * math.log(n) / (random_bits * math.log(2))))
+    low = jnp.uint32((1 << index_bits) - 1)
+    position = jnp.broadcast_to(jnp.arange(n, dtype=jnp.uint32), shape)
+    perm = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), shape)
+    for k in jax.random.split(key, rounds):
+        high = jax.random.bits(k, shape, jnp.uint32) << index_bits
+        order = (jnp.sort(high | position, axis=-1) & low).astype(jnp.int32)
+        perm = jnp.take_along_axis(perm, order, axis=-1)
+    return perm
+
+
 def _permutations(key, plan: _Plan):
     if plan.batch_size == plan.n:
         return None  # full batch: every step sees all of data, in order
-    keys = jax.random.split(key, plan.num_epochs)
-    return jax.vmap(lambda k: jax.random.permutation(k, plan.n))(keys)
+    return shuffled_indices(key, plan.n, plan.num_epochs)
 
 
 def _make_step(loss, optimizer, plan: _Plan, ema_decay, track_ratio, who):
@@ -190,6 +233,7 @@ def fit(
     num_steps: int | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
+    data_key: jax.Array | None = None,
     state: Any = None,
     ema_decay: float | None = None,
     update_ratios: bool = False,
@@ -215,6 +259,12 @@ def fit(
       num_steps: number of steps (exactly one of num_steps and epochs).
       epochs: number of passes over data (``N // batch_size`` steps each).
       batch_size: minibatch size (None: full batch).
+      data_key: PRNG key for the minibatch order alone (default: one split from ``key``).
+        Give every trial of a search, or every member of an ensemble, the same ``data_key``
+        and they see the same minibatches in the same order (common random numbers: trials
+        then differ only by their hyperparameters and initialisation, which makes their
+        comparison less noisy). Under ``vmap`` the shared minibatch also lets XLA merge the
+        first layer's matmuls of all models into one, which is faster.
       state: model state such as batch-norm statistics, threaded through the loss.
       ema_decay: keep a Polyak/EMA copy of the parameters,
         :math:`\bar\theta \leftarrow d\,\bar\theta + (1-d)\,\theta` (``optax.incremental_update``),
@@ -245,8 +295,8 @@ def fit(
     plan = _plan(data, batch_size, num_steps, epochs, who)
     decay = _check_decay(ema_decay, who)
     data = jax.tree.map(jnp.asarray, data)
-    data_key, step_key = jax.random.split(key)
-    perms = _permutations(data_key, plan)
+    own_data_key, step_key = jax.random.split(key)
+    perms = _permutations(own_data_key if data_key is None else data_key, plan)
     step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
     ema = params if decay is not None else None
     carry = (params, state, optimizer.init(params), ema)
@@ -287,6 +337,7 @@ def train(
     num_steps: int | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
+    data_key: jax.Array | None = None,
     state: Any = None,
     eval_fn: Callable[[Any], dict] | None = None,
     log_every: int = 100,
@@ -306,8 +357,8 @@ def train(
     arguments.
 
     Args:
-      loss_fn, params, optimizer, data, key, num_steps, epochs, batch_size, state, ema_decay:
-        as in :func:`fit`.
+      loss_fn, params, optimizer, data, key, num_steps, epochs, batch_size, data_key, state,
+        ema_decay: as in :func:`fit`.
       eval_fn: ``eval_fn(params) -> {name: scalar}`` (e.g. validation accuracy, with
         :func:`evaluate`), called after every block; recorded in ``History.eval_metrics``.
         When ``state`` is used, ``eval_fn(params, state)`` is called instead.
@@ -345,8 +396,8 @@ def train(
     log_every = _check_int(log_every, "log_every", who, 1)
     decay = _check_decay(ema_decay, who)
     data = jax.tree.map(jnp.asarray, data)
-    data_key, step_key = jax.random.split(key)
-    perms = _permutations(data_key, plan)
+    own_data_key, step_key = jax.random.split(key)
+    perms = _permutations(own_data_key if data_key is None else data_key, plan)
     step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
 
     @jax.jit
