@@ -112,14 +112,38 @@ def _feature_axes(feature_axes: int | Sequence[int], ndim: int) -> tuple[int, ..
     return _checks.normalize_axes(feature_axes, ndim, "feature_axes")
 
 
-def _check_finite_count(n_bad, size: int, what: str) -> None:
-    n_bad = int(n_bad)
+@jax.jit
+def _count_nonfinite(x, w):
+    bad = ~jnp.isfinite(x)
+    if w is not None:
+        bad = bad & w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
+    return jnp.sum(bad)
+
+
+def _check_finite(flag, x, w, axes, what: str) -> None:
+    """Raise if ``flag`` (non-finite column sums, from the statistics pass) is set.
+
+    The statistics pass only flags trouble, through its column sums, which are NaN or Inf exactly
+    when a column holds a NaN or Inf (or its finite values overflow the float32 sum): counting
+    every non-finite entry there was a whole extra pass over x. The count for the message is
+    taken here, on the error path only.
+    """
+    if not int(flag):
+        return
+    if w is not None:  # the mask covers x's example axes; move the feature axes last
+        example_axes = tuple(a for a in range(x.ndim) if a not in axes)
+        x = jnp.transpose(x, example_axes + axes)
+    n_bad = int(_count_nonfinite(x, w))
     if n_bad:
         raise ValueError(
-            f"{what} has {n_bad} non-finite value(s) (NaN or Inf) among {size} values; "
+            f"{what} has {n_bad} non-finite value(s) (NaN or Inf) among {x.size} values; "
             "preprocessing statistics need finite data: drop or impute those entries first "
             "(e.g. with a mask=, or np.nan_to_num)"
         )
+    raise ValueError(
+        f"{what} is finite, but its sums overflow {_checks.compute_dtype(x.dtype).name} (largest "
+        f"|value| {float(jnp.max(jnp.abs(x)))}); rescale it before computing statistics"
+    )
 
 
 def _safe_div(a, n):
@@ -137,20 +161,21 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
     example_axes = tuple(a for a in range(x.ndim) if a not in axes)
     num_features = math.prod(x.shape[a] for a in axes)
     x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features).astype(dt)
-    finite = jnp.isfinite(x2)
     if w is None:
         n = jnp.asarray(x2.shape[0], dt)
-        n_bad = jnp.sum(~finite)
-        mean0 = jnp.mean(x2, axis=0)
+        total = jnp.sum(x2, axis=0)
+        mean0 = total / n
         d = x2 - mean0[None, :]
     else:
         w = w.reshape(-1)
         n = jnp.sum(w, dtype=dt)
-        n_bad = jnp.sum(~finite & w[:, None])
         # where, not multiplication: masked-out rows may hold NaN padding and 0 * NaN is NaN.
-        xs = jnp.where(w[:, None], x2, jnp.zeros((), dt))
-        mean0 = _safe_div(jnp.sum(xs, axis=0), n)
+        total = jnp.sum(jnp.where(w[:, None], x2, jnp.zeros((), dt)), axis=0)
+        mean0 = _safe_div(total, n)
         d = jnp.where(w[:, None], x2 - mean0[None, :], jnp.zeros((), dt))
+    # A column sum is NaN or Inf exactly when its column holds one (or overflows): the flag for
+    # _check_finite, at no extra pass over x.
+    n_bad = jnp.sum(~jnp.isfinite(total))
     s = jnp.sum(d, axis=0)
     if full_covariance:
         q = lax.dot_general(
@@ -265,7 +290,7 @@ def moments(
         w = mask.astype(bool)
     m, n_bad = _local_moments_jit(x, w, axes, bool(full_covariance))
     if not _checks.is_tracer(n_bad):
-        _check_finite_count(n_bad, x.size, "x")
+        _check_finite(n_bad, x, w, axes, "x")
     if axis_name is not None:
         m = _merge_across(m, axis_name, bool(full_covariance))
     m2 = m.m2 if full_covariance else m.m2.reshape(feature_shape)
@@ -1063,12 +1088,12 @@ def fit_stream(
             acc = m if acc is None else _merge_jit(acc, m)
             # Checking the previous batch lets this one's computation overlap the wait.
             if pending is not None:
-                _check_finite_count(pending[2], pending[1], f"batch {pending[0]}")
-            pending = (i, x.size, n_bad)
+                _check_finite(*pending)
+            pending = (n_bad, x, None, axes, f"batch {i}")
             if bar is not None:
                 bar.update(1)
         if pending is not None:
-            _check_finite_count(pending[2], pending[1], f"batch {pending[0]}")
+            _check_finite(*pending)
     finally:
         if bar is not None:
             bar.close()

@@ -415,6 +415,20 @@ def test_nonfinite_fit_data_counts_bad_values():
         pp.pca().fit(x)
     with pytest.raises(ValueError, match="batch 1 has 2 non-finite"):
         pp.fit_stream(pp.normalize(), [x[10:], x[:10]], progress=False)
+    # Two NaN in one column and a masked-out NaN row: only the unmasked ones count.
+    x[7, 1] = np.nan
+    x[19] = np.nan
+    mask = np.arange(20) < 19
+    with pytest.raises(ValueError, match=r"3 non-finite value\(s\)"):
+        pp.moments(x, mask=mask)
+    with pytest.raises(ValueError, match=r"3 non-finite value\(s\)"):
+        pp.moments(np.moveaxis(x, 1, 0), feature_axes=0, mask=mask)
+
+
+def test_overflowing_sums_are_an_error_not_inf_statistics():
+    x = np.full((4, 2), 3e38, np.float32)
+    with pytest.raises(ValueError, match="finite, but its sums overflow float32"):
+        pp.normalize().fit(x)
 
 
 def test_shape_mismatch_messages():
