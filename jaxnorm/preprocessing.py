@@ -176,18 +176,59 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
     # A column sum is NaN or Inf exactly when its column holds one (or overflows): the flag for
     # _check_finite, at no extra pass over x.
     n_bad = jnp.sum(~jnp.isfinite(total))
-    s = jnp.sum(d, axis=0)
     if full_covariance:
-        q = lax.dot_general(
-            d, d, (((0,), (0,)), ((), ())), precision=_HIGHEST, out_sharding=_replicated(d)
-        )
+        q, s = _scatter(d)
         m2 = q - _safe_div(s[:, None] * s[None, :], n)
         m2 = 0.5 * (m2 + m2.T)
     else:
+        s = jnp.sum(d, axis=0)
         m2 = jnp.sum(d * d, axis=0) - _safe_div(s * s, n)
     mean = mean0 + _safe_div(s, n)
     m2 = _clip_m2(m2, full_covariance)
     return Moments(n, mean, m2), n_bad
+
+
+# Below this many features one matmul is as fast as the split in _scatter.
+_SPLIT_MIN_FEATURES = 256
+
+
+def _gram(a, b, out_sharding):
+    return lax.dot_general(
+        a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST, out_sharding=out_sharding
+    )
+
+
+def _scatter(d):
+    """``(d^T d, column sums of d)`` for centred data ``d`` [N, D].
+
+    XLA has no symmetric rank-k update (BLAS's SYRK, which NumPy uses for ``x.T @ x`` and so
+    scikit-learn's covariance PCA), so ``d^T d`` costs a full matmul. On CPU the columns are
+    split in two halves a, b and only the blocks a^T a, a^T b and b^T b are computed: 3/4 of the
+    multiply-adds, and the halves are written by the centring pass that writes d anyway
+    (about 20% faster at (100000, 512)). Other platforms run the single matmul.
+    """
+    out = _replicated(d)
+    num_features = d.shape[1]
+    if num_features < _SPLIT_MIN_FEATURES:
+        return _gram(d, d, out), jnp.sum(d, axis=0)
+
+    def split(d):
+        h = num_features // 2
+        a, b = d[:, :h], d[:, h:]
+        ab = _gram(a, b, out)
+        q = jnp.concatenate(
+            [
+                jnp.concatenate([_gram(a, a, out), ab], axis=1),
+                jnp.concatenate([ab.T, _gram(b, b, out)], axis=1),
+            ],
+            axis=0,
+        )
+        return q, jnp.concatenate([jnp.sum(a, axis=0), jnp.sum(b, axis=0)])
+
+    def single(d):
+        return _gram(d, d, out), jnp.sum(d, axis=0)
+
+    return lax.platform_dependent(d, cpu=split, default=single)
 
 
 def _replicated(x):

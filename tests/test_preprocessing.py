@@ -45,6 +45,21 @@ def test_moments_full_vs_numpy():
     np.testing.assert_array_equal(m.m2, m.m2.T)
 
 
+@pytest.mark.parametrize("d", [257, 300])
+def test_moments_full_split_scatter_vs_numpy(d):
+    # From 256 features on, the CPU path computes the scatter matrix in three blocks.
+    x = _data(400, d, offset=1e3)
+    mask = np.arange(400) % 7 != 3
+    for w in (None, mask):
+        m = pp.moments(x, full_covariance=True, mask=w)
+        xr = x.astype(np.float64)[w if w is not None else slice(None)]
+        xc = xr - xr.mean(0)
+        ref = xc.T @ xc
+        np.testing.assert_allclose(m.mean, xr.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(m.m2, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_array_equal(m.m2, m.m2.T)
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_moments_large_offset_float32(full):
     # |mean| / std = 1e4: E[x^2] - E[x]^2 in float32 would lose every digit of the variance.
