@@ -609,7 +609,13 @@ def _moments(cfg: _Config, xc, mask):
         xs = jnp.where(mask, xs, jnp.zeros((), xc.dtype))
         n = jnp.sum(mask.astype(xc.dtype), axis=cfg.raxes, keepdims=True)
     s1 = jnp.sum(xs, axis=cfg.raxes, keepdims=True)
-    s2 = jnp.sum(xs * xs, axis=cfg.raxes, keepdims=True)
+    # x - k again, from a pivot XLA cannot identify with k: each sum then computes x - k inside
+    # its own reduction, where a shared x - k would be materialised (one more write and read of
+    # x-sized data; on CPU a reduction fuses its producer only when it is the sole consumer).
+    xs2 = xc - jax.lax.optimization_barrier(k)
+    if mask is not None:
+        xs2 = jnp.where(mask, xs2, jnp.zeros((), xc.dtype))
+    s2 = jnp.sum(xs2 * xs2, axis=cfg.raxes, keepdims=True)
     one = jnp.ones((), xc.dtype)
     shift = s1 / jnp.maximum(n, one)
     mean = k + shift
@@ -790,7 +796,11 @@ def _tangent(
         t = x_dot.astype(cdt)
         tm = t if mask is None else jnp.where(mask, t, jnp.zeros((), cdt))
         s1 = jnp.sum(tm, axis=cfg.raxes, keepdims=True)
-        s2 = jnp.sum(tm * xhat, axis=cfg.raxes, keepdims=True)
+        # As in _moments: x - mean computed inside this sum, not shared with d_pre below; and
+        # inv_std multiplies the per-feature sum, not each term (it would be broadcast to x's
+        # size to feed the reduction).
+        xm = xc - jax.lax.optimization_barrier(mean)
+        s2 = jnp.sum(tm * xm, axis=cfg.raxes, keepdims=True) * inv_std
         if cfg.axis_name is not None:
             # One collective for both sums (its transpose is again one collective).
             s1, s2 = jax.lax.psum(jnp.stack([s1, s2]), cfg.axis_name, axis_index_groups=cfg.groups)
