@@ -119,3 +119,86 @@ def test_errors(digits_tiny):
         training.ensemble_predict(
             lambda p, x: x @ p["w"], {"w": jnp.ones((2, 64, 10)), "b": jnp.ones(3)}, xtr
         )
+
+
+# ---------------------------------------------------------------------------- snapshot ensembles
+
+
+def test_snapshots_equal_a_hand_written_optax_loop_with_restarts():
+    # Full-batch least squares, so the order of minibatches plays no part.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype(np.float32)
+    y = (x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=32)).astype(np.float32)
+    loss = lambda w, batch, key: jnp.mean((batch[0] @ w - batch[1]) ** 2)
+    m, t, lr = 3, 7, 0.2
+    snaps, hist = training.snapshot_ensemble(
+        loss,
+        jnp.zeros(3),
+        (x, y),
+        key=jax.random.key(0),
+        num_snapshots=m,
+        steps_per_snapshot=t,
+        learning_rate=lr,
+    )
+    assert snaps.shape == (m, 3) and hist.loss.shape == (m * t,)
+    # Reference: optax's SGD with momentum stepped by hand, the rate a cosine from lr to 0 in
+    # every cycle of t steps, restarted at lr, the momentum carried over.
+    w = np.zeros(3, np.float64)
+    velocity = np.zeros(3)
+    expected, losses = [], []
+    for step in range(m * t):
+        eta = 0.5 * lr * (1 + np.cos(np.pi * (step % t) / t))
+        r = x.astype(np.float64) @ w - y
+        losses.append(np.mean(r**2))
+        g = 2 * x.T.astype(np.float64) @ r / len(y)
+        velocity = g + 0.9 * velocity  # optax.trace: the momentum of the gradients
+        w = w - eta * velocity
+        if step % t == t - 1:
+            expected.append(w.copy())
+    np.testing.assert_allclose(snaps, np.array(expected), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(hist.loss, losses, rtol=2e-5, atol=1e-6)
+    assert int(hist.nan_step) == -1
+
+
+def test_snapshot_ensemble_of_a_batch_norm_model(digits_tiny):
+    (xtr, ytr), (xva, yva) = digits_tiny
+    model = training.mlp([64, 32, 10], batch_norm=True)
+    params, state = model.init(jax.random.key(0))
+    snaps, hist = jax.jit(
+        lambda p, s: training.snapshot_ensemble(
+            model,
+            p,
+            (xtr, ytr),
+            key=jax.random.key(1),
+            num_snapshots=3,
+            steps_per_snapshot=40,
+            learning_rate=0.2,
+            batch_size=32,
+            state=s,
+        )
+    )(params, state)
+    assert hist.state[0].mean.shape == (3, 32)
+    # The snapshots are different models, each fitted (low loss at the end of its cycle).
+    assert not np.allclose(snaps[0]["w"][0], snaps[0]["w"][2])
+    loss_at_cycle_end = np.asarray(hist.loss).reshape(3, 40)[:, -5:].mean(1)
+    assert np.all(loss_at_cycle_end < 0.5 * np.log(10)), loss_at_cycle_end
+    apply = lambda ps, x: model.apply(ps[0], ps[1], x, train=False)[0]
+    probs = training.ensemble_predict(apply, (snaps, hist.state), xva)
+    assert float(jnp.mean(jnp.argmax(probs, -1) == yva)) > 0.8
+
+
+def test_snapshot_ensemble_errors(digits_tiny):
+    (xtr, ytr), _ = digits_tiny
+    model = training.mlp([64, 10])
+    params, _ = model.init(jax.random.key(0))
+    kw = dict(key=jax.random.key(0), steps_per_snapshot=2, learning_rate=0.1)
+    with pytest.raises(ValueError, match="num_snapshots must be at least 1, got 0"):
+        training.snapshot_ensemble(model, params, (xtr, ytr), num_snapshots=0, **kw)
+    with pytest.raises(ValueError, match="learning_rate must be a positive number, got -1"):
+        training.snapshot_ensemble(
+            model, params, (xtr, ytr), num_snapshots=2, **{**kw, "learning_rate": -1.0}
+        )
+    with pytest.raises(TypeError, match="steps_per_snapshot must be an int"):
+        training.snapshot_ensemble(
+            model, params, (xtr, ytr), num_snapshots=2, **{**kw, "steps_per_snapshot": 2.5}
+        )

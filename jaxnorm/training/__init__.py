@@ -31,7 +31,7 @@ from jaxnorm.training._babysit import (
     learning_rate_scan,
     overfit_small_subset,
 )
-from jaxnorm.training._ensemble import ensemble_predict, train_ensemble
+from jaxnorm.training._ensemble import ensemble_predict, snapshot_ensemble, train_ensemble
 from jaxnorm.training._loop import (
     DivergenceWarning,
     History,
@@ -87,6 +87,7 @@ __all__ = [
     "polyak_params",
     "random_search",
     "shuffled_indices",
+    "snapshot_ensemble",
     "train",
     "train_ensemble",
     "uniform",
