@@ -8,6 +8,8 @@
   compilation).
 - ensemble: 8 members with :func:`jaxnorm.training.train_ensemble` against 8 sequential
   :func:`jaxnorm.training.fit` calls (jitted once).
+- both timed twice: each trial (member) with its own minibatch order, and every one with the
+  same ``data_key`` (common random numbers; the minibatch is then shared under ``vmap``).
 - memory: the peak memory of one vmapped chunk from XLA's ``memory_analysis()`` of the compiled
   program (arguments + outputs + temporaries), and the device's ``memory_stats()`` peak where the
   backend reports one (GPU/TPU).
