@@ -136,6 +136,14 @@ def test_shuffled_indices_are_uniform():
         assert stats.chisquare(counts).pvalue > 1e-4, counts
 
 
+def test_shuffled_indices_errors():
+    with pytest.raises(TypeError, match=r"n must be an int, got 5\.0"):
+        training.shuffled_indices(jax.random.key(0), 5.0)
+    with pytest.raises(ValueError, match="num must be at least 1, got 0"):
+        training.shuffled_indices(jax.random.key(0), 5, 0)
+    assert training.shuffled_indices(jax.random.key(0), 0).shape == (0,)
+
+
 def test_shuffled_indices_large_n_falls_back(monkeypatch):
     from jaxnorm.training import _loop
 

@@ -139,12 +139,26 @@ def shuffled_indices(key: jax.Array, n: int, num: int | None = None) -> jax.Arra
     32 bits, so that ties are rare: 1 round for n up to 2**9, 2 up to 2**12, 5 at 2**20.
     Larger n falls back to ``jax.random.permutation``.
 
+    Args:
+      key: PRNG key.
+      n: the number of items (a Python int, known at trace time).
+      num: how many independent permutations (None: one, without the leading axis).
+
+    Returns:
+      int32 ``[n]`` or ``[num, n]``.
+
+    Raises:
+      TypeError, ValueError: ``n`` is not an int >= 0, or ``num`` not an int >= 1.
+
     Example:
       >>> import jax
       >>> from jaxnorm import training
       >>> sorted(training.shuffled_indices(jax.random.key(0), 5).tolist())
       [0, 1, 2, 3, 4]
     """
+    n = _check_int(n, "n", "shuffled_indices", 0)
+    if num is not None:
+        num = _check_int(num, "num", "shuffled_indices", 1)
     shape = (n,) if num is None else (num, n)
     if n <= 1:
         return jnp.zeros(shape, jnp.int32)
