@@ -88,6 +88,40 @@ def test_sampler_distributions():
     assert isinstance(result.trials[0].params["width"], int)
 
 
+def test_documented_key_and_sample_streams():
+    # Trial i trains with jax.random.split(jax.random.split(key)[1], num_trials)[i]; a range's
+    # values come from the stream fold_in(split(key)[0], crc32(name)), so they do not depend on
+    # the other names in the space.
+    import zlib
+
+    key = jax.random.key(3)
+    seen = {}
+
+    def record(hp, k):
+        return {"score": hp["x"], "k": jax.random.uniform(k)}
+
+    result = training.random_search(
+        record, {"x": training.uniform(0.0, 1.0)}, 5, key, metric="score", border=0
+    )
+    for t in result.trials:
+        seen[t.index] = t
+    sample_key, trial_key = jax.random.split(key)
+    keys = jax.random.split(trial_key, 5)
+    u = jax.random.uniform(jax.random.fold_in(sample_key, zlib.crc32(b"x") & 0x7FFFFFFF), (5,))
+    for i in range(5):
+        np.testing.assert_allclose(seen[i].metrics["k"], float(jax.random.uniform(keys[i])))
+        np.testing.assert_allclose(seen[i].params["x"], float(u[i]), rtol=1e-6)
+    more = training.random_search(
+        record,
+        {"x": training.uniform(0.0, 1.0), "y": training.choice(1, 2)},
+        5,
+        key,
+        metric="score",
+        border=0,
+    )
+    assert [t.params["x"] for t in more.trials] == [t.params["x"] for t in result.trials]
+
+
 def test_reproducible_and_chunking_does_not_change_results(digits_tiny):
     train_fn = _mlp_train_fn(digits_tiny)
     space = {"learning_rate": training.log_uniform(1e-3, 1.0)}

@@ -158,15 +158,36 @@ def _check_space(space, who):
     return dict(space)
 
 
-def _sample(space, num_trials, key) -> dict[str, np.ndarray]:
-    """Values per name: float32 arrays for ranges, object arrays (or numeric) for choices."""
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draws(key, num_trials: int, streams: tuple, counts: tuple):
+    """The random draws of a search, in one compiled program (not one per eager op).
+
+    Returns the (sample key, trial keys) split of ``key`` and, per stream, uniforms in [0, 1)
+    (``count`` None) or integers in [0, count).
+    """
+    sample_key, trial_key = jax.random.split(key)
+    draws = []
+    for stream, count in zip(streams, counts, strict=True):
+        k = jax.random.fold_in(sample_key, stream)
+        if count is None:
+            draws.append(jax.random.uniform(k, (num_trials,), jnp.float32))
+        else:
+            draws.append(jax.random.randint(k, (num_trials,), 0, count))
+    return jax.random.split(trial_key, num_trials), draws
+
+
+def _sample(space, num_trials, key):
+    """``(trial keys, values per name)``: float32 arrays for ranges, object arrays (or numeric)
+    for choices."""
+    # One stream per name (fixed by the name's CRC), so adding a hyperparameter leaves the
+    # samples of the others unchanged.
+    streams = tuple(zlib.crc32(name.encode()) & 0x7FFFFFFF for name in space)
+    counts = tuple(len(d.options) if isinstance(d, Choice) else None for d in space.values())
+    keys, draws = _draws(key, num_trials, streams, counts)
     out = {}
-    for name, dist in space.items():
-        # One stream per name (fixed by the name's CRC), so adding a hyperparameter leaves the
-        # samples of the others unchanged.
-        k = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    for (name, dist), draw in zip(space.items(), draws, strict=True):
         if isinstance(dist, Choice):
-            idx = np.asarray(jax.random.randint(k, (num_trials,), 0, len(dist.options)))
+            idx = np.asarray(draw)
             if _is_numeric(dist):
                 is_int = all(isinstance(o, int | np.integer) for o in dist.options)
                 dtype = np.int32 if is_int else np.float32
@@ -174,13 +195,13 @@ def _sample(space, num_trials, key) -> dict[str, np.ndarray]:
             else:
                 out[name] = np.array([dist.options[i] for i in idx] + [None], dtype=object)[:-1]
             continue
-        u = np.asarray(jax.random.uniform(k, (num_trials,), jnp.float32), np.float64)
+        u = np.asarray(draw, np.float64)
         if isinstance(dist, LogUniform):
             v = np.exp(np.log(dist.lo) + u * (np.log(dist.hi) - np.log(dist.lo)))
         else:
             v = dist.lo + u * (dist.hi - dist.lo)
         out[name] = np.clip(v, dist.lo, dist.hi).astype(np.float32)
-    return out
+    return keys, out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,9 +440,7 @@ def _programs(train_fn, static_items, metric, who):
 def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
     """Run the trials of one group (same static values) in vmapped chunks; numpy outputs."""
     n = len(keys)
-    one, program = _programs(train_fn, tuple(static.items()), metric, who)
-    # Check the output structure once, before compiling the vmapped program.
-    jax.eval_shape(one, {k: v[0] for k, v in hp.items()}, keys[0])
+    _, program = _programs(train_fn, tuple(static.items()), metric, who)
     nd = len(devices)
     chunk = n if chunk_size is None else min(chunk_size, n)
     chunk = -(-chunk // nd) * nd  # a multiple of the device count, so the trial axis divides
@@ -434,7 +453,9 @@ def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
         stop = min(start + chunk, n)
         # Pad the last chunk by repeating its last trial, so one compiled program serves all.
         idx = np.minimum(np.arange(start, start + chunk), stop - 1)
-        args = ({k: jnp.asarray(v[idx]) for k, v in hp.items()}, keys[idx])
+        # Whole, in order, the keys go in as they are (indexing them compiles a gather).
+        chunk_keys = keys if chunk == n else keys[idx]
+        args = ({k: jnp.asarray(v[idx]) for k, v in hp.items()}, chunk_keys)
         if sharding is not None:
             args = jax.device_put(args, sharding)
         res = jax.tree.map(np.asarray, program(*args))
@@ -486,9 +507,7 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
         raise ValueError(f"{who}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not callable(train_fn):
         raise TypeError(f"{who}: train_fn must be callable, got {train_fn!r}")
-    sample_key, trial_key = jax.random.split(key)
-    values = _sample(space, num_trials, sample_key)
-    keys = jax.random.split(trial_key, num_trials)
+    keys, values = _sample(space, num_trials, key)
     static_names = [n for n, d in space.items() if isinstance(d, Choice) and not _is_numeric(d)]
     traced_names = [n for n in space if n not in static_names]
     # Group by option position, not value: options need not be hashable.
@@ -503,7 +522,7 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
             train_fn,
             {n: values[n][idx] for n in traced_names},
             {n: space[n].options[j] for n, j in zip(static_names, combo, strict=True)},
-            keys[idx],
+            keys if len(groups) == 1 else keys[idx],  # (indexing keys compiles a gather)
             chunk_size,
             _devices(devices),
             metric,
