@@ -415,13 +415,21 @@ def _devices(devices):
     return devices
 
 
-def _make_programs(train_fn, static_items, metric, who):
+# On CPU the search program is compiled with XLA's backend optimisation level 1 instead of the
+# default 3: a 64-trial MLP search compiled in 2.8-3.0 s instead of 4.2-5.1 s and ran as fast or
+# faster (its time is in library matmuls and reductions, not in LLVM-optimised loops). For a
+# search of short runs, the compile is most of the time. GPU and TPU keep their defaults.
+_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def _make_programs(train_fn, static_items, metric, who, on_cpu=False):
     static = dict(static_items)
 
     def one(hp_traced, key):
         return _scalar_outputs(train_fn({**hp_traced, **static}, key), metric, who)
 
-    return one, jax.jit(jax.vmap(one))
+    options = dict(_CPU_COMPILER_OPTIONS) if on_cpu else None
+    return one, jax.jit(jax.vmap(one), compiler_options=options)
 
 
 # The same train_fn searched again (coarse_to_fine's rounds, repeated searches) reuses its
@@ -430,17 +438,18 @@ def _make_programs(train_fn, static_items, metric, who):
 _cached_programs = functools.lru_cache(maxsize=32)(_make_programs)
 
 
-def _programs(train_fn, static_items, metric, who):
+def _programs(train_fn, static_items, metric, who, on_cpu):
     try:
-        return _cached_programs(train_fn, static_items, metric, who)
+        return _cached_programs(train_fn, static_items, metric, who, on_cpu)
     except TypeError:  # unhashable static options: build afresh
-        return _make_programs(train_fn, static_items, metric, who)
+        return _make_programs(train_fn, static_items, metric, who, on_cpu)
 
 
 def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
     """Run the trials of one group (same static values) in vmapped chunks; numpy outputs."""
     n = len(keys)
-    _, program = _programs(train_fn, tuple(static.items()), metric, who)
+    on_cpu = all(d.platform == "cpu" for d in devices)
+    _, program = _programs(train_fn, tuple(static.items()), metric, who, on_cpu)
     nd = len(devices)
     chunk = n if chunk_size is None else min(chunk_size, n)
     chunk = -(-chunk // nd) * nd  # a multiple of the device count, so the trial axis divides
