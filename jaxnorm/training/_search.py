@@ -162,8 +162,9 @@ def _check_space(space, who):
 def _draws(key, num_trials: int, streams: tuple, counts: tuple):
     """The random draws of a search, in one compiled program (not one per eager op).
 
-    Returns the (sample key, trial keys) split of ``key`` and, per stream, uniforms in [0, 1)
-    (``count`` None) or integers in [0, count).
+    Returns the trial keys (``split(split(key)[1], num_trials)``) and, per stream, uniforms in
+    [0, 1) (``count`` None) or integers in [0, count), drawn from ``fold_in(split(key)[0],
+    stream)``.
     """
     sample_key, trial_key = jax.random.split(key)
     draws = []
