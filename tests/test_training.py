@@ -136,6 +136,20 @@ def test_shuffled_indices_are_uniform():
         assert stats.chisquare(counts).pvalue > 1e-4, counts
 
 
+def test_keys_must_be_prng_keys():
+    loss = lambda w, batch, key: jnp.sum(w * batch[0])
+    args = (loss, jnp.zeros(()), optax.sgd(0.1), (jnp.arange(4.0),))
+    with pytest.raises(TypeError, match=r"fit: data_key must be a PRNG key .*got 0"):
+        training.fit(*args, key=jax.random.key(0), data_key=0, num_steps=2, batch_size=2)
+    with pytest.raises(TypeError, match=r"train: key must be a PRNG key .*got 3"):
+        training.train(*args, key=3, num_steps=2, batch_size=2, progress=False)
+    # Raw uint32 keys (jax.random.PRNGKey) work as they do in jax.random.
+    w, _ = training.fit(
+        *args, key=jax.random.PRNGKey(0), data_key=jax.random.PRNGKey(1), num_steps=2, batch_size=2
+    )
+    assert w.shape == ()
+
+
 def test_shuffled_indices_errors():
     with pytest.raises(TypeError, match=r"n must be an int, got 5\.0"):
         training.shuffled_indices(jax.random.key(0), 5.0)

@@ -72,6 +72,18 @@ def _check_int(value, name, who, minimum):
     return int(value)
 
 
+def _check_key(key, name, who):
+    """A PRNG key: a typed key (``jax.random.key``) or raw uint32 key data (``PRNGKey``)."""
+    dtype = getattr(key, "dtype", None)
+    ok = dtype is not None and (
+        jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        or (dtype == np.uint32 and np.ndim(key) == 1)
+    )
+    if not ok:
+        raise TypeError(f"{who}: {name} must be a PRNG key such as jax.random.key(0), got {key!r}")
+    return key
+
+
 def _plan(data, batch_size, num_steps, epochs, who) -> _Plan:
     leaves = jax.tree.leaves(data)
     if not leaves:
@@ -289,7 +301,8 @@ def fit(
       ``(params, history)``: the final parameters and a :class:`History` of JAX arrays.
 
     Raises:
-      TypeError: a non-callable loss_fn, a non-optax optimizer, non-int counts.
+      TypeError: a non-callable loss_fn, a non-optax optimizer, non-int counts, a key or
+        data_key that is not a PRNG key.
       ValueError: empty or ragged data, both or neither of num_steps/epochs, a batch larger than
         data, a non-scalar loss.
 
@@ -309,8 +322,10 @@ def fit(
     plan = _plan(data, batch_size, num_steps, epochs, who)
     decay = _check_decay(ema_decay, who)
     data = jax.tree.map(jnp.asarray, data)
-    own_data_key, step_key = jax.random.split(key)
-    perms = _permutations(own_data_key if data_key is None else data_key, plan)
+    own_data_key, step_key = jax.random.split(_check_key(key, "key", who))
+    if data_key is not None:
+        own_data_key = _check_key(data_key, "data_key", who)
+    perms = _permutations(own_data_key, plan)
     step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
     ema = params if decay is not None else None
     carry = (params, state, optimizer.init(params), ema)
@@ -410,8 +425,10 @@ def train(
     log_every = _check_int(log_every, "log_every", who, 1)
     decay = _check_decay(ema_decay, who)
     data = jax.tree.map(jnp.asarray, data)
-    own_data_key, step_key = jax.random.split(key)
-    perms = _permutations(own_data_key if data_key is None else data_key, plan)
+    own_data_key, step_key = jax.random.split(_check_key(key, "key", who))
+    if data_key is not None:
+        own_data_key = _check_key(data_key, "data_key", who)
+    perms = _permutations(own_data_key, plan)
     step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
 
     @jax.jit
