@@ -209,8 +209,12 @@ def _scatter(d):
     """
     out = _replicated(d)
     num_features = d.shape[1]
-    if num_features < _SPLIT_MIN_FEATURES:
+
+    def single(d):
         return _gram(d, d, out), jnp.sum(d, axis=0)
+
+    if num_features < _SPLIT_MIN_FEATURES:
+        return single(d)
 
     def split(d):
         h = num_features // 2
@@ -224,9 +228,6 @@ def _scatter(d):
             axis=0,
         )
         return q, jnp.concatenate([jnp.sum(a, axis=0), jnp.sum(b, axis=0)])
-
-    def single(d):
-        return _gram(d, d, out), jnp.sum(d, axis=0)
 
     return lax.platform_dependent(d, cpu=split, default=single)
 

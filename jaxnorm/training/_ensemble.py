@@ -254,10 +254,7 @@ def snapshot_ensemble(
     loss, state = _loop._adapt_loss(loss_fn, state, who)
     plan = _loop._plan(data, batch_size, m * t, None, who)
     data = jax.tree.map(jnp.asarray, data)
-    own_data_key, step_key = jax.random.split(_loop._check_key(key, "key", who))
-    if data_key is not None:
-        own_data_key = _loop._check_key(data_key, "data_key", who)
-    perms = _loop._permutations(own_data_key, plan)
+    perms, step_key = _loop._minibatch_order(key, data_key, plan, who)
     step = _loop._make_step(loss, optimizer, plan, None, False, who)
 
     def run_cycle(carry, c):

@@ -197,6 +197,14 @@ def _permutations(key, plan: _Plan):
     return shuffled_indices(key, plan.n, plan.num_epochs)
 
 
+def _minibatch_order(key, data_key, plan: _Plan, who):
+    """``(permutations, step key)``: the order from ``data_key``, else from key's first split."""
+    own_data_key, step_key = jax.random.split(_check_key(key, "key", who))
+    if data_key is not None:
+        own_data_key = _check_key(data_key, "data_key", who)
+    return _permutations(own_data_key, plan), step_key
+
+
 def _make_step(loss, optimizer, plan: _Plan, ema_decay, track_ratio, who):
     def step(carry, i, data, perms, step_key):
         params, state, opt_state, ema = carry
@@ -322,10 +330,7 @@ def fit(
     plan = _plan(data, batch_size, num_steps, epochs, who)
     decay = _check_decay(ema_decay, who)
     data = jax.tree.map(jnp.asarray, data)
-    own_data_key, step_key = jax.random.split(_check_key(key, "key", who))
-    if data_key is not None:
-        own_data_key = _check_key(data_key, "data_key", who)
-    perms = _permutations(own_data_key, plan)
+    perms, step_key = _minibatch_order(key, data_key, plan, who)
     step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
     ema = params if decay is not None else None
     carry = (params, state, optimizer.init(params), ema)
@@ -425,10 +430,7 @@ def train(
     log_every = _check_int(log_every, "log_every", who, 1)
     decay = _check_decay(ema_decay, who)
     data = jax.tree.map(jnp.asarray, data)
-    own_data_key, step_key = jax.random.split(_check_key(key, "key", who))
-    if data_key is not None:
-        own_data_key = _check_key(data_key, "data_key", who)
-    perms = _permutations(own_data_key, plan)
+    perms, step_key = _minibatch_order(key, data_key, plan, who)
     step = _make_step(loss, optimizer, plan, decay, update_ratios, who)
 
     @jax.jit
