@@ -594,14 +594,22 @@ def _const(v, dtype):
     return jax.lax.stop_gradient(jnp.asarray(v).astype(dtype))
 
 
-def _moments(cfg: _Config, xc, mask):
+def _moments(cfg: _Config, x, xc, mask):
     """Per-feature (mean, biased var, count) over cfg.raxes (keepdims), global over devices.
 
     One pass: sums of (x - k) and (x - k)^2 about a pivot k, a valid value of each feature.
     With k within a few standard deviations of the mean, E[(x-k)^2] - E[x-k]^2 has no catastrophic
     cancellation (the textbook E[x^2] - E[x]^2 loses everything when |mean| >> std).
+    ``x`` is the input, ``xc`` the same values in the compute dtype.
     """
-    k = jax.lax.stop_gradient(_pivot(xc, mask, cfg.raxes, cfg.ghost))
+    cdt = xc.dtype
+    # The pivot and each sum read x through their own _apart view of it (see there).
+    if x.dtype != cdt:
+        x = jax.lax.optimization_barrier(x)
+        xc = None
+    k = jax.lax.stop_gradient(_pivot(x, mask, cfg.raxes, cfg.ghost).astype(cdt))
+    if xc is None:
+        xc, k = _apart(x, cdt, k, 1)
     xs = xc - k
     if mask is None:
         n = jnp.asarray(float(math.prod(xc.shape[a] for a in cfg.raxes)), xc.dtype)
@@ -609,10 +617,12 @@ def _moments(cfg: _Config, xc, mask):
         xs = jnp.where(mask, xs, jnp.zeros((), xc.dtype))
         n = jnp.sum(mask.astype(xc.dtype), axis=cfg.raxes, keepdims=True)
     s1 = jnp.sum(xs, axis=cfg.raxes, keepdims=True)
-    # x - k again, from a pivot XLA cannot identify with k: each sum then computes x - k inside
-    # its own reduction, where a shared x - k would be materialised (one more write and read of
-    # x-sized data; on CPU a reduction fuses its producer only when it is the sole consumer).
-    xs2 = xc - jax.lax.optimization_barrier(k)
+    # x - k again, from values XLA cannot identify with the ones above: each sum then computes
+    # x - k inside its own reduction, where a shared x - k would be materialised (one more write
+    # and read of x-sized data; on CPU a reduction fuses its producer only when it is the sole
+    # consumer).
+    xc2, k2 = _apart(x, cdt, k, 2)
+    xs2 = xc2 - k2
     if mask is not None:
         xs2 = jnp.where(mask, xs2, jnp.zeros((), xc.dtype))
     s2 = jnp.sum(xs2 * xs2, axis=cfg.raxes, keepdims=True)
@@ -633,6 +643,20 @@ def _moments(cfg: _Config, xc, mask):
         m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * dev * dev, axis=0)
     var = m2 / jnp.maximum(n, one)
     return mean, var, n
+
+
+def _apart(x, dtype, tag, index):
+    """``(x.astype(dtype), tag)`` as values XLA cannot merge with any other use of x or tag.
+
+    ``index`` tells apart two views with the same tag. Each reduction over x then reads x and
+    converts it itself: a conversion of a low-precision x shared by several reductions is
+    otherwise materialised as an x-sized float32 temporary, which on CPU costs more than the
+    whole normalisation (a fresh buffer, converted on one thread).
+    """
+    if x.dtype == dtype:
+        return x, jax.lax.optimization_barrier(tag)
+    x, tag, _ = jax.lax.optimization_barrier((x, tag, jnp.int32(index)))
+    return x.astype(dtype), tag
 
 
 def _pivot(xc, mask, raxes, ghost=False):
@@ -708,7 +732,7 @@ def _forward_parts(cfg, x, scale, bias, epsilon, ref_mean, masks, extras):
     cdt = _compute_dtype(x)
     xc = x.astype(cdt)
     mask = masks[0] if masks else None
-    mean, var, n = _moments(cfg, xc, mask)
+    mean, var, n = _moments(cfg, x, xc, mask)
     inv_std = jax.lax.rsqrt(var + epsilon)
     gain = scale.astype(cdt)
     shift = bias.astype(cdt)
@@ -751,7 +775,7 @@ def _train_op_jvp(cfg, primals, tangents):
     # The tangent map is recomputed from x and the per-feature statistics under remat: its
     # residuals are x and a few [features] arrays, never x-hat or the pre-activation.
     y_dot = jax.checkpoint(functools.partial(_tangent, cfg, cfg.out_dtype))(
-        xc,
+        x,
         masks,
         mean,
         inv_std,
@@ -773,14 +797,15 @@ _train_op.defjvp(_train_op_jvp, symbolic_zeros=True)
 
 
 def _tangent(
-    cfg, out_dtype, xc, masks, mean, inv_std, n, gain, shift, rd, x_dot, scale_dot, bias_dot
+    cfg, out_dtype, x, masks, mean, inv_std, n, gain, shift, rd, x_dot, scale_dot, bias_dot
 ):
     """The JVP of y, linear in (x_dot, scale_dot, bias_dot), so JAX transposes it for the VJP.
 
     d xhat = inv_std * (t - mean_B(t) - xhat * mean_B(t * xhat)) is the derivative through the
     batch statistics (Ioffe & Szegedy 2015, section 3); masked rows feed no statistic.
     """
-    cdt = xc.dtype
+    cdt = mean.dtype
+    xc = x.astype(cdt)
     xhat = (xc - mean) * inv_std
     mask = masks[0] if masks else None
     # d_pre = t * a + c0 + xhat * c1 with per-feature c0, c1 collecting every term. Combining
@@ -799,7 +824,8 @@ def _tangent(
         # As in _moments: x - mean computed inside this sum, not shared with d_pre below; and
         # inv_std multiplies the per-feature sum, not each term (it would be broadcast to x's
         # size to feed the reduction).
-        xm = xc - jax.lax.optimization_barrier(mean)
+        xc2, mean2 = _apart(x, cdt, mean, 3)
+        xm = xc2 - mean2
         s2 = jnp.sum(tm * xm, axis=cfg.raxes, keepdims=True) * inv_std
         if cfg.axis_name is not None:
             # One collective for both sums (its transpose is again one collective).
