@@ -47,6 +47,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -156,31 +157,39 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
     Corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the mean first, then the
     centred sums, minus (sum d)^2 / n. No E[x^2] - E[x]^2, so an offset |mean| >> std costs no
     accuracy, and the correction removes the first-order error of the float32 mean.
+    ``x`` may also be a tuple of 2-D arrays [rows, features] (fit_stream's groups, no mask):
+    the moments of their concatenation, without writing it.
     """
-    dt = _checks.compute_dtype(x.dtype)
-    example_axes = tuple(a for a in range(x.ndim) if a not in axes)
-    num_features = math.prod(x.shape[a] for a in axes)
-    x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features).astype(dt)
-    if w is None:
-        n = jnp.asarray(x2.shape[0], dt)
-        total = jnp.sum(x2, axis=0)
-        mean0 = total / n
-        d = x2 - mean0[None, :]
+    if isinstance(x, tuple):
+        parts = [(xi.astype(_checks.compute_dtype(xi.dtype)), None) for xi in x]
     else:
-        w = w.reshape(-1)
+        example_axes = tuple(a for a in range(x.ndim) if a not in axes)
+        num_features = math.prod(x.shape[a] for a in axes)
+        x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features)
+        parts = [(x2.astype(_checks.compute_dtype(x.dtype)), None if w is None else w.reshape(-1))]
+    dt = parts[0][0].dtype
+    if w is None:
+        n = jnp.asarray(sum(xi.shape[0] for xi, _ in parts), dt)
+        total = sum(jnp.sum(xi, axis=0) for xi, _ in parts)
+        mean0 = total / n
+    else:
+        x2, w = parts[0]
         n = jnp.sum(w, dtype=dt)
         # where, not multiplication: masked-out rows may hold NaN padding and 0 * NaN is NaN.
         total = jnp.sum(jnp.where(w[:, None], x2, jnp.zeros((), dt)), axis=0)
         mean0 = _safe_div(total, n)
-        d = jnp.where(w[:, None], x2 - mean0[None, :], jnp.zeros((), dt))
     # A column sum is NaN or Inf exactly when its column holds one (or overflows): the flag for
     # _check_finite, at no extra pass over x.
     n_bad = jnp.sum(~jnp.isfinite(total))
+    # One array again: the concatenation fuses into the passes that centre it.
+    x2 = parts[0][0] if len(parts) == 1 else jnp.concatenate([xi for xi, _ in parts])
+    w = parts[0][1]
     if full_covariance:
-        q, s = _scatter(d)
+        q, s = _scatter(x2, mean0, w)
         m2 = q - _safe_div(s[:, None] * s[None, :], n)
         m2 = 0.5 * (m2 + m2.T)
     else:
+        d = _centred(x2, mean0, w)
         s = jnp.sum(d, axis=0)
         m2 = jnp.sum(d * d, axis=0) - _safe_div(s * s, n)
     mean = mean0 + _safe_div(s, n)
@@ -190,6 +199,18 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
 
 # Below this many features one matmul is as fast as the split in _scatter.
 _SPLIT_MIN_FEATURES = 256
+# Rows per block of _scatter's CPU loop (and the most rows fit_stream groups): the centred block
+# (4 MiB at 256 float32 features) is reused across iterations instead of an x-sized temporary
+# whose first touch costs page faults.
+_BLOCK_ROWS = 4096
+
+
+def _centred(x2, mean0, w):
+    d = x2 - mean0[None, :]
+    if w is None:
+        return d
+    # where, not multiplication: masked-out rows may hold NaN padding and 0 * NaN is NaN.
+    return jnp.where(w[:, None], d, jnp.zeros((), d.dtype))
 
 
 def _gram(a, b, out_sharding):
@@ -198,38 +219,58 @@ def _gram(a, b, out_sharding):
     )
 
 
-def _scatter(d):
-    """``(d^T d, column sums of d)`` for centred data ``d`` [N, D].
+def _scatter(x2, mean0, w):
+    """``(d^T d, column sums of d)`` for d = x2 - mean0 [N, D] (rows with w False set to 0).
 
     XLA has no symmetric rank-k update (BLAS's SYRK, which NumPy uses for ``x.T @ x`` and so
     scikit-learn's covariance PCA), so ``d^T d`` costs a full matmul. On CPU the columns are
     split in two halves a, b and only the blocks a^T a, a^T b and b^T b are computed: 3/4 of the
-    multiply-adds, and the halves are written by the centring pass that writes d anyway
-    (about 20% faster at (100000, 512)). Other platforms run the single matmul.
+    multiply-adds. The halves are centred and multiplied in blocks of _BLOCK_ROWS rows in a
+    loop, so that the centred data is never an x-sized temporary. Other platforms run the
+    single matmul on the whole centred d.
     """
-    out = _replicated(d)
-    num_features = d.shape[1]
+    out = _replicated(x2)
+    num_rows, num_features = x2.shape
 
-    def single(d):
+    def single(x2, mean0):
+        d = _centred(x2, mean0, w)
         return _gram(d, d, out), jnp.sum(d, axis=0)
 
-    if num_features < _SPLIT_MIN_FEATURES:
-        return single(d)
+    if num_features < _SPLIT_MIN_FEATURES or out is not None:
+        return single(x2, mean0)
+    h = num_features // 2
 
-    def split(d):
-        h = num_features // 2
+    def blocks(xb, mean0, wb):
+        d = _centred(xb, mean0, wb)
         a, b = d[:, :h], d[:, h:]
-        ab = _gram(a, b, out)
-        q = jnp.concatenate(
-            [
-                jnp.concatenate([_gram(a, a, out), ab], axis=1),
-                jnp.concatenate([ab.T, _gram(b, b, out)], axis=1),
-            ],
-            axis=0,
-        )
-        return q, jnp.concatenate([jnp.sum(a, axis=0), jnp.sum(b, axis=0)])
+        # Sums of the halves, not of d: each then fuses into the pass that writes its half.
+        s = jnp.concatenate([jnp.sum(a, axis=0), jnp.sum(b, axis=0)])
+        return _gram(a, a, None), _gram(a, b, None), _gram(b, b, None), s
 
-    return lax.platform_dependent(d, cpu=split, default=single)
+    def split(x2, mean0):
+        if num_rows <= _BLOCK_ROWS:
+            return assemble(*blocks(x2, mean0, w))
+        r = _BLOCK_ROWS
+        full = num_rows // r
+        tail = num_rows - full * r
+        acc = jax.tree.map(jnp.zeros_like, jax.eval_shape(blocks, x2[:r], mean0, None))
+        if tail:
+            acc = blocks(x2[full * r :], mean0, None if w is None else w[full * r :])
+
+        def body(i, acc):
+            xb = lax.dynamic_slice_in_dim(x2, i * r, r)
+            wb = None if w is None else lax.dynamic_slice_in_dim(w, i * r, r)
+            return jax.tree.map(jnp.add, acc, blocks(xb, mean0, wb))
+
+        return assemble(*lax.fori_loop(0, full, body, acc))
+
+    def assemble(aa, ab, bb, s):
+        q = jnp.concatenate(
+            [jnp.concatenate([aa, ab], axis=1), jnp.concatenate([ab.T, bb], axis=1)], axis=0
+        )
+        return q, s
+
+    return lax.platform_dependent(x2, mean0, cpu=split, default=single)
 
 
 def _replicated(x):
@@ -1111,8 +1152,25 @@ def fit_stream(
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = _progress(total) if progress else None
     acc = None
-    pending = None  # (index, size, non-finite count) of the previous batch, checked one step late
+    pending = None  # the previous group's (non-finite flag, batches), checked one step late
+    group = []  # consecutive batches, flattened to [rows, features], fitted together
     feature_shape = None
+
+    def flush():
+        nonlocal acc, pending
+        # Small batches are fitted in groups of up to _BLOCK_ROWS rows: per-batch moments would
+        # pay a dispatch and a thin matmul each (the merge is exact either way).
+        x = tuple(g[1] for g in group)
+        if acc is None:
+            acc, flag = _local_moments_jit(x, None, (1,), full)
+        else:
+            acc, flag = _merge_batch_jit(acc, x, (1,), full)
+        # Checking the previous group lets this one's computation overlap the wait.
+        if pending is not None:
+            _check_group(*pending)
+        pending = (flag, list(group))
+        group.clear()
+
     try:
         for i, batch in enumerate(batches):
             x = jnp.asarray(batch)
@@ -1126,16 +1184,18 @@ def fit_stream(
                     f"fit_stream: batch {i} has feature shape {fs}, but the earlier batches have "
                     f"{feature_shape}"
                 )
-            m, n_bad = _local_moments_jit(x, None, axes, full)
-            acc = m if acc is None else _merge_jit(acc, m)
-            # Checking the previous batch lets this one's computation overlap the wait.
-            if pending is not None:
-                _check_finite(*pending)
-            pending = (n_bad, x, None, axes, f"batch {i}")
+            if x.ndim != 2:
+                x = x.reshape(-1, math.prod(fs))
+            rows = sum(g[1].shape[0] for g in group)
+            if group and (group[0][1].dtype != x.dtype or rows + x.shape[0] > _BLOCK_ROWS):
+                flush()
+            group.append((i, x))
             if bar is not None:
                 bar.update(1)
+        if group:
+            flush()
         if pending is not None:
-            _check_finite(*pending)
+            _check_group(*pending)
     finally:
         if bar is not None:
             bar.close()
@@ -1145,7 +1205,24 @@ def fit_stream(
     return transform.fit_moments(Moments(acc.count, acc.mean.reshape(feature_shape), m2))
 
 
-_merge_jit = jax.jit(merge)
+def _check_group(flag, group) -> None:
+    """_check_finite for a group of fit_stream's batches: the message names the batch."""
+    if not int(flag):
+        return
+    for i, xi in group:
+        if int(_count_nonfinite(xi, None)):
+            _check_finite(flag, xi, None, (1,), f"batch {i}")
+    what = f"batch {group[0][0]}"
+    if len(group) > 1:
+        what = f"the group of batches {group[0][0]}-{group[-1][0]} (fitted together)"
+    _check_finite(flag, jnp.concatenate([xi for _, xi in group]), None, (1,), what)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _merge_batch_jit(acc, x, axes, full):
+    # One dispatch per batch: its moments and their merge into the running total.
+    m, n_bad = _local_moments(x, None, axes, full)
+    return merge(acc, m), n_bad
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests for jaxnorm.preprocessing against NumPy float64 and scikit-learn."""
 
+import itertools
 import sys
 
 import jax
@@ -55,6 +56,27 @@ def test_moments_full_split_scatter_vs_numpy(d):
         xr = x.astype(np.float64)[w if w is not None else slice(None)]
         xc = xr - xr.mean(0)
         ref = xc.T @ xc
+        np.testing.assert_allclose(m.mean, xr.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(m.m2, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_array_equal(m.m2, m.m2.T)
+
+
+@pytest.mark.parametrize("n", [400, 384])
+def test_moments_full_blocked_scatter_vs_numpy(monkeypatch, n):
+    # Above _BLOCK_ROWS rows the CPU path centres and multiplies blocks of rows in a loop (400:
+    # six blocks and a tail of 16 rows; 384: six blocks, no tail). Shapes no other test uses, so
+    # that the patched block size is traced.
+    monkeypatch.setattr(pp, "_BLOCK_ROWS", 64)
+    x = _data(n, 261, offset=1e3, seed=3)
+    jaxpr = str(jax.make_jaxpr(lambda v: pp._local_moments(v, None, (1,), True))(x))
+    assert "scan[" in jaxpr or "while[" in jaxpr
+    mask = np.arange(n) % 5 != 2
+    for w in (None, mask):
+        m = pp.moments(x, full_covariance=True, mask=w)
+        xr = x.astype(np.float64)[w if w is not None else slice(None)]
+        xc = xr - xr.mean(0)
+        ref = xc.T @ xc
+        np.testing.assert_allclose(m.count, len(xr))
         np.testing.assert_allclose(m.mean, xr.mean(0), rtol=1e-6)
         np.testing.assert_allclose(m.m2, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
         np.testing.assert_array_equal(m.m2, m.m2.T)
@@ -372,6 +394,36 @@ def test_fit_stream_equals_in_memory_fit():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
     s2 = pp.fit_stream(pp.normalize(), [x[:500], x[500:]], progress=False)
     np.testing.assert_allclose(s2.var, x.astype(np.float64).var(0), rtol=1e-4)
+
+
+def test_fit_stream_groups_small_batches(monkeypatch):
+    # Batches are fitted in groups of up to _BLOCK_ROWS rows (a dtype change starts a new group);
+    # the result is the fit of the concatenation, and errors still name the batch.
+    monkeypatch.setattr(pp, "_BLOCK_ROWS", 100)
+    x = _data(390, 7, offset=50.0, seed=11)
+    sizes = [30, 50, 40, 70, 10, 120, 5, 65]
+    edges = np.cumsum([0, *sizes])
+    batches = [x[a:b] for a, b in itertools.pairwise(edges)]
+    batches[3] = jnp.asarray(batches[3], jnp.bfloat16)
+    xr = np.concatenate([to_f64(b) for b in batches])
+    xc = xr - xr.mean(0)
+    lam, u = np.linalg.eigh(xc.T @ xc / (len(xc) - 1))  # the sample covariance
+    zca = pp.fit_stream(pp.zca_whiten(), batches, progress=False)
+    np.testing.assert_allclose(zca.mean, xr.mean(0), rtol=1e-6)
+    z = np.asarray(pp.zca_whiten().apply(zca, xr.astype(np.float32)), np.float64)
+    # ZCA with eps = 1e-5 leaves covariance U diag(lam / (lam + eps)) U^T.
+    np.testing.assert_allclose(z.T @ z / (len(z) - 1), (u * (lam / (lam + 1e-5))) @ u.T, atol=2e-4)
+    norm = pp.fit_stream(pp.normalize(), batches, progress=False)
+    np.testing.assert_allclose(norm.var, (xc**2).mean(0), rtol=1e-5)
+    bad = [np.asarray(b, np.float32).copy() for b in batches]
+    bad[2][5, 1] = np.nan
+    with pytest.raises(ValueError, match="batch 2 has 1 non-finite"):
+        pp.fit_stream(pp.zca_whiten(), bad, progress=False)
+    huge = [np.full((30, 2), 3e38, np.float32), np.full((20, 2), 3e38, np.float32)]
+    with pytest.raises(
+        ValueError, match=r"group of batches 0-1 .* is finite, but its sums overflow"
+    ):
+        pp.fit_stream(pp.normalize(), huge, progress=False)
 
 
 def test_fit_stream_progress_tqdm_and_fallback(monkeypatch, capsys):
