@@ -609,7 +609,7 @@ def _moments(cfg: _Config, x, xc, mask):
         xc = None
     k = jax.lax.stop_gradient(_pivot(x, mask, cfg.raxes, cfg.ghost).astype(cdt))
     if xc is None:
-        xc, k = _apart(x, cdt, k, 1)
+        xc, k = _apart(x, cdt, k)
     xs = xc - k
     if mask is None:
         n = jnp.asarray(float(math.prod(xc.shape[a] for a in cfg.raxes)), xc.dtype)
@@ -621,7 +621,7 @@ def _moments(cfg: _Config, x, xc, mask):
     # x - k inside its own reduction, where a shared x - k would be materialised (one more write
     # and read of x-sized data; on CPU a reduction fuses its producer only when it is the sole
     # consumer).
-    xc2, k2 = _apart(x, cdt, k, 2)
+    xc2, k2 = _apart(x, cdt, k)
     xs2 = xc2 - k2
     if mask is not None:
         xs2 = jnp.where(mask, xs2, jnp.zeros((), xc.dtype))
@@ -645,17 +645,17 @@ def _moments(cfg: _Config, x, xc, mask):
     return mean, var, n
 
 
-def _apart(x, dtype, tag, index):
-    """``(x.astype(dtype), tag)`` as values XLA cannot merge with any other use of x or tag.
+def _apart(x, dtype, tag):
+    """``(x.astype(dtype), tag)`` through an optimization barrier, so that XLA keeps them apart.
 
-    ``index`` tells apart two views with the same tag. Each reduction over x then reads x and
-    converts it itself: a conversion of a low-precision x shared by several reductions is
-    otherwise materialised as an x-sized float32 temporary, which on CPU costs more than the
-    whole normalisation (a fresh buffer, converted on one thread).
+    Each reduction over x then reads x and converts it itself. A conversion of a low-precision x
+    that the pivot or the elementwise passes also use is otherwise materialised as an x-sized
+    float32 temporary, which on CPU costs more than the whole normalisation (a fresh buffer,
+    converted on one thread).
     """
     if x.dtype == dtype:
         return x, jax.lax.optimization_barrier(tag)
-    x, tag, _ = jax.lax.optimization_barrier((x, tag, jnp.int32(index)))
+    x, tag = jax.lax.optimization_barrier((x, tag))
     return x.astype(dtype), tag
 
 
@@ -824,7 +824,7 @@ def _tangent(
         # As in _moments: x - mean computed inside this sum, not shared with d_pre below; and
         # inv_std multiplies the per-feature sum, not each term (it would be broadcast to x's
         # size to feed the reduction).
-        xc2, mean2 = _apart(x, cdt, mean, 3)
+        xc2, mean2 = _apart(x, cdt, mean)
         xm = xc2 - mean2
         s2 = jnp.sum(tm * xm, axis=cfg.raxes, keepdims=True) * inv_std
         if cfg.axis_name is not None:
