@@ -181,8 +181,9 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
     # A column sum is NaN or Inf exactly when its column holds one (or overflows): the flag for
     # _check_finite, at no extra pass over x.
     n_bad = jnp.sum(~jnp.isfinite(total))
-    # One array again: the concatenation fuses into the passes that centre it.
-    x2 = parts[0][0] if len(parts) == 1 else jnp.concatenate([xi for xi, _ in parts])
+    # Parts stay apart until they are centred (see _centred): concatenated before, they would be
+    # written out once more.
+    x2 = parts[0][0] if len(parts) == 1 else tuple(xi for xi, _ in parts)
     w = parts[0][1]
     if full_covariance:
         q, s = _scatter(x2, mean0, w)
@@ -206,6 +207,8 @@ _BLOCK_ROWS = 4096
 
 
 def _centred(x2, mean0, w):
+    if isinstance(x2, tuple):  # fit_stream's group of batches, no mask: one pass writes d
+        return jnp.concatenate([xi - mean0[None, :] for xi in x2])
     d = x2 - mean0[None, :]
     if w is None:
         return d
@@ -229,8 +232,9 @@ def _scatter(x2, mean0, w):
     loop, so that the centred data is never an x-sized temporary. Other platforms run the
     single matmul on the whole centred d.
     """
-    out = _replicated(x2)
-    num_rows, num_features = x2.shape
+    out = _replicated(x2[0] if isinstance(x2, tuple) else x2)
+    num_rows = sum(xi.shape[0] for xi in x2) if isinstance(x2, tuple) else x2.shape[0]
+    num_features = mean0.shape[0]
 
     def single(x2, mean0):
         d = _centred(x2, mean0, w)
@@ -250,6 +254,8 @@ def _scatter(x2, mean0, w):
     def split(x2, mean0):
         if num_rows <= _BLOCK_ROWS:
             return assemble(*blocks(x2, mean0, w))
+        if isinstance(x2, tuple):
+            x2 = jnp.concatenate(x2)
         r = _BLOCK_ROWS
         full = num_rows // r
         tail = num_rows - full * r
