@@ -1226,7 +1226,7 @@ def _check_group(flag, group) -> None:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _merge_batch_jit(acc, x, axes, full):
-    # One dispatch per batch: its moments and their merge into the running total.
+    # One dispatch per group of batches: their moments and the merge into the running total.
     m, n_bad = _local_moments(x, None, axes, full)
     return merge(acc, m), n_bad
 
