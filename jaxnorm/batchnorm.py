@@ -62,8 +62,9 @@ class BatchNormState(NamedTuple):
     Attributes:
       mean: running mean, shape = the feature shape (``x.shape`` at the feature axes).
       var: running variance (biased by default, as Flax keeps it), same shape as ``mean``.
-      count: number of training updates seen so far (a scalar), like PyTorch's
+      count: number of training updates seen so far (an int32 scalar), like PyTorch's
         ``num_batches_tracked``; the cumulative-average mode (``cumulative=True``) divides by it.
+        A batch with no valid row (all masked) does not count.
     """
 
     mean: jax.Array
@@ -77,7 +78,9 @@ def init_state(num_features: int | Sequence[int], *, dtype=jnp.float32) -> Batch
     Args:
       num_features: the feature size, an int (one feature axis) or a tuple (several feature axes,
         e.g. ``(H, C)`` for ``axis=(-2, -1)``).
-      dtype: dtype of the state (float32 by default, whatever the activations' dtype).
+      dtype: dtype of the running mean and variance (float32 by default, whatever the
+        activations' dtype). The count is an int32 whatever ``dtype`` is: a float count stops
+        counting (at 256 in bfloat16, 2**24 in float32).
 
     Returns:
       A :class:`BatchNormState` with ``mean`` and ``var`` of shape ``num_features``.
@@ -92,13 +95,13 @@ def init_state(num_features: int | Sequence[int], *, dtype=jnp.float32) -> Batch
       >>> s.mean, s.var
       (Array([0., 0., 0.], dtype=float32), Array([1., 1., 1.], dtype=float32))
       >>> s.count
-      Array(0., dtype=float32)
+      Array(0, dtype=int32)
     """
     shape = _feature_shape_arg(num_features)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"init_state needs a floating dtype for the state, got {jnp.dtype(dtype)}")
     return BatchNormState(
-        mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype), count=jnp.zeros((), dtype)
+        mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype), count=jnp.zeros((), jnp.int32)
     )
 
 
@@ -178,31 +181,34 @@ def from_torch_state(
     Args:
       running_mean, running_var: the buffers (torch tensors, NumPy or JAX arrays).
       num_batches_tracked: the torch counter (0 if not given).
-      dtype: dtype of the state.
+      dtype: dtype of the running mean and variance (the count is int32).
 
     Returns:
-      The state, in ``dtype``.
+      The state: a copy, so the torch layer may go on updating its buffers in place.
 
     Example:
       >>> import numpy as np
       >>> from jaxnorm import batchnorm
       >>> s = batchnorm.from_torch_state(np.zeros(2), np.ones(2), 7)
       >>> s.count
-      Array(7., dtype=float32)
+      Array(7, dtype=int32)
     """
-    mean = jnp.asarray(np.asarray(running_mean), dtype)
-    var = jnp.asarray(np.asarray(running_var), dtype)
+    # np.array copies: torch updates its buffers in place, and jnp.asarray of a NumPy view of
+    # them may share their memory on CPU.
+    mean = jnp.array(np.asarray(running_mean).copy(), dtype)
+    var = jnp.array(np.asarray(running_var).copy(), dtype)
     if mean.shape != var.shape:
         raise ValueError(
             f"running_mean has shape {mean.shape} but running_var has shape {var.shape}"
         )
-    count = 0 if num_batches_tracked is None else np.asarray(num_batches_tracked)
-    return BatchNormState(mean, var, jnp.asarray(count, dtype).reshape(()))
+    count = 0 if num_batches_tracked is None else np.asarray(num_batches_tracked).copy()
+    return BatchNormState(mean, var, jnp.asarray(np.rint(count), jnp.int32).reshape(()))
 
 
 def to_torch_state(state: BatchNormState) -> dict[str, np.ndarray]:
     """PyTorch BatchNorm buffers from a state: ``running_mean``, ``running_var`` (float32) and
-    ``num_batches_tracked`` (int64), ready for ``torch.from_numpy`` / ``load_state_dict``.
+    ``num_batches_tracked`` (int64), ready for ``torch.from_numpy`` / ``load_state_dict``. The
+    arrays are writable copies, not views of the state's device buffers.
 
     Example:
       >>> from jaxnorm import batchnorm
@@ -210,9 +216,9 @@ def to_torch_state(state: BatchNormState) -> dict[str, np.ndarray]:
       ['num_batches_tracked', 'running_mean', 'running_var']
     """
     return {
-        "running_mean": np.asarray(state.mean, np.float32),
-        "running_var": np.asarray(state.var, np.float32),
-        "num_batches_tracked": np.asarray(np.rint(np.asarray(state.count)), np.int64),
+        "running_mean": np.array(state.mean, np.float32, copy=True),
+        "running_var": np.array(state.var, np.float32, copy=True),
+        "num_batches_tracked": np.array(np.rint(np.asarray(state.count)), np.int64, copy=True),
     }
 
 
@@ -449,9 +455,10 @@ def batch_norm(
         :math:`\\sigma_B^2 N/(N-1)`, as PyTorch does (normalisation still uses the biased one).
       cumulative: running statistics are the plain average over all batches seen (PyTorch's
         ``momentum=None``), using ``state.count``; ``momentum`` is then ignored.
-      virtual_batch_size: ghost batch norm: split axis 0 into groups of this size, each normalised
-        with its own statistics (local to the device); the running statistics are updated with the
-        average of the groups' statistics, as Keras does.
+      virtual_batch_size: ghost batch norm: split axis 0 into consecutive groups of this size
+        (rows 0..V-1, V..2V-1, ...), each normalised with its own statistics (local to the
+        device); the running statistics are updated with the average of the groups' statistics,
+        as Keras does. (Keras's own groups are strided: row j with j + N/V, j + 2N/V, ...)
       renorm: Batch Renormalization: :math:`y = \\gamma (\\hat x r + d) + \\beta` with
         :math:`r = \\mathrm{clip}(\\sigma_B/\\sigma, 1/r_{max}, r_{max})`,
         :math:`d = \\mathrm{clip}((\\mu_B - \\mu)/\\sigma, -d_{max}, d_{max})` from the running
@@ -487,14 +494,21 @@ def batch_norm(
       >>> s.mean, s.var
       (Array([0.2, 2. ], dtype=float32), Array([ 1. , 10.9], dtype=float32))
     """
+    if not isinstance(train, bool | np.bool_):
+        raise TypeError(
+            f"train must be a Python bool (True: batch statistics and a state update; False: "
+            f"running statistics), got {train!r}"
+        )
     x = jnp.asarray(x)
     _checks.check_floating(x, "x")
     faxes = _checks.normalize_axes(axis, x.ndim, "axis")
     fshape = tuple(x.shape[a] for a in faxes)
-    _check_state(state, fshape, faxes)
+    _check_state(state, fshape, axis)
     _check_param_shape(scale, fshape, "scale", f"x's feature shape on axis {_axis_str(axis)}")
     _check_param_shape(bias, fshape, "bias", f"x's feature shape on axis {_axis_str(axis)}")
     _check_momentum(momentum, "momentum")
+    if renorm:
+        _check_renorm_bounds(r_max, d_max)
     if isinstance(epsilon, int | float) and epsilon < 0:
         raise ValueError(f"epsilon must be non-negative, got {epsilon}")
     act = _resolve_activation(activation)
@@ -865,7 +879,7 @@ def _update_state(
     if unbiased:
         bvar = jnp.where(bcount > one, bvar * bcount / jnp.maximum(bcount - one, one), bvar)
     if ghost:
-        # Keras: the running statistics follow the average of the virtual batches' statistics.
+        # As Keras: the running statistics follow the average of the virtual batches' statistics.
         w = (bcount > 0).astype(bmean.dtype)
         bmean = jnp.sum(w * bmean, axis=0) / jnp.maximum(jnp.sum(w, axis=0), one)
         bvar = jnp.sum(w * bvar, axis=0) / jnp.maximum(jnp.sum(w, axis=0), one)
@@ -881,14 +895,19 @@ def _update_state(
     count = jnp.asarray(state.count)
     if cumulative:
         w = one / (count.astype(bmean.dtype) + one)
+        keep = one - w
     else:
-        w = one - jnp.asarray(momentum).astype(bmean.dtype)
-    new_mean = old_mean + w * (bmean - old_mean)
-    new_var = old_var + w * (bvar - old_var)
-    # A batch with no valid row (all masked) leaves the statistics as they were.
+        keep = jnp.asarray(momentum).astype(bmean.dtype)
+        w = one - keep
+    # keep * old + w * batch, as flax and torch write it: exact at the ends (momentum 0 or 1,
+    # the first cumulative step), where old + w * (batch - old) would round old + (batch - old).
+    new_mean = keep * old_mean + w * bmean
+    new_var = keep * old_var + w * bvar
+    # A batch with no valid row (all masked) leaves the statistics as they were, and is not
+    # counted (the count is the cumulative average's denominator).
     new_mean = jnp.where(valid, new_mean, old_mean)
     new_var = jnp.where(valid, new_var, old_var)
-    new_count = count + jnp.ones((), count.dtype)
+    new_count = count + jnp.any(valid).astype(count.dtype)
     return BatchNormState(
         jax.lax.stop_gradient(new_mean.astype(sdt)),
         jax.lax.stop_gradient(new_var.astype(jnp.asarray(state.var).dtype)),
@@ -918,14 +937,28 @@ def _compute_dtype(*arrays):
 
 
 def _check_momentum(momentum, name):
-    if isinstance(momentum, bool) or _checks.is_tracer(momentum):
+    if isinstance(momentum, bool | np.bool_):
+        raise TypeError(f"{name} must be a number in [0, 1], got {momentum!r}")
+    if np.ndim(momentum) != 0:
+        raise ValueError(
+            f"{name} must be a scalar in [0, 1], got an array of shape {np.shape(momentum)}"
+        )
+    if _checks.is_tracer(momentum):
         return
-    if isinstance(momentum, int | float | np.floating | np.integer) or (
-        hasattr(momentum, "shape") and np.ndim(momentum) == 0 and not _checks.is_tracer(momentum)
-    ):
+    if isinstance(momentum, int | float | np.floating | np.integer) or hasattr(momentum, "shape"):
         m = float(momentum)
         if not 0.0 <= m <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {m}")
+    else:
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(momentum).__name__}")
+
+
+def _check_renorm_bounds(r_max, d_max):
+    # Concrete bounds only: a traced schedule (r_max rising from 1) is the caller's to keep sane.
+    if not _checks.is_tracer(r_max) and np.ndim(r_max) == 0 and not float(r_max) >= 1.0:
+        raise ValueError(f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
+    if not _checks.is_tracer(d_max) and np.ndim(d_max) == 0 and not float(d_max) >= 0.0:
+        raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
 
 
 def _check_param_shape(p, fshape, name, what):
@@ -939,14 +972,22 @@ def _check_param_shape(p, fshape, name, what):
         raise ValueError(f"{name} has shape {pshape} but {what} is {tuple(fshape)}")
 
 
-def _check_state(state, fshape, faxes):
+def _check_state(state, fshape, axis):
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"state must be a BatchNormState (see init_state), got {type(state).__name__}"
         )
-    where = f"x's feature shape on axes {faxes}"
+    where = f"x's feature shape on axis {_axis_str(axis)}"
     _check_param_shape(state.mean, fshape, "state.mean", where)
     _check_param_shape(state.var, fshape, "state.var", where)
+
+
+# Named activations that are not one-argument elementwise maps: prelu needs its slope, maxout
+# changes the feature size.
+_NOT_FUSABLE = {
+    "prelu": "it needs its slope: pass activation=functools.partial(jaxnorm.prelu, alpha=a)",
+    "maxout": "it is not elementwise (it changes the feature size): apply it after batch_norm",
+}
 
 
 def _resolve_activation(activation):
@@ -955,7 +996,13 @@ def _resolve_activation(activation):
     if isinstance(activation, str):
         from jaxnorm import activations
 
-        return activations.get(activation)
+        fn = activations.get(activation)
+        if fn.__name__ in _NOT_FUSABLE:
+            raise ValueError(
+                f"activation={activation!r} cannot be fused into batch_norm: "
+                f"{_NOT_FUSABLE[fn.__name__]}"
+            )
+        return fn
     raise TypeError(
         f"activation must be None, a name or a callable, got {type(activation).__name__}"
     )

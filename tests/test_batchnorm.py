@@ -105,8 +105,18 @@ def test_init_state():
     assert s.mean.dtype == jnp.float32
     np.testing.assert_array_equal(s.mean, 0.0)
     np.testing.assert_array_equal(s.var, 1.0)
-    assert float(s.count) == 0.0
-    assert bn.init_state(2, dtype=jnp.bfloat16).var.dtype == jnp.bfloat16
+    assert s.count.dtype == jnp.int32 and int(s.count) == 0
+    s16 = bn.init_state(2, dtype=jnp.bfloat16)
+    assert s16.var.dtype == jnp.bfloat16 and s16.count.dtype == jnp.int32
+
+
+def test_count_keeps_counting_past_float_precision():
+    # A bfloat16 count would stop at 256 (256 + 1 rounds to 256), a float32 one at 2**24.
+    x = _x((4, 2))
+    for start in (256, 2**24):
+        state = bn.init_state(2, dtype=jnp.bfloat16)._replace(count=jnp.asarray(start, jnp.int32))
+        _, new = bn.batch_norm(x, None, None, state, train=True, cumulative=True)
+        assert int(new.count) == start + 1
 
 
 @pytest.mark.parametrize("bad", [0, -3, (2, 0)])
@@ -141,7 +151,7 @@ def test_momentum_conversions():
 
 def test_torch_state_round_trip():
     s = bn.from_torch_state(np.arange(3.0), np.ones(3) * 2, np.int64(5))
-    assert s.count.dtype == jnp.float32 and float(s.count) == 5.0
+    assert s.count.dtype == jnp.int32 and int(s.count) == 5
     d = bn.to_torch_state(s)
     np.testing.assert_array_equal(d["running_mean"], np.arange(3.0))
     assert d["num_batches_tracked"].dtype == np.int64 and int(d["num_batches_tracked"]) == 5
@@ -893,10 +903,101 @@ def test_error_integer_x():
         bn.batch_norm(jnp.ones((4, 3), jnp.int32), None, None, bn.init_state(3), train=True)
 
 
+def test_torch_state_is_copied_both_ways():
+    torch = pytest.importorskip("torch")
+    layer = torch.nn.BatchNorm1d(3)
+    state = bn.from_torch_state(layer.running_mean, layer.running_var, layer.num_batches_tracked)
+    layer.train()
+    with torch.no_grad():
+        layer(torch.randn(8, 3) + 5.0)  # updates torch's buffers in place
+    np.testing.assert_array_equal(state.mean, np.zeros(3))
+    np.testing.assert_array_equal(state.var, np.ones(3))
+    assert int(state.count) == 0
+    buffers = bn.to_torch_state(state)
+    assert all(a.flags.writeable for a in buffers.values())
+    torch.from_numpy(buffers["running_mean"]).add_(100.0)
+    np.testing.assert_array_equal(state.mean, np.zeros(3))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0])
+def test_running_update_is_exact_at_the_ends(momentum):
+    # The batch variance of small data must survive momentum 0 (weight 1 on the batch) exactly,
+    # as flax's m * old + (1 - m) * new keeps it; old + w * (new - old) would round it.
+    x = _x((64, 3), std=1e-3)
+    _, s = bn.batch_norm(x, None, None, bn.init_state(3), train=True, momentum=momentum)
+    want_var = to_f64(x).var(0) if momentum == 0.0 else np.ones(3)
+    want_mean = to_f64(x).mean(0) if momentum == 0.0 else np.zeros(3)
+    np.testing.assert_allclose(s.var, want_var, rtol=1e-5)
+    np.testing.assert_allclose(s.mean, want_mean, rtol=1e-5, atol=1e-9)
+    # The first step of the cumulative average weighs the batch by 1 too.
+    _, s = bn.batch_norm(x, None, None, bn.init_state(3), train=True, cumulative=True)
+    np.testing.assert_allclose(s.var, to_f64(x).var(0), rtol=1e-5)
+
+
+def test_torch_parity_small_variance_momentum_one():
+    torch = pytest.importorskip("torch")
+    layer = torch.nn.BatchNorm1d(3, momentum=1.0)
+    layer.train()
+    state = bn.init_state(3)
+    for step in range(2):
+        x = np.array(_x((32, 3), seed=step, std=1e-3))
+        with torch.no_grad():
+            layer(torch.from_numpy(x))
+        _, state = bn.batch_norm(
+            jnp.asarray(x),
+            None,
+            None,
+            state,
+            train=True,
+            momentum=bn.momentum_from_torch(1.0),
+            unbiased_running_var=True,
+        )
+    np.testing.assert_allclose(state.var, layer.running_var.numpy(), rtol=1e-5)
+
+
+def test_all_masked_batch_is_not_counted():
+    x1 = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    _, s = bn.batch_norm(
+        x1, None, None, bn.init_state(2), train=True, cumulative=True, mask=np.zeros(2, bool)
+    )
+    assert int(s.count) == 0
+    _, s = bn.batch_norm(x1, None, None, s, train=True, cumulative=True)
+    np.testing.assert_allclose(s.mean, [2.0, 3.0])
+    np.testing.assert_allclose(s.var, [1.0, 1.0])
+    assert int(s.count) == 1
+
+
 @pytest.mark.parametrize("momentum", [-0.1, 1.5])
 def test_error_momentum_range(momentum):
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
         bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, momentum=momentum)
+
+
+def test_error_momentum_type_and_shape():
+    x, state = _x((4, 3)), bn.init_state(3)
+    with pytest.raises(ValueError, match=r"scalar in \[0, 1\], got an array of shape \(3,\)"):
+        bn.batch_norm(x, None, None, state, train=True, momentum=np.array([0.5, 0.5, 0.5]))
+    with pytest.raises(TypeError, match="momentum must be a number"):
+        bn.batch_norm(x, None, None, state, train=True, momentum=True)
+
+
+def test_error_train_not_bool():
+    with pytest.raises(TypeError, match="train must be a Python bool"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=None)
+
+
+def test_error_renorm_bounds():
+    x, state = _x((4, 3)), bn.init_state(3)
+    with pytest.raises(ValueError, match=r"r_max must be >= 1"):
+        bn.batch_norm(x, None, None, state, train=True, renorm=True, r_max=0.5)
+    with pytest.raises(ValueError, match=r"d_max must be >= 0"):
+        bn.batch_norm(x, None, None, state, train=True, renorm=True, d_max=-1.0)
+
+
+@pytest.mark.parametrize("name", ["prelu", "maxout"])
+def test_error_activation_that_cannot_be_fused(name):
+    with pytest.raises(ValueError, match=f"activation='{name}' cannot be fused"):
+        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, activation=name)
 
 
 def test_error_single_value_per_feature():
