@@ -316,7 +316,7 @@ class BatchNorm(nn.Module):
         # The count is only needed by the cumulative average; other configurations keep flax's
         # exact variable set so that checkpoints load both ways.
         ra_count = (
-            self.variable("batch_stats", "count", lambda: jnp.zeros((), stats_dtype))
+            self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
             if self.cumulative
             else None
         )
@@ -330,7 +330,7 @@ class BatchNorm(nn.Module):
             if self.use_bias
             else None
         )
-        count = ra_count.value if ra_count is not None else jnp.zeros((), stats_dtype)
+        count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
         state = batchnorm.BatchNormState(ra_mean.value, ra_var.value, count)
         initializing = self.is_initializing()
         train = not use_running_average
@@ -339,27 +339,9 @@ class BatchNorm(nn.Module):
         )
         if initializing and train and _values_per_feature(x.shape, feature_axes) <= 1:
             train = False
-        y, new_state = batchnorm.batch_norm(
-            x,
-            scale,
-            bias,
-            state,
-            train=train,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=self.axis,
-            # As in flax, the named axis need not exist while initialising.
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
-            mask=mask,
-            activation=self.activation,
-            unbiased_running_var=self.unbiased_running_var,
-            cumulative=self.cumulative,
-            virtual_batch_size=self.virtual_batch_size,
-            renorm=self.renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            dtype=out_dtype,
+        # As in flax, the named axis need not exist while initialising.
+        y, new_state = _module_batch_norm(
+            self, x, scale, bias, state, train, mask, out_dtype, collective=not initializing
         )
         if train and not initializing:
             ra_mean.value = new_state.mean
@@ -367,6 +349,31 @@ class BatchNorm(nn.Module):
             if ra_count is not None:
                 ra_count.value = new_state.count
         return y
+
+
+def _module_batch_norm(module, x, scale, bias, state, train, mask, out_dtype, *, collective=True):
+    """:func:`batchnorm.batch_norm` with the options a BatchNorm module (linen or nnx) holds."""
+    return batchnorm.batch_norm(
+        x,
+        scale,
+        bias,
+        state,
+        train=train,
+        momentum=module.momentum,
+        epsilon=module.epsilon,
+        axis=module.axis,
+        axis_name=module.axis_name if collective else None,
+        axis_index_groups=module.axis_index_groups if collective else None,
+        mask=mask,
+        activation=module.activation,
+        unbiased_running_var=module.unbiased_running_var,
+        cumulative=module.cumulative,
+        virtual_batch_size=module.virtual_batch_size,
+        renorm=module.renorm,
+        r_max=module.r_max,
+        d_max=module.d_max,
+        dtype=out_dtype,
+    )
 
 
 def _values_per_feature(shape, feature_axes) -> int:

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, activations, batchnorm
-from jaxnorm.nn import _flax_result_dtype, _prelu_slope_shape
+from jaxnorm.nn import _flax_result_dtype, _module_batch_norm, _prelu_slope_shape
 
 __all__ = ["BatchNorm", "PReLU"]
 
@@ -187,6 +187,9 @@ class BatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     ):
+        # Checked here, where the model is built, not at its first call.
+        batchnorm._check_momentum(momentum, "momentum")
+        batchnorm._resolve_activation(activation)
         feature_shape = (num_features,)
         state = batchnorm.init_state(num_features)
         self.mean = nnx.BatchStat(state.mean)
@@ -266,7 +269,7 @@ class BatchNorm(nnx.Module):
             )
         # The variables are flat (num_features,) as in flax.nnx; several feature axes share them.
         as_features = lambda v: None if v is None else v[...].reshape(feature_shape)
-        count = self.count[...] if self.count is not None else jnp.zeros((), self.mean[...].dtype)
+        count = self.count[...] if self.count is not None else jnp.zeros((), jnp.int32)
         state = batchnorm.BatchNormState(as_features(self.mean), as_features(self.var), count)
         scale, bias = as_features(self.scale), as_features(self.bias)
         train = not use_running_average
@@ -276,27 +279,7 @@ class BatchNorm(nnx.Module):
             self.mean[...].dtype,
             *(p.dtype for p in (scale, bias) if p is not None),
         )
-        y, new_state = batchnorm.batch_norm(
-            x,
-            scale,
-            bias,
-            state,
-            train=train,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            activation=self.activation,
-            unbiased_running_var=self.unbiased_running_var,
-            cumulative=self.cumulative,
-            virtual_batch_size=self.virtual_batch_size,
-            renorm=self.renorm,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            dtype=out_dtype,
-        )
+        y, new_state = _module_batch_norm(self, x, scale, bias, state, train, mask, out_dtype)
         if train:
             self.mean[...] = new_state.mean.reshape(self.mean[...].shape)
             self.var[...] = new_state.var.reshape(self.var[...].shape)
