@@ -414,6 +414,14 @@ def test_nnx_train_eval_and_view_switch_modes():
         jnnx.BatchNorm(2, use_running_average=None, rngs=nnx.Rngs(0))(x)
 
 
+def test_nnx_checks_options_when_built():
+    # Not at the first call, which may be deep inside a jitted train step.
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        jnnx.BatchNorm(2, momentum=1.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown activation"):
+        jnnx.BatchNorm(2, activation="relux", rngs=nnx.Rngs(0))
+
+
 def _bn_ref(x, running_mean, running_var, momentum, eps=1e-5):
     """NumPy float64 train-mode batch norm over the rows of x (scale 1, bias 0)."""
     mu, var = x.mean(0), x.var(0)
