@@ -142,6 +142,11 @@ def _linen_records(model, variables, x, include, kwargs) -> list[tuple[tuple, ja
     return records
 
 
+def _nth(path: tuple, n: int) -> tuple:
+    """The entry of a path's n-th call or sow: ``name``, then ``name:1``, ``name:2``, ..."""
+    return path if n == 0 else (*path[:-1], f"{path[-1]}:{n}")
+
+
 def _nnx_records(model, variables, x, include, kwargs) -> list[tuple[tuple, jax.Array]]:
     from flax import nnx
 
@@ -151,11 +156,20 @@ def _nnx_records(model, variables, x, include, kwargs) -> list[tuple[tuple, jax.
     if variables is not None:
         nnx.update(model, variables)
     modules = list(nnx.iter_modules(model))
-    paths = {id(m): path for path, m in modules if path != () and (include is None or include(m))}
-    records: list = []
+    all_paths = {id(m): tuple(path) for path, m in modules}
+    paths = {
+        id(m): tuple(path) for path, m in modules if path != () and (include is None or include(m))
+    }
+    # Events in call order: ("out", path, value) when a module returns, ("sow", path, n) when
+    # the model sows the n-th value under path (filled in from nnx.capture's result after the
+    # call, so that a sow with its own reduce_fn reports what it reduced to).
+    events: list = []
+    calls: collections.Counter = collections.Counter()
+    sows: collections.Counter = collections.Counter()
     classes = {type(m) for _, m in modules}
     originals = {cls: cls.__dict__.get("__call__", _MISSING) for cls in classes}
     resolved = {cls: cls.__call__ for cls in classes}
+    original_sow = nnx.Module.__dict__["sow"]
 
     def hooked(cls, call):
         @functools.wraps(call)
@@ -163,30 +177,53 @@ def _nnx_records(model, variables, x, include, kwargs) -> list[tuple[tuple, jax.
             out = call(self, *args, **kw)
             # type(self) is cls: a subclass's __call__ calling super().__call__ records once.
             if type(self) is cls and id(self) in paths:
-                _add_leaves(records, tuple(paths[id(self)]), out)
+                path = paths[id(self)]
+                events.append(("out", _nth(path, calls[path]), out))
+                calls[path] += 1
             return out
 
         return wrapper
 
-    # A forward hook, nnx having none: __call__ of the model's own classes is wrapped for the
-    # duration of one call and restored after (flax's nnx.capture(method_outputs=...) does the
-    # same, but returns the values sorted by path rather than in call order).
+    @functools.wraps(original_sow)
+    def sow(self, variable_type, name, value, *args, **kw):
+        captured = original_sow(self, variable_type, name, value, *args, **kw)
+        # True only when nnx.capture collects it, i.e. for nnx.Intermediate.
+        if captured and id(self) in all_paths:
+            path = (*all_paths[id(self)], name)
+            events.append(("sow", path, sows[path]))
+            sows[path] += 1
+        return captured
+
+    # A forward hook, nnx having none: __call__ of the model's own classes, and Module.sow, are
+    # wrapped for the duration of one call and restored after (flax's
+    # nnx.capture(method_outputs=...) records module outputs too, but returns them sorted by
+    # path, and its sown values sorted by name, rather than in call order).
     try:
         for cls in classes:
             cls.__call__ = hooked(cls, resolved[cls])
+        nnx.Module.sow = sow
         _, sown = nnx.capture(lambda m: m(x, **kwargs), nnx.Intermediate)(model)
     finally:
+        nnx.Module.sow = original_sow
         for cls, original in originals.items():
             if original is _MISSING:
                 delattr(cls, "__call__")
             else:
                 cls.__call__ = original
-    # Values the model sowed itself come after the module outputs (nnx keeps no call order).
+    values = {}
     for path, var in nnx.to_flat_state(sown):
         value = var.get_value() if hasattr(var, "get_value") else var
-        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
-            p = tuple(path) if i == 0 else (*path[:-1], f"{path[-1]}:{i}")
-            _add_leaves(records, p, v)
+        # The default reduce_fn collects a tuple, one element a sow; any other reduces to one.
+        values[tuple(path)] = value if isinstance(value, tuple) else (value,)
+    records: list = []
+    for kind, path, v in events:
+        if kind == "out":
+            _add_leaves(records, path, v)
+        elif v < len(values.get(path, ())):
+            _add_leaves(records, _nth(path, v), values[path][v])
+    for path, vs in values.items():  # sown where no hook saw it (a module made during the call)
+        for n in range(sows[path], len(vs)):
+            _add_leaves(records, _nth(path, n), vs[n])
     return records
 
 
@@ -218,8 +255,9 @@ def capture_activations(
     ``"layers/0"`` in nnx). The model's own output is left out. A module called more than once
     gives ``name``, ``name:1``, ...; a module returning a pytree gives one entry a leaf. Values
     the model ``sow``\\ s (linen: into ``"intermediates"``; nnx: as ``nnx.Intermediate``) are
-    included under the sow's name. linen lists an entry at its module's first call; nnx lists
-    sown values after the module outputs.
+    included under the sow's name (the n-th sow of a name as ``name:n``). linen lists an entry at
+    its module's first call (a module's sows before its own output); nnx lists every module
+    output and sown value where it happened in the call.
 
     Args:
       model: a ``flax.linen.Module`` or a ``flax.nnx.Module``.
@@ -1085,11 +1123,12 @@ def _lsuv_nnx(model, variables, x, key, tol, max_iter, kwargs):
     def records(state):
         return _nnx_records(nnx.merge(graphdef, state), None, x, has_kernel, kwargs)
 
-    layers = list(dict.fromkeys(_traced_paths(records, nnx.state(work))))
+    modules = {tuple(p): m for p, m in nnx.iter_modules(work)}
+    # The first call of each layer (a second call is "name:1"; sown values are not layers).
+    layers = [p for p in dict.fromkeys(_traced_paths(records, nnx.state(work))) if p in modules]
     if not layers:
         raise ValueError("lsuv: the model has no submodule with a 'kernel' nnx.Param to scale")
     names = {_name(p) for p in layers}
-    modules = {tuple(p): m for p, m in nnx.iter_modules(work)}
     variances = jax.jit(lambda state: _variances(records(state), names))
 
     def get_kernel(path):

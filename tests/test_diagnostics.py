@@ -436,7 +436,7 @@ def test_capture_nnx_order_values_and_no_side_effects():
     before = jax.tree_util.tree_map(np.asarray, nnx.state(model))
     linear_call = nnx.Linear.__call__
     acts = diagnostics.capture_activations(model, None, x)
-    assert list(acts) == ["first", "layers/0", "layers/1", "bn", "tanh_out"]
+    assert list(acts) == ["first", "layers/0", "tanh_out", "layers/1", "bn"]  # call order
     h1 = _nnx_dense(model.first, x)
     h2 = _nnx_dense(model.layers[0], np.maximum(h1, 0))
     h3 = _nnx_dense(model.layers[1], np.tanh(h2))
@@ -462,7 +462,7 @@ def test_capture_nnx_order_values_and_no_side_effects():
     only = diagnostics.capture_activations(
         model, None, x, include=lambda m: isinstance(m, nnx.Linear)
     )
-    assert list(only) == ["first", "layers/0", "layers/1", "tanh_out"]
+    assert list(only) == ["first", "layers/0", "tanh_out", "layers/1"]
 
 
 @pytest.mark.loose_promotion
@@ -488,6 +488,38 @@ def test_capture_nnx_with_given_state_and_subclass():
     np.testing.assert_allclose(acts["b"], np.full((3, 1), 7.0))
     assert "__call__" not in Scaled.__dict__
     assert float(model.a.kernel.get_value().sum()) != 4.0  # the model kept its own weights
+
+
+@pytest.mark.loose_promotion
+def test_capture_nnx_sows_and_repeated_calls_in_call_order():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l = nnx.Linear(3, 3, rngs=rngs)
+            self.out = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            self.sow(nnx.Intermediate, "z_first", x)
+            h = self.l(self.l(x))  # called twice: "l", then "l:1"
+            for i in range(11):  # names that sort differently from their order
+                self.sow(nnx.Intermediate, f"tanh_{i}", jnp.tanh(h) * i)
+            self.sow(nnx.Intermediate, "a_second", h)
+            self.sow(nnx.Intermediate, "a_second", 2 * h)  # a second sow: "a_second:1"
+            return self.out(h)
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    sow = nnx.Module.__dict__["sow"]
+    acts = diagnostics.capture_activations(model, None, x)
+    tanh = [f"tanh_{i}" for i in range(11)]
+    assert list(acts) == ["z_first", "l", "l:1", *tanh, "a_second", "a_second:1", "out"]
+    h1 = _nnx_dense(model.l, x)
+    h2 = _nnx_dense(model.l, h1)
+    refs = {"z_first": x, "l": h1, "l:1": h2, "a_second": h2, "a_second:1": 2 * h2}
+    refs |= {f"tanh_{i}": np.tanh(h2) * i for i in range(11)}
+    refs["out"] = _nnx_dense(model.out, h2)
+    for name, ref in refs.items():
+        np.testing.assert_allclose(to_f64(acts[name]), ref, rtol=1e-4, atol=1e-4)
+    assert nnx.Module.__dict__["sow"] is sow  # the hook is removed
 
 
 def test_capture_bad_input():
@@ -566,7 +598,9 @@ def test_lsuv_nnx():
             self.l2 = nnx.Linear(16, 4, rngs=rngs)
 
         def __call__(self, x):
-            return self.l2(nnx.relu(self.l1(x)))
+            h = nnx.relu(self.l1(x))
+            self.sow(nnx.Intermediate, "h", h)  # a sown value is not a layer to scale
+            return self.l2(h)
 
     model = Net(nnx.Rngs(0))
     x = 5.0 * jax.random.normal(jax.random.key(0), (64, 8))
