@@ -3,6 +3,8 @@
 Prints "ALL OK" when every check passed; any mismatch raises.
 """
 
+import warnings
+
 import numpy as np
 
 
@@ -24,7 +26,10 @@ def main():
         logits, _ = model.apply(params, (), x, train=True)
         return jax.numpy.mean((logits - jax.nn.one_hot(y, 10)) ** 2)
 
+    traces = []
+
     def train_fn(hp, key):
+        traces.append(1)
         k_init, k_train = jax.random.split(key)
         params, _ = model.init(k_init)
         opt = optax.inject_hyperparams(optax.sgd)(learning_rate=hp["learning_rate"], momentum=0.9)
@@ -36,9 +41,16 @@ def main():
 
     space = {"learning_rate": training.log_uniform(1e-2, 1e8), "width": training.choice(1, 2)}
     key = jax.random.key(11)
-    one = training.random_search(train_fn, space, 12, key, devices=jax.devices()[:1], border=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", training.DivergenceWarning)  # trials diverge on purpose
+        one = training.random_search(train_fn, space, 12, key, devices=jax.devices()[:1], border=0)
     # 12 trials over 8 devices: chunks of 8 (5 rounded up), the last one padded.
-    many = training.random_search(train_fn, space, 12, key, chunk_size=5, border=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", training.DivergenceWarning)
+        many = training.random_search(train_fn, space, 12, key, chunk_size=5, border=0)
+    # One trace a search: checking the output's structure first (eval_shape) does not trace
+    # the sharded program again.
+    assert len(traces) == 2, len(traces)
     assert any(t.status == "diverged" for t in one.trials), one.table()
     for a, b in zip(one.trials, many.trials, strict=True):
         assert a.params == b.params, (a, b)

@@ -157,22 +157,63 @@ def test_vmapped_trials_equal_one_configuration_alone(digits_tiny):
 def test_divergent_trial_is_reported_not_fatal(digits_tiny):
     train_fn = _mlp_train_fn(digits_tiny, loss="mse")
     space = {"learning_rate": training.log_uniform(1e-2, 1e6)}
-    result = training.random_search(train_fn, space, 8, jax.random.key(0), border=0.0)
+    with pytest.warns(training.DivergenceWarning, match=r"of 8 trials diverged") as caught:
+        result = training.random_search(train_fn, space, 8, jax.random.key(0), border=0.0)
     diverged = result.diverged
     assert diverged and len(diverged) < 8
+    (message,) = [str(w.message) for w in caught]
     for t in diverged:
         assert t.status == "diverged" and t.diverged_step is not None and t.diverged_step >= 0
         assert t.params["learning_rate"] > 50.0
         assert f"diverged@{t.diverged_step}" in result.table()
+    # The warning names the trials and their steps (it lists the first five).
+    for t in diverged[:5]:
+        assert f"trial {t.index} (loss NaN/Inf from step {t.diverged_step}" in message
     assert result.best.status == "ok" and result.best.params["learning_rate"] < 50.0
     assert f"{len(diverged)} of 8 trials diverged" in str(result)
+
+
+def test_any_nonfinite_metric_marks_the_trial_diverged_without_a_history():
+    # NaN logits give argmax 0, a finite chance accuracy: the ranked metric alone would hide the
+    # divergence. Here trials with x > 0.5 report such an accuracy (higher than any healthy
+    # trial's) with a NaN or infinite val_loss, and no History.
+    def train_fn(hp, key):
+        x = hp["x"]
+        bad = jnp.where(x > 0.75, jnp.inf, jnp.nan)
+        return {
+            "val_accuracy": jnp.where(x > 0.5, 0.9, 0.5 - x),
+            "val_loss": jnp.where(x > 0.5, bad, x),
+        }
+
+    with pytest.warns(training.DivergenceWarning, match="trials diverged") as caught:
+        result = training.random_search(
+            train_fn, {"x": training.uniform(0.0, 1.0)}, 12, jax.random.key(0), border=0
+        )
+    xs = [t.params["x"] for t in result.trials]
+    bad = [i for i, x in enumerate(xs) if x > 0.5]
+    assert 0 < len(bad) < 12
+    assert [t.index for t in result.diverged] == bad
+    assert all(t.status == "diverged" and t.diverged_step is None for t in result.diverged)
+    # Ranked after every finite trial, the finite ones by accuracy (best: smallest x).
+    ranked = result.ranked()
+    good = sorted((i for i in range(12) if i not in bad), key=lambda i: xs[i])
+    assert [t.index for t in ranked] == good + bad
+    assert result.best.index == good[0]
+    assert f"{len(bad)} of 12 trials diverged" in result.table()
+    message = str(caught[0].message)
+    for i in bad[:5]:
+        want = "inf" if xs[i] > 0.75 else "nan"
+        assert f"trial {i} (val_loss={want})" in message
 
 
 def test_all_trials_diverged():
     def train_fn(hp, key):
         return {"val_accuracy": jnp.float32(jnp.nan) * hp["x"]}
 
-    result = training.random_search(train_fn, {"x": training.uniform(0, 1)}, 3, jax.random.key(0))
+    with pytest.warns(training.DivergenceWarning, match=r"3 of 3 trials diverged: trial 0 \("):
+        result = training.random_search(
+            train_fn, {"x": training.uniform(0, 1)}, 3, jax.random.key(0)
+        )
     assert result.best is None and result.best_params is None
     assert all(t.status == "diverged" and t.diverged_step is None for t in result.trials)
     assert "every trial diverged" in result.table()
@@ -233,6 +274,180 @@ def test_static_choices_are_grouped_and_csv_round_trip(tmp_path):
     assert text[0] == "trial,round,status,diverged_step,lr,act,width,val_accuracy,extra"
 
 
+def test_choice_params_are_the_option_objects():
+    # sklearn's ParameterSampler reports the option itself; the traced value train_fn gets is its
+    # float32 rounding.
+    options = (0.1, 0.3, 0.5)
+    result = training.random_search(
+        lambda hp, key: {"score": hp["c"]},
+        {"c": training.choice(*options)},
+        12,
+        jax.random.key(0),
+        metric="score",
+    )
+    for t in result.trials:
+        assert any(t.params["c"] is o for o in options), t.params
+        assert t.metrics["score"] == float(np.float32(t.params["c"]))
+    assert result.best_params == {"c": 0.5}
+    # The index stream is unchanged: the same draws as jax.random.randint on the documented key.
+    import zlib
+
+    sample_key = jax.random.split(jax.random.key(0))[0]
+    k = jax.random.fold_in(sample_key, zlib.crc32(b"c") & 0x7FFFFFFF)
+    idx = np.asarray(jax.random.randint(k, (12,), 0, 3))
+    assert [t.params["c"] for t in result.trials] == [options[i] for i in idx]
+
+
+def test_coarse_to_fine_narrows_a_float_choice():
+    def train_fn(hp, key):
+        return {"loss": (hp["c"] - 0.3) ** 2 + 0.0 * hp["lr"]}
+
+    space = {"c": training.choice(0.1, 0.3, 0.5), "lr": training.uniform(0.0, 1.0)}
+    result = training.coarse_to_fine(
+        train_fn,
+        space,
+        8,
+        jax.random.key(0),
+        rounds=2,
+        top_k=1,
+        metric="loss",
+        mode="min",
+        border=0,
+    )
+    assert result.spaces[1]["c"] == training.choice(0.3)
+    assert all(t.params["c"] == 0.3 for t in result.trials if t.round == 1)
+    assert result.best_params["c"] == 0.3
+
+
+def test_coarse_to_fine_round_0_is_random_search():
+    space = {"x": training.uniform(0.0, 1.0), "c": training.choice(1, 2, 3)}
+    key = jax.random.key(5)
+    plain = training.random_search(_echo, space, 6, key, metric="score", border=0)
+    c2f = training.coarse_to_fine(_echo, space, 6, key, rounds=2, metric="score", border=0)
+    assert [t.params for t in c2f.trials[:6]] == [t.params for t in plain.trials]
+    assert [t.metrics for t in c2f.trials[:6]] == [t.metrics for t in plain.trials]
+    assert [t.params for t in c2f.trials[6:]] != [t.params for t in plain.trials]
+
+
+def test_choice_takes_one_list_or_tuple_as_the_options():
+    assert training.choice([1, 2, 3]) == training.choice(1, 2, 3) == ((1, 2, 3), False)
+    assert training.choice(("relu", "tanh")).options == ("relu", "tanh")
+    assert training.choice((1, 2), (3, 4)).options == ((1, 2), (3, 4))  # two tuple options
+    assert training.choice(((1, 2),)).options == ((1, 2),)  # one tuple option
+    assert training.choice("relu", "tanh").static  # non-numeric options are always static
+    assert not training.choice(1, 2).static and training.choice([1, 2], static=True).static
+
+
+@pytest.fixture(scope="module")
+def width_search(digits_tiny):
+    (xtr, ytr), (xva, yva) = digits_tiny
+    widths_seen = []
+
+    def train_fn(hp, key):
+        widths_seen.append(hp["width"])
+        model = training.mlp([64, hp["width"], 10])
+        k_init, k_train = jax.random.split(key)
+        params, _ = model.init(k_init)
+        opt = optax.inject_hyperparams(optax.sgd)(learning_rate=hp["learning_rate"])
+        params, _ = training.fit(
+            model, params, opt, (xtr, ytr), key=k_train, num_steps=10, batch_size=32
+        )
+        ev = training.evaluate(model, params, (xva, yva))
+        return {"val_accuracy": ev["accuracy"], "val_loss": ev["loss"]}
+
+    space = {
+        "learning_rate": training.log_uniform(1e-2, 0.5),
+        "width": training.choice(4, 12, static=True),
+    }
+    key = jax.random.key(2)
+    result = training.random_search(train_fn, space, 5, key, chunk_size=2, border=0)
+    return train_fn, key, result, widths_seen
+
+
+def test_static_choice_searches_widths(width_search):
+    train_fn, key, result, widths_seen = width_search
+    # Python ints reach train_fn: one program per width.
+    assert set(widths_seen) == {4, 12} and all(type(w) is int for w in widths_seen)
+    assert {t.params["width"] for t in result.trials} == {4, 12}
+    # Each trial equals its configuration trained alone (the documented trial key).
+    keys = jax.random.split(jax.random.split(key)[1], 5)
+    for i in (0, 4):
+        t = result.trials[i]
+        width = t.params["width"]
+        alone = jax.jit(lambda lr, k, w=width: train_fn({"learning_rate": lr, "width": w}, k))
+        out = alone(jnp.float32(t.params["learning_rate"]), keys[i])
+        np.testing.assert_allclose(t.metrics["val_loss"], out["val_loss"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(t.metrics["val_accuracy"], out["val_accuracy"], atol=1e-6)
+
+
+def test_traced_width_or_batch_size_says_to_use_static():
+    key = jax.random.key(0)
+    model_fn = lambda hp, k: {"val_accuracy": training.mlp([2, hp["w"], 2]).num_classes * 1.0}
+    with pytest.raises(TypeError, match=r"mlp: widths must be Python ints.*static=True"):
+        training.random_search(model_fn, {"w": training.choice(4, 8)}, 2, key)
+
+    def fit_fn(hp, k):
+        loss = lambda w, batch, key: jnp.mean(batch[0] * w)
+        w, _ = training.fit(
+            loss, 0.0, optax.sgd(0.1), (jnp.ones(8),), key=k, num_steps=1, batch_size=hp["bs"]
+        )
+        return {"val_accuracy": w}
+
+    with pytest.raises(TypeError, match=r"fit: batch_size must be a Python int.*static=True"):
+        training.random_search(fit_fn, {"bs": training.choice(2, 4)}, 2, key)
+    result = training.random_search(fit_fn, {"bs": training.choice(2, 4, static=True)}, 4, key)
+    for t in result.trials:  # one step of sgd on mean(w * 1): w = -0.1 whatever the batch
+        assert t.metrics["val_accuracy"] == pytest.approx(-0.1)
+
+
+def test_output_structure_errors_come_before_any_trial_runs():
+    key = jax.random.key(0)
+    space = {"x": training.uniform(0, 1)}
+    hist = training.History(jnp.zeros(2), {}, None, jnp.int32(-1), jnp.zeros(0), {}, (), None)
+    cases = [
+        (
+            {"extra": {"a": 1.0}},
+            TypeError,
+            r"output 'extra' is a dict; train_fn must return a dict "
+            r"of scalar numbers, optionally with one History",
+        ),
+        ({"note": "x"}, TypeError, r"output 'note' must be a scalar number, got str 'x'"),
+        ({"note": None}, TypeError, r"output 'note' must be a scalar number, got None;"),
+        (
+            {"c": jnp.complex64(1)},
+            TypeError,
+            r"'c' must be a scalar number, got an array of dtype "
+            r"complex64",
+        ),
+        ({"h1": hist, "h2": hist}, ValueError, r"returned 2 Histories \(keys \['h1', 'h2'\]\)"),
+    ]
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            training.random_search(
+                lambda hp, k, extra=extra: {"val_accuracy": hp["x"], **extra}, space, 2, key
+            )
+    with pytest.raises(
+        TypeError,
+        match=r"output 'val_accuracy', the metric the search ranks by, "
+        r"is a History",
+    ):
+        training.random_search(lambda hp, k: {"val_accuracy": hist}, space, 2, key)
+    # With two static groups, the second group's bad output is reported before the first trains.
+    ran = []
+
+    def train_fn(hp, k):
+        jax.debug.callback(lambda: ran.append(1))
+        out = {"val_accuracy": hp["x"]}
+        if hp["act"] == "relu":  # the second group: trial 0 draws tanh
+            out["note"] = "relu"
+        return out
+
+    space2 = {"x": training.uniform(0, 1), "act": training.choice("relu", "tanh")}
+    with pytest.raises(TypeError, match="'note' must be a scalar number"):
+        training.random_search(train_fn, space2, 8, key)
+    assert ran == []
+
+
 def test_coarse_to_fine_narrows_around_the_best():
     def train_fn(hp, key):
         return {"loss": (jnp.log10(hp["lr"]) + 2.5) ** 2 + (hp["wd"] - 0.3) ** 2}
@@ -266,8 +481,41 @@ def test_errors():
         training.uniform(0.0, math.inf)
     with pytest.raises(TypeError, match="hi must be a real number"):
         training.uniform(0.0, "1")
-    with pytest.raises(ValueError, match="choice needs at least one option"):
+    with pytest.raises(ValueError, match=r"choice needs at least one option.*static=True"):
         training.choice()
+    with pytest.raises(TypeError, match="static must be True or False"):
+        training.choice(1, 2, static="yes")
+    # The distribution classes can be built directly: the space check validates them.
+    for dist, error, match in [
+        (training.LogUniform(-1.0, 1.0), ValueError, r"space\['a'\] = LogUniform.*lo must be > 0"),
+        (training.Uniform(1.0, 0.0), ValueError, r"space\['a'\] = Uniform.*needs lo < hi"),
+        (training.Uniform(0.0, math.nan), ValueError, "hi must be finite"),
+        (training.LogUniform("1", 2.0), TypeError, "lo must be a real number"),
+        (training.Choice(()), ValueError, r"space\['a'\] = Choice.*at least one option"),
+        (training.Choice(3), TypeError, "options must be a tuple"),
+    ]:
+        with pytest.raises(error, match=match):
+            training.random_search(_echo, {"a": dist}, 2, key, metric="score")
+    # Concrete NumPy and JAX scalars are numbers; arrays and traced values are not.
+    assert training.log_uniform(jnp.float32(1e-3), np.float64(1.0)) == (
+        float(np.float32(1e-3)),
+        1.0,
+    )
+    assert training.uniform(jnp.array(0), np.int64(2)) == (0.0, 2.0)
+    with pytest.raises(TypeError, match="lo must be a real number"):
+        training.uniform(jnp.zeros(2), 1.0)
+    with pytest.raises(TypeError, match="lo must be a concrete number, got a traced value"):
+        jax.jit(lambda v: training.uniform(v, 2.0))(1.0)
+    for border in (-0.1, 0.5, math.nan):
+        with pytest.raises(ValueError, match=r"border must be in \[0, 0\.5\)"):
+            training.random_search(_echo, space, 2, key, metric="score", border=border)
+    with pytest.raises(TypeError, match="border must be a number"):
+        training.coarse_to_fine(_echo, space, 2, key, metric="score", border="0.1")
+    for search in (training.random_search, training.coarse_to_fine):
+        with pytest.raises(
+            TypeError, match=r"key must be a PRNG key such as jax.random.key\(0\), got 0"
+        ):
+            search(_echo, space, 2, 0, metric="score")
     with pytest.raises(ValueError, match="the search space is empty"):
         training.random_search(_echo, {}, 2, key)
     with pytest.raises(TypeError, match="space must be a dict"):

@@ -233,6 +233,73 @@ def test_train_reports_nan_step_and_stops():
     assert int(h_fit.nan_step) == hist.nan_step
 
 
+@pytest.mark.parametrize("log_every", [1, 4, 1000])
+def test_train_stopped_on_nan_returns_the_last_finite_steps_params(log_every):
+    # sum(w ** 2) with sgd(1e3): w multiplies by -1999 a step, so the loss overflows float32
+    # after a few steps. The params returned are those after the last step whose loss was
+    # finite: the ones whose loss is history.loss[-1], as a plain optax loop gives them.
+    def loss(w, batch, key):
+        return jnp.sum(w**2)
+
+    w0, opt = jnp.array([1.0, -0.5]), optax.sgd(1e3)
+    with pytest.warns(training.DivergenceWarning, match="training stopped"):
+        w, hist = training.train(
+            loss,
+            w0,
+            opt,
+            (jnp.zeros(4),),
+            key=jax.random.key(0),
+            num_steps=50,
+            log_every=log_every,
+            progress=False,
+            ema_decay=0.5,
+        )
+    assert hist.nan_step == 6 and len(hist.loss) == 7
+    ref, state, ema = w0, opt.init(w0), w0
+    for _ in range(hist.nan_step):
+        updates, state = opt.update(jax.grad(loss)(ref, None, None), state, ref)
+        ref = optax.apply_updates(ref, updates)
+        ema = 0.5 * ema + 0.5 * ref
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, ref, rtol=1e-6)
+    np.testing.assert_allclose(hist.ema_params, ema, rtol=1e-6)
+    assert not np.isfinite(float(loss(w, None, None))) and not np.isfinite(hist.loss[-1])
+
+
+def test_train_progress_bar_stays(monkeypatch):
+    import tqdm.auto
+
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            made.append(self.n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    x, y = _lsq_problem()
+    training.train(
+        _lsq_loss,
+        jnp.zeros(5),
+        optax.sgd(0.01),
+        (x, y),
+        key=jax.random.key(0),
+        num_steps=6,
+        log_every=4,
+    )
+    (kwargs, done) = made
+    assert kwargs["total"] == 6 and kwargs.get("leave", True) is True and done == 6
+
+
 # optax's adam and schedules raise an int count to a float power.
 @pytest.mark.loose_promotion
 def test_train_progress_bar_and_optax_schedules():

@@ -65,6 +65,11 @@ class _Plan(NamedTuple):
 
 
 def _check_int(value, name, who, minimum):
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{who}: {name} must be a Python int known at trace time, got a traced value "
+            f"{value!r}; in a random_search, search it with choice(..., static=True)"
+        )
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise TypeError(f"{who}: {name} must be an int, got {value!r}")
     if value < minimum:
@@ -358,7 +363,7 @@ def _progress_bar(total, enabled):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="step", leave=False)
+    return tqdm(total=total, unit="step")
 
 
 def train(
@@ -399,11 +404,14 @@ def train(
       log_every: steps per block.
       progress: show a tqdm progress bar.
       update_ratios: record the per-leaf update/parameter norm ratios (the lecture's ~1e-3).
-      stop_on_nan: stop at the first block with a NaN loss (else run on, still recording it).
+      stop_on_nan: stop at the first NaN/Inf loss (else run on, still recording it).
 
     Returns:
-      ``(params, history)`` with NumPy arrays in the history; ``params`` are those after the last
-      step run.
+      ``(params, history)`` with NumPy arrays in the history. ``params`` are those after the last
+      step run. When ``stop_on_nan`` stopped training at step ``s = history.nan_step``, they are
+      the parameters after step ``s - 1``, the last step whose loss was finite (the parameters
+      whose loss is ``history.loss[-1]``); ``history.state`` and ``history.ema_params`` are those
+      of the same step.
 
     Raises:
       As :func:`fit`; ValueError if log_every < 1.
@@ -444,6 +452,7 @@ def train(
     try:
         for start in range(0, plan.num_steps, log_every):
             steps = jnp.arange(start, min(start + log_every, plan.num_steps))
+            block_start = carry
             carry, outs = run_block(carry, steps, data, perms, step_key)
             outs = jax.tree.map(np.asarray, outs)
             blocks.append(outs)
@@ -460,6 +469,12 @@ def train(
                     stacklevel=2,
                 )
                 if stop_on_nan:
+                    # Back to the state before step nan_step: a scan keeps no intermediate
+                    # carries, so the block's finite steps are rerun (they are deterministic).
+                    carry = block_start
+                    if nan_step > start:
+                        finite = jnp.arange(start, nan_step)
+                        carry, _ = run_block(carry, finite, data, perms, step_key)
                     break
             if eval_fn is not None:
                 p, s = carry[0], carry[1]

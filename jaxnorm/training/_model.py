@@ -98,6 +98,12 @@ def mlp(
     if len(widths) < 2:
         raise ValueError(f"mlp needs at least an input and an output width, got widths={widths}")
     for w in widths:
+        if isinstance(w, jax.core.Tracer):
+            raise TypeError(
+                f"mlp: widths must be Python ints, known when the model is built, got a traced "
+                f"value in {widths!r}; in a random_search, search widths with "
+                "choice(16, 32, static=True)"
+            )
         if isinstance(w, bool) or not isinstance(w, int):
             raise TypeError(f"mlp: widths must be ints, got {widths!r}")
         if w < 1:

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnorm.training._loop import History
+from jaxnorm.training._loop import DivergenceWarning, History, _check_key
 
 
 class SearchWarning(UserWarning):
@@ -44,20 +44,37 @@ class Uniform(NamedTuple):
 
 
 class Choice(NamedTuple):
-    """One of ``options``, each equally likely."""
+    """One of ``options``, each equally likely.
+
+    ``static``: the options reach ``train_fn`` as the Python values themselves, one compiled
+    program per value (always so for options that are not numbers).
+    """
 
     options: tuple
+    static: bool = False
+
+
+def _real(v, name, who):
+    """A bound as a float: a Python or NumPy real, or a concrete 0-d NumPy/JAX array."""
+    if isinstance(v, jax.core.Tracer):
+        raise TypeError(
+            f"{who}: {name} must be a concrete number, got a traced value {v!r}; build the "
+            "search space outside jit/vmap"
+        )
+    if isinstance(v, np.ndarray | jax.Array) and v.shape == () and v.dtype != bool:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+        raise TypeError(f"{who}: {name} must be a real number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{who}: {name} must be finite, got {v}")
+    return float(v)
 
 
 def _check_bounds(lo, hi, who):
-    for name, v in (("lo", lo), ("hi", hi)):
-        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
-            raise TypeError(f"{who}: {name} must be a real number, got {v!r}")
-        if not math.isfinite(v):
-            raise ValueError(f"{who}: {name} must be finite, got {v}")
+    lo, hi = _real(lo, "lo", who), _real(hi, "hi", who)
     if lo >= hi:
         raise ValueError(f"{who}: needs lo < hi, got lo={lo}, hi={hi}")
-    return float(lo), float(hi)
+    return lo, hi
 
 
 def log_uniform(lo: float, hi: float) -> LogUniform:
@@ -69,7 +86,7 @@ def log_uniform(lo: float, hi: float) -> LogUniform:
     (``10 ** uniform(-6, -1)``), since their effect is multiplicative.
 
     Args:
-      lo: the lower bound, > 0.
+      lo: the lower bound, > 0 (a Python, NumPy or concrete 0-d JAX number).
       hi: the upper bound, > lo.
 
     Raises:
@@ -108,25 +125,55 @@ def uniform(lo: float, hi: float) -> Uniform:
     return Uniform(*_check_bounds(lo, hi, "uniform"))
 
 
-def choice(*options: Any) -> Choice:
+def choice(*options: Any, static: bool = False) -> Choice:
     """A categorical hyperparameter, one of ``options`` with equal probability.
 
     Numeric options (all ints, or ints and floats) reach ``train_fn`` as traced scalars, so every
-    trial shares one vmapped program. Other options (strings such as activation names, bools,
-    None, functions) are static: the trials are grouped by their non-numeric values and each
-    group runs as its own vmapped program, receiving the Python value itself.
+    trial shares one vmapped program: right for values used in arithmetic (momentum, a weight
+    decay). Values that fix a shape or a Python branch, such as layer widths or ``fit``'s
+    ``batch_size``, must be Python values: mark them ``static=True``. Static options, and
+    options that are not numbers (strings such as activation names, bools, None, functions),
+    reach ``train_fn`` as the Python value itself; the trials are grouped by their static values
+    and each group runs as its own vmapped program (one compile per combination of values).
+
+    Whatever the kind, ``Trial.params`` and ``best_params`` hold the option object itself (a
+    float option 0.1 is reported as 0.1, not as its float32 rounding).
+
+    A single list or tuple argument is taken as the options: ``choice([16, 32])`` is
+    ``choice(16, 32)``. (A choice with one option is no choice; for options that are tuples,
+    give two or more: ``choice((1, 2), (3, 4))``.)
+
+    Args:
+      *options: the values to choose from.
+      static: pass numeric options to ``train_fn`` as Python values (one program per value)
+        instead of traced scalars.
 
     Raises:
       ValueError: if no option is given.
+      TypeError: if static is not a bool.
 
     Example:
       >>> from jaxnorm import training
       >>> training.choice("relu", "tanh")
-      Choice(options=('relu', 'tanh'))
+      Choice(options=('relu', 'tanh'), static=True)
+      >>> training.choice([16, 32, 64], static=True)
+      Choice(options=(16, 32, 64), static=True)
     """
+    if len(options) == 1 and isinstance(options[0], list | tuple):
+        options = tuple(options[0])
+    return _make_choice(options, static, "choice")
+
+
+def _make_choice(options, static, who):
     if not options:
-        raise ValueError("choice needs at least one option, e.g. choice(32, 64, 128)")
-    return Choice(tuple(options))
+        raise ValueError(
+            f"{who} needs at least one option, e.g. choice(0.9, 0.99), choice('relu', 'tanh') "
+            "or, for widths and batch sizes, choice(32, 64, 128, static=True)"
+        )
+    if not isinstance(static, bool | np.bool_):
+        raise TypeError(f"{who}: static must be True or False, got {static!r}")
+    dist = Choice(tuple(options), bool(static))
+    return dist._replace(static=_is_static(dist))
 
 
 def _is_numeric(dist: Choice) -> bool:
@@ -134,6 +181,25 @@ def _is_numeric(dist: Choice) -> bool:
         isinstance(o, int | float | np.integer | np.floating) and not isinstance(o, bool)
         for o in dist.options
     )
+
+
+def _is_static(dist: Choice) -> bool:
+    return bool(dist.static) or not _is_numeric(dist)
+
+
+def _check_dist(dist, name, who):
+    """The distribution, validated as its factory validates (the classes can be built directly)."""
+    where = f"{who}: space[{name!r}]"
+    try:
+        if isinstance(dist, LogUniform):
+            return log_uniform(*dist)
+        if isinstance(dist, Uniform):
+            return uniform(*dist)
+        if not isinstance(dist.options, tuple | list):
+            raise TypeError(f"Choice: options must be a tuple, got {dist.options!r}")
+        return _make_choice(dist.options, dist.static, "Choice")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where} = {dist!r}: {e}") from None
 
 
 def _check_space(space, who):
@@ -147,6 +213,7 @@ def _check_space(space, who):
             f"{who}: the search space is empty; give at least one hyperparameter, e.g. "
             "{'learning_rate': log_uniform(1e-4, 1e-1)}"
         )
+    checked = {}
     for name, dist in space.items():
         if not isinstance(name, str):
             raise TypeError(f"{who}: hyperparameter names must be str, got {name!r}")
@@ -155,7 +222,19 @@ def _check_space(space, who):
                 f"{who}: space[{name!r}] must be log_uniform(...), uniform(...) or choice(...), "
                 f"got {dist!r}"
             )
-    return dict(space)
+        checked[name] = _check_dist(dist, name, who)
+    return checked
+
+
+def _check_border(border, who):
+    if isinstance(border, bool) or not isinstance(border, int | float | np.integer | np.floating):
+        raise TypeError(f"{who}: border must be a number in [0, 0.5), got {border!r}")
+    if not 0.0 <= border < 0.5:
+        raise ValueError(
+            f"{who}: border must be in [0, 0.5) (a fraction of the range at each end; 0 switches "
+            f"the check off), got {border}"
+        )
+    return float(border)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -178,8 +257,7 @@ def _draws(key, num_trials: int, streams: tuple, counts: tuple):
 
 
 def _sample(space, num_trials, key):
-    """``(trial keys, values per name)``: float32 arrays for ranges, object arrays (or numeric)
-    for choices."""
+    """``(trial keys, draws per name)``: float32 values for ranges, option indices for choices."""
     # One stream per name (fixed by the name's CRC), so adding a hyperparameter leaves the
     # samples of the others unchanged.
     streams = tuple(zlib.crc32(name.encode()) & 0x7FFFFFFF for name in space)
@@ -188,13 +266,7 @@ def _sample(space, num_trials, key):
     out = {}
     for (name, dist), draw in zip(space.items(), draws, strict=True):
         if isinstance(dist, Choice):
-            idx = np.asarray(draw)
-            if _is_numeric(dist):
-                is_int = all(isinstance(o, int | np.integer) for o in dist.options)
-                dtype = np.int32 if is_int else np.float32
-                out[name] = np.asarray(dist.options, dtype)[idx]
-            else:
-                out[name] = np.array([dist.options[i] for i in idx] + [None], dtype=object)[:-1]
+            out[name] = np.asarray(draw)
             continue
         u = np.asarray(draw, np.float64)
         if isinstance(dist, LogUniform):
@@ -205,15 +277,24 @@ def _sample(space, num_trials, key):
     return keys, out
 
 
+def _traced_values(dist, draw):
+    """What train_fn receives for a traced hyperparameter: float32, or int32 for int options."""
+    if not isinstance(dist, Choice):
+        return draw
+    is_int = all(isinstance(o, int | np.integer) for o in dist.options)
+    return np.asarray(dist.options, np.int32 if is_int else np.float32)[draw]
+
+
 @dataclasses.dataclass(frozen=True)
 class Trial:
     """One trial of a search.
 
     Attributes:
       index: the trial's number (its position in the sampling order).
-      params: the hyperparameters it trained with.
+      params: the hyperparameters it trained with (for a ``choice``, the option object itself).
       metrics: every scalar ``train_fn`` returned, as floats.
-      status: ``"ok"``, or ``"diverged"`` when a loss or the metric was NaN/infinite.
+      status: ``"ok"``, or ``"diverged"`` when the History's loss or any returned metric was
+        NaN/infinite.
       diverged_step: the first step with a NaN/Inf loss (when train_fn returned a History), else
         None.
       round: the coarse-to-fine round (0 for a plain random search).
@@ -380,8 +461,36 @@ def _check_mode(mode, who):
     return mode
 
 
+_EXPECTED_OUTPUT = "train_fn must return a dict of scalar numbers, optionally with one History"
+
+
+def _describe(v) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, str | bytes | bool | int | float):
+        return f"{type(v).__name__} {v!r}"
+    dtype = getattr(v, "dtype", None)
+    if dtype is not None:
+        return f"an array of dtype {dtype} and shape {jnp.shape(v)}"
+    return f"a {type(v).__name__}"
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, str | bytes) or v is None:
+        return False
+    if isinstance(v, bool | int | float | np.integer | np.floating | np.bool_):
+        return True
+    dtype = getattr(v, "dtype", None)
+    if not isinstance(v, jax.Array | np.ndarray) or dtype is None:
+        return False
+    return any(jnp.issubdtype(dtype, t) for t in (jnp.floating, jnp.integer, jnp.bool_))
+
+
 def _scalar_outputs(out, metric, who):
-    """train_fn's output as a flat dict of scalars; '__nan_step__' from a History."""
+    """train_fn's output as a flat dict of float32 scalars; '__nan_step__' from a History.
+
+    Runs while train_fn is traced, so a wrong structure is reported before anything compiles.
+    """
     if not isinstance(out, Mapping):
         raise TypeError(
             f"{who}: train_fn(hparams, key) must return a dict of scalar metrics containing "
@@ -392,13 +501,31 @@ def _scalar_outputs(out, metric, who):
             f"{who}: train_fn's output has no metric {metric!r}; it returned keys "
             f"{sorted(map(str, out))}. Return it, or pass metric= one of those"
         )
+    if isinstance(out[metric], History):
+        raise TypeError(
+            f"{who}: train_fn's output {metric!r}, the metric the search ranks by, is a History; "
+            f"{_EXPECTED_OUTPUT}: return the metric as a scalar (e.g. "
+            f"evaluate(model, params, val)['accuracy']) and the History under another key"
+        )
     flat = {}
+    histories = []
     for k, v in out.items():
-        if isinstance(v, History):
-            flat["__nan_step__"] = jnp.asarray(v.nan_step, jnp.int32)
-            continue
         if not isinstance(k, str):
             raise TypeError(f"{who}: train_fn's output keys must be str, got {k!r}")
+        if isinstance(v, History):
+            histories.append(k)
+            flat["__nan_step__"] = jnp.asarray(v.nan_step, jnp.int32)
+            continue
+        if isinstance(v, Mapping):
+            raise TypeError(
+                f"{who}: train_fn's output {k!r} is a dict; {_EXPECTED_OUTPUT}: flatten it "
+                f"into the top level (e.g. {k + '/' + str(next(iter(v), 'name'))!r})"
+            )
+        if not _is_number(v):
+            raise TypeError(
+                f"{who}: train_fn's output {k!r} must be a scalar number, got {_describe(v)}; "
+                f"{_EXPECTED_OUTPUT}"
+            )
         shape = jnp.shape(v)
         if shape != ():
             raise ValueError(
@@ -406,6 +533,11 @@ def _scalar_outputs(out, metric, who):
                 "reduce it (e.g. the last value) or return the History itself"
             )
         flat[k] = jnp.asarray(v, jnp.float32)
+    if len(histories) > 1:
+        raise ValueError(
+            f"{who}: train_fn returned {len(histories)} Histories (keys {histories}); "
+            f"{_EXPECTED_OUTPUT}: return the one whose NaN step marks a trial diverged"
+        )
     return flat
 
 
@@ -446,8 +578,8 @@ def _programs(train_fn, static_items, metric, who, on_cpu):
         return _make_programs(train_fn, static_items, metric, who, on_cpu)
 
 
-def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
-    """Run the trials of one group (same static values) in vmapped chunks; numpy outputs."""
+def _group_program(train_fn, hp, static, keys, chunk_size, devices, metric, who):
+    """The vmapped program of one group (same static values) and the arguments of its chunks."""
     n = len(keys)
     on_cpu = all(d.platform == "cpu" for d in devices)
     _, program = _programs(train_fn, tuple(static.items()), metric, who, on_cpu)
@@ -458,7 +590,7 @@ def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
     if nd > 1:
         mesh = jax.sharding.Mesh(np.asarray(devices), ("trials",))
         sharding = NamedSharding(mesh, P("trials"))
-    outs = []
+    chunks = []
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         # Pad the last chunk by repeating its last trial, so one compiled program serves all.
@@ -468,8 +600,16 @@ def _run_group(train_fn, hp, static, keys, chunk_size, devices, metric, who):
         args = ({k: jnp.asarray(v[idx]) for k, v in hp.items()}, chunk_keys)
         if sharding is not None:
             args = jax.device_put(args, sharding)
+        chunks.append((args, stop - start))
+    return program, chunks
+
+
+def _run_chunks(program, chunks):
+    """Every chunk through the program; the outputs as NumPy arrays, the padding dropped."""
+    outs = []
+    for args, size in chunks:
         res = jax.tree.map(np.asarray, program(*args))
-        outs.append({k: v[: stop - start] for k, v in res.items()})
+        outs.append({k: v[:size] for k, v in res.items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -502,7 +642,7 @@ def _warn_border(result, border, stacklevel):
             f"[{dist.lo:.4g}, {dist.hi:.4g}]{scale}: the optimum may lie outside it; move the "
             "range and search again",
             BorderWarning,
-            stacklevel=stacklevel,
+            stacklevel=stacklevel + 1,  # the caller of random_search
         )
 
 
@@ -517,27 +657,36 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
         raise ValueError(f"{who}: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not callable(train_fn):
         raise TypeError(f"{who}: train_fn must be callable, got {train_fn!r}")
-    keys, values = _sample(space, num_trials, key)
-    static_names = [n for n, d in space.items() if isinstance(d, Choice) and not _is_numeric(d)]
-    traced_names = [n for n in space if n not in static_names]
-    # Group by option position, not value: options need not be hashable.
+    keys, draws = _sample(space, num_trials, key)
+    static_names = [n for n, d in space.items() if isinstance(d, Choice) and _is_static(d)]
+    traced = {n: _traced_values(d, draws[n]) for n, d in space.items() if n not in static_names}
+    # Group by option index, not value: options need not be hashable.
     groups: dict[tuple, list[int]] = {}
     for i in range(num_trials):
-        combo = tuple(space[n].options.index(values[n][i]) for n in static_names)
-        groups.setdefault(combo, []).append(i)
-    results: dict[int, dict] = {}
+        groups.setdefault(tuple(int(draws[n][i]) for n in static_names), []).append(i)
+    devices = _devices(devices)
+    plans = []
     for combo, members in groups.items():
         idx = np.asarray(members)
-        out = _run_group(
+        program, chunks = _group_program(
             train_fn,
-            {n: values[n][idx] for n in traced_names},
+            {n: v[idx] for n, v in traced.items()},
             {n: space[n].options[j] for n, j in zip(static_names, combo, strict=True)},
             keys if len(groups) == 1 else keys[idx],  # (indexing keys compiles a gather)
             chunk_size,
-            _devices(devices),
+            devices,
             metric,
             who,
         )
+        plans.append((members, program, chunks))
+    # Trace every group's program before any runs, so that an output of the wrong structure is
+    # reported before the first group has trained; jit keeps the trace, so running does not
+    # trace again.
+    for _, program, chunks in plans:
+        jax.eval_shape(program, *chunks[0][0])
+    results: dict[int, dict] = {}
+    for members, program, chunks in plans:
+        out = _run_chunks(program, chunks)
         for j, i in enumerate(members):
             results[i] = {k: v[j] for k, v in out.items()}
     trials = []
@@ -545,8 +694,13 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
         out = results[i]
         nan_step = int(out.pop("__nan_step__", -1))
         metrics = {k: float(v) for k, v in out.items()}
-        diverged = nan_step >= 0 or not math.isfinite(metrics[metric])
-        params = {n: _py(values[n][i]) for n in space}
+        # Any non-finite metric marks the trial: NaN logits give a finite (chance) accuracy, so
+        # the ranked metric alone would hide a diverged run.
+        diverged = nan_step >= 0 or not all(math.isfinite(v) for v in metrics.values())
+        params = {
+            n: d.options[int(draws[n][i])] if isinstance(d, Choice) else float(draws[n][i])
+            for n, d in space.items()
+        }
         trials.append(
             Trial(
                 index=i,
@@ -560,12 +714,23 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
     return trials
 
 
-def _py(v):
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
+def _warn_diverged(trials, who, stacklevel, limit=5):
+    bad = [t for t in trials if t.status != "ok"]
+    if not bad:
+        return
+    parts = []
+    for t in bad[:limit]:
+        why = [f"{k}={v:.4g}" for k, v in t.metrics.items() if not math.isfinite(v)]
+        if t.diverged_step is not None:
+            why.insert(0, f"loss NaN/Inf from step {t.diverged_step}")
+        parts.append(f"trial {t.index} ({', '.join(why)})")
+    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+    warnings.warn(
+        f"{who}: {len(bad)} of {len(trials)} trials diverged: {'; '.join(parts)}{more}. They are "
+        "marked 'diverged' and ranked after every finite trial (see the table)",
+        DivergenceWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def random_search(
@@ -590,13 +755,17 @@ def random_search(
 
     ``train_fn(hparams, key)`` receives a dict with one scalar per hyperparameter: a traced
     float32 for ``log_uniform``/``uniform``, a traced int32/float32 for numeric ``choice``, and
-    the Python value itself for non-numeric ``choice`` options (trials are grouped by those, one
-    vmapped program per group). Pass traced values to optax as hyperparameters, e.g.
+    the Python value itself for ``choice(..., static=True)`` and non-numeric options (widths,
+    batch sizes, activation names: the trials are grouped by those values, one vmapped program
+    per group). Pass traced values to optax as hyperparameters, e.g.
     ``optax.inject_hyperparams(optax.sgd)(learning_rate=hparams["learning_rate"])``, so that one
-    program serves every learning rate. It returns a dict of scalars containing ``metric``;
-    a :class:`History` (from :func:`fit`) may be included under any key, and its ``nan_step``
-    then marks the trial diverged at that step. A trial whose loss or metric is NaN/Inf is
-    marked ``"diverged"``, reported in the table with its step, and never stops the search.
+    program serves every learning rate. It returns a dict of scalar numbers containing
+    ``metric``; a :class:`History` (from :func:`fit`) may be included under another key, and its
+    ``nan_step`` then marks the trial diverged at that step. A trial whose History has a NaN
+    step, or any of whose returned numbers is NaN/Inf, is marked ``"diverged"``, ranked after
+    every finite trial, reported in the table (with its step when a History was returned) and in
+    a :class:`DivergenceWarning` naming the trial, and never stops the search. The output's
+    structure is checked when ``train_fn`` is traced, before any trial trains.
 
     The same ``key`` gives the same trials and results (each hyperparameter has its own stream,
     so adding one leaves the others' samples unchanged). Trial ``i`` trains with the key
@@ -607,25 +776,28 @@ def random_search(
       train_fn: ``train_fn(hparams, key) -> {metric: scalar, ...}``, pure and traceable.
       space: ``{name: log_uniform(lo, hi) | uniform(lo, hi) | choice(*options)}``.
       num_trials: number of configurations (>= 1).
-      key: PRNG key.
+      key: PRNG key (``jax.random.key(0)``).
       chunk_size: trials per vmapped call (default all of a group at once).
       metric: the output to rank by.
       mode: ``"max"`` or ``"min"``.
       devices: devices to shard the trials over (default ``jax.devices()``).
-      border: fraction of a range (in log space for log_uniform) counted as its border (0
-        switches the check off).
+      border: fraction of a range (in log space for log_uniform) counted as its border, in
+        [0, 0.5) (0 switches the check off).
 
     Returns:
       A :class:`SearchResult`: ``.trials``, ``.best``, ``.best_params``, ``.table()``,
       ``.to_csv(path)``, ``.at_border``.
 
     Raises:
-      TypeError: a space that is not a dict of distributions, a train_fn output that is not a
-        dict, a non-int num_trials.
-      ValueError: an empty space, num_trials < 1, a bad chunk_size or mode, a train_fn output
-        without ``metric`` or with non-scalar entries.
+      TypeError: a space that is not a dict of distributions, a key that is not a PRNG key, a
+        train_fn output that is not a dict of scalar numbers (a string, None, a nested dict, a
+        History under the metric's own key), a non-int num_trials.
+      ValueError: an empty space or an invalid distribution in it, num_trials < 1, a bad
+        chunk_size, mode or border, a train_fn output without ``metric``, with non-scalar
+        entries or with more than one History.
 
     Warns:
+      DivergenceWarning: when some trials diverged (their indices, steps and NaN metrics).
       BorderWarning: when the best value of a range lies within ``border`` of its ends (the
         lecture: the optimum may lie outside; move the range).
 
@@ -645,9 +817,12 @@ def random_search(
     who = "random_search"
     space = _check_space(space, who)
     mode = _check_mode(mode, who)
+    border = _check_border(border, who)
+    key = _check_key(key, "key", who)
     trials = _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices, 0, who)
     result = SearchResult(trials=trials, metric=metric, mode=mode, space=space, spaces=[space])
     result.at_border = _border_check(space, result.best, border)
+    _warn_diverged(result.trials, who, stacklevel=2)
     _warn_border(result, border, stacklevel=2)
     return result
 
@@ -661,7 +836,7 @@ def _narrow(space, trials, result_key, top_k):
         vals = [t.params[name] for t in top]
         if isinstance(dist, Choice):
             kept = tuple(o for o in dist.options if any(_same(o, v) for v in vals))
-            new[name] = Choice(kept or dist.options)
+            new[name] = dist._replace(options=kept or dist.options)
             continue
         f, inv = (math.log, math.exp) if isinstance(dist, LogUniform) else (float, float)
         lo, hi = f(dist.lo), f(dist.hi)
@@ -675,10 +850,13 @@ def _narrow(space, trials, result_key, top_k):
 
 
 def _same(a, b):
+    # Trial.params holds the option object itself, so identity finds it; == for equal copies.
+    if a is b:
+        return True
     try:
         return bool(a == b)
     except Exception:  # pragma: no cover - exotic options
-        return a is b
+        return False
 
 
 def coarse_to_fine(
@@ -697,10 +875,12 @@ def coarse_to_fine(
 ) -> SearchResult:
     """Coarse-to-fine random search: each round narrows the ranges around the best trials.
 
-    Round 0 is :func:`random_search` over ``space``. Each later round searches the ranges spanned
-    by the ``top_k`` best trials so far (in log space for log_uniform), widened by a quarter of
-    their spread (at least 5% of the range) and kept inside the previous range; a ``choice``
-    keeps the options the top trials used. ``num_trials`` trials run per round.
+    Round 0 is ``random_search(train_fn, space, num_trials, key)``: the same trials. Round
+    ``r > 0`` samples with ``jax.random.fold_in(key, r)`` and searches the ranges spanned by the
+    ``top_k`` best trials so far (in log space for log_uniform), widened by a quarter of their
+    spread (at least 5% of the range) and kept inside the previous range; a ``choice`` keeps the
+    options the top trials used (float options included: ``Trial.params`` holds the option
+    objects). ``num_trials`` trials run per round.
 
     Args:
       train_fn, space, num_trials, key, chunk_size, metric, mode, devices, border: as in
@@ -716,6 +896,7 @@ def coarse_to_fine(
       As :func:`random_search`; ValueError if rounds or top_k < 1.
 
     Warns:
+      DivergenceWarning: when some trials diverged (their indices, steps and NaN metrics).
       BorderWarning: the best value lies near the border of its original range.
 
     Example:
@@ -730,6 +911,8 @@ def coarse_to_fine(
     who = "coarse_to_fine"
     space = _check_space(space, who)
     mode = _check_mode(mode, who)
+    border = _check_border(border, who)
+    key = _check_key(key, "key", who)
     for name, v in (("rounds", rounds), ("top_k", top_k)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{who}: {name} must be an int >= 1, got {v!r}")
@@ -743,7 +926,7 @@ def coarse_to_fine(
             train_fn,
             current,
             num_trials,
-            jax.random.fold_in(key, r),
+            key if r == 0 else jax.random.fold_in(key, r),
             chunk_size,
             metric,
             mode,
@@ -754,5 +937,6 @@ def coarse_to_fine(
         offset = len(result.trials)
         result.trials += [dataclasses.replace(t, index=t.index + offset) for t in trials]
     result.at_border = _border_check(space, result.best, border)
+    _warn_diverged(result.trials, who, stacklevel=2)
     _warn_border(result, border, stacklevel=2)
     return result
