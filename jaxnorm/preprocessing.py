@@ -14,14 +14,16 @@ Fit on the training split, apply to every split::
     z_train = t.apply(state, x_train)
     z_test = t.apply(state, x_test)         # the same mean and matrix: no leak from the test set
 
-A transform is a NamedTuple ``Transform(fit, apply, inverse, fit_moments, full_covariance)`` in the
-spirit of optax's ``GradientTransformation``; a state is a NamedTuple of arrays (a pytree), so it
-goes through ``jit``, ``vmap`` and :func:`save` / :func:`load` as it is.
+A transform is a NamedTuple ``Transform(fit, apply, inverse, fit_moments)`` in the spirit of
+optax's ``GradientTransformation`` (``t.full_covariance`` says whether ``fit_moments`` needs the
+full scatter matrix); a state is a NamedTuple of arrays (a pytree), so it goes through ``jit``,
+``vmap`` and :func:`save` / :func:`load` as it is.
 
 Conventions, and where they differ from the neighbours:
 
 - ``normalize`` divides by the population standard deviation (denominator N), as scikit-learn's
-  ``StandardScaler`` and the lecture's ``np.std(X, axis=0)`` do.
+  ``StandardScaler`` and the lecture's ``np.std(X, axis=0)`` do; a constant feature (by
+  ``StandardScaler``'s own rounding-error bound) gets scale 1.
 - PCA and whitening use the sample covariance (denominator N - 1), as scikit-learn's ``PCA``
   (``explained_variance_``; ``whiten=True`` gives unit sample variance). The lecture writes
   ``X.T @ X / N``; the two differ by the factor N / (N - 1).
@@ -148,17 +150,83 @@ def _check_finite(flag, x, w, axes, what: str) -> None:
 
 
 def _safe_div(a, n):
+    # 0 / 0 is 0 here: the moments of no examples are (0, 0, 0), merge's identity.
     return jnp.where(n > 0, a / jnp.where(n > 0, n, 1), jnp.zeros_like(a))
 
 
-def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
-    """Moments of x over the non-feature axes, flattened features; + the non-finite count.
+def _pivot(x, w, axes: tuple[int, ...]):
+    """``(k, has_row)``: x at its first valid example (flattened features), one small gather.
 
-    Corrected two-pass algorithm (Chan, Golub & LeVeque 1983): the mean first, then the
-    centred sums, minus (sum d)^2 / n. No E[x^2] - E[x]^2, so an offset |mean| >> std costs no
-    accuracy, and the correction removes the first-order error of the float32 mean.
-    ``x`` may also be a tuple of 2-D arrays [rows, features] (fit_stream's groups, no mask):
-    the moments of their concatenation, without writing it.
+    k is the shift of :func:`_local_moments`: any valid value of a feature is within a few
+    standard deviations of its mean, which is all the first pass needs, and for a constant
+    feature it is the constant itself. The first example, or with a mask the first whose mask is
+    True; zeros when there is none. ``x`` may be fit_stream's tuple of 2-D parts (no mask).
+    """
+    if isinstance(x, tuple):
+        x = next((xi for xi in x if xi.shape[0]), x[0])
+        axes = (1,)
+    dt = _checks.compute_dtype(x.dtype)
+    example_axes = tuple(a for a in range(x.ndim) if a not in axes)
+    num_features = math.prod(x.shape[a] for a in axes)
+    if any(x.shape[a] == 0 for a in example_axes):
+        return jnp.zeros((num_features,), dt), jnp.zeros((), bool)
+    starts = [0] * x.ndim
+    has = jnp.ones((), bool)
+    if w is not None:
+        flat = jnp.zeros((), jnp.int32)
+        strides = {}
+        total = 1
+        for i, a in reversed(list(enumerate(example_axes))):
+            strides[a] = total
+            flat = flat + lax.broadcasted_iota(jnp.int32, w.shape, i) * total
+            total *= x.shape[a]
+        # The smallest flat index of a valid example (total when there is none).
+        first = jnp.min(jnp.where(w, flat, jnp.int32(total)))
+        has = first < total
+        first = jnp.where(has, first, jnp.int32(0))
+        for a in example_axes:
+            starts[a] = (first // strides[a]) % x.shape[a]
+    keep = tuple(1 if a in example_axes else d for a, d in enumerate(x.shape))
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = tuple(getattr(sharding, "spec", ()) or ())
+    if any(a < len(spec) and spec[a] is not None for a in example_axes):
+        # Explicitly sharded example axes (sharding in types, jax.make_mesh's default): a one-row
+        # slice of a sharded axis is not defined there, a gather with a replicated result is (as
+        # batchnorm's _pivot). It reads the [rows, features] view that the sums read.
+        x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features)
+        spec2 = tuple(getattr(jax.typeof(x2).sharding, "spec", None) or ())
+        out_spec = jax.sharding.PartitionSpec(None, spec2[1] if len(spec2) > 1 else None)
+        out = jax.sharding.NamedSharding(sharding.mesh, out_spec)
+        first = jnp.asarray(first if w is not None else 0, jnp.int32)
+        row = x2.at[jnp.reshape(first, (1,))].get(out_sharding=out).reshape(num_features)
+    else:
+        if w is None:
+            row = x[tuple(slice(0, 1) if a in example_axes else slice(None) for a in range(x.ndim))]
+        else:
+            row = lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in starts], keep)
+        row = jnp.transpose(row, example_axes + axes).reshape(num_features)
+    k = row.astype(dt)
+    if w is not None:  # no valid example: the row may be NaN padding
+        k = jnp.where(has, k, jnp.zeros((), dt))
+    return lax.stop_gradient(k), has
+
+
+def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool, shift=None):
+    """Moments of x over the non-feature axes, flattened features; + a non-finite flag.
+
+    Corrected two-pass algorithm (Chan, Golub & LeVeque 1983) about a shift k: pass 1 sums
+    x - k and gives mean0 = k + sum(x - k) / n; pass 2 sums d = x - mean0 and d^2 (or d d^T),
+    minus (sum d)^2 / n. No E[x^2] - E[x]^2, so an offset |mean| >> std costs no accuracy; the
+    correction removes the first-order error of mean0; and with k a valid example (see
+    :func:`_pivot`) the first pass sums values of the order of the spread, not of the offset. A
+    constant feature has x - k = 0 exactly, so mean0 = k, d = 0 and m2 = 0 exactly.
+
+    ``shift=None``: k is the pivot of x, and the mean is returned as it is. Otherwise k is
+    ``shift`` (fit_stream's shift for the whole stream, or the device-wide shift of
+    ``axis_name``) and the mean is returned relative to it, ``mean - shift``, for a merge in
+    shifted coordinates (where the merged means are small and lose nothing to the offset).
+    ``x`` may also be a tuple of 2-D arrays [rows, features] (fit_stream's groups, no mask): the
+    moments of their concatenation, without writing it.
     """
     if isinstance(x, tuple):
         parts = [(xi.astype(_checks.compute_dtype(xi.dtype)), None) for xi in x]
@@ -168,16 +236,17 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
         x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features)
         parts = [(x2.astype(_checks.compute_dtype(x.dtype)), None if w is None else w.reshape(-1))]
     dt = parts[0][0].dtype
+    k = _pivot(x, w, axes)[0] if shift is None else shift.astype(dt)
     if w is None:
         n = jnp.asarray(sum(xi.shape[0] for xi, _ in parts), dt)
-        total = sum(jnp.sum(xi, axis=0) for xi, _ in parts)
-        mean0 = total / n
+        # x - k fuses into the column sums: no pass over x beyond the one that sums it.
+        total = sum(jnp.sum(xi - k[None, :], axis=0) for xi, _ in parts)
     else:
         x2, w = parts[0]
         n = jnp.sum(w, dtype=dt)
         # where, not multiplication: masked-out rows may hold NaN padding and 0 * NaN is NaN.
-        total = jnp.sum(jnp.where(w[:, None], x2, jnp.zeros((), dt)), axis=0)
-        mean0 = _safe_div(total, n)
+        total = jnp.sum(jnp.where(w[:, None], x2 - k[None, :], jnp.zeros((), dt)), axis=0)
+    mean0 = k + _safe_div(total, n)
     # A column sum is NaN or Inf exactly when its column holds one (or overflows): the flag for
     # _check_finite, at no extra pass over x.
     n_bad = jnp.sum(~jnp.isfinite(total))
@@ -189,11 +258,21 @@ def _local_moments(x, w, axes: tuple[int, ...], full_covariance: bool):
         q, s = _scatter(x2, mean0, w)
         m2 = q - _safe_div(s[:, None] * s[None, :], n)
         m2 = 0.5 * (m2 + m2.T)
+        diag = jnp.diagonal(m2)
     else:
         d = _centred(x2, mean0, w)
         s = jnp.sum(d, axis=0)
         m2 = jnp.sum(d * d, axis=0) - _safe_div(s * s, n)
-    mean = mean0 + _safe_div(s, n)
+        diag = m2
+    # Finite data whose squared deviations overflow: flagged too (the [D] diagonal bounds the
+    # off-diagonal entries).
+    n_bad = n_bad + jnp.sum(~jnp.isfinite(diag))
+    if shift is None:
+        mean = mean0 + _safe_div(s, n)
+    else:
+        mean = (mean0 - k) + _safe_div(s, n)
+        if k.dtype != shift.dtype:  # a float64 shift rounded to this part's float32
+            mean = mean + (k.astype(shift.dtype) - shift).astype(dt)
     m2 = _clip_m2(m2, full_covariance)
     return Moments(n, mean, m2), n_bad
 
@@ -298,8 +377,32 @@ def _clip_m2(m2, full_covariance):
 _local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3))
 
 
-def _merge_across(m: Moments, axis_name, full_covariance: bool) -> Moments:
-    """Chan et al.'s merge across the devices of ``axis_name`` with psum."""
+def _gather_by_psum(v, axis_name):
+    """``[P, *v.shape]``: v of each of the P devices of ``axis_name``, identical on all of them.
+
+    A psum of one-hot slots (as batchnorm's): one small collective whose result is invariant
+    across the axis, where ``lax.all_gather``'s counts as device-varying under ``shard_map``.
+    """
+    size = lax.axis_size(axis_name)
+    slots = jnp.arange(size) == lax.axis_index(axis_name)
+    onehot = jnp.where(slots.reshape((size,) + (1,) * v.ndim), v[None], jnp.zeros((), v.dtype))
+    return lax.psum(onehot, axis_name)
+
+
+def _moments_across(x, w, axes, full_covariance: bool, axis_name):
+    """Moments of the concatenation of the shards of ``axis_name``, about one shared shift.
+
+    The shift k is the pivot of the lowest-index device that has a valid example (the example
+    the single-device fit would pivot on), gathered with one small psum. Each device computes
+    its moments relative to k, Chan et al.'s merge combines them with psum in shifted
+    coordinates (small means: ``count * mean`` loses nothing to the offset), and k is added
+    once at the end. A constant feature stays exact: every shifted mean and m2 is 0.
+    """
+    k, has = _pivot(x, w, axes)
+    g = _gather_by_psum(jnp.concatenate([has.astype(k.dtype)[None], k]), axis_name)
+    first = jnp.argmax(g[:, 0] > 0)  # 0 when no device has an example: its pivot is zeros
+    k = lax.stop_gradient(g[first, 1:])
+    m, n_bad = _local_moments(x, w, axes, full_covariance, k)
     n = lax.psum(m.count, axis_name)
     mean = _safe_div(lax.psum(m.count * m.mean, axis_name), n)
     d = m.mean - mean
@@ -308,7 +411,17 @@ def _merge_across(m: Moments, axis_name, full_covariance: bool) -> Moments:
     else:
         extra = m.count * d * d
     m2 = lax.psum(m.m2 + extra, axis_name)
-    return Moments(n, mean, m2)
+    return Moments(n, k + mean, m2), n_bad
+
+
+def _no_example_axis_message(name, what, shape, feature_axes) -> str:
+    # A 1-D x is ambiguous (N examples of one feature, or one example of N features); scikit-learn
+    # refuses it too ("Expected 2D array, got 1D array").
+    return (
+        f"{name} needs an example axis besides the feature axes, but {what} has shape {shape} "
+        f"and feature_axes={feature_axes!r} makes every axis a feature axis; for one feature "
+        "per example pass x[:, None], for a single example pass x[None]"
+    )
 
 
 def moments(
@@ -326,10 +439,14 @@ def moments(
 
         count = N,   mean = (1/N) sum_i x_i,   m2 = sum_i d_i^2   (or sum_i d_i d_i^T)
 
-    computed by the corrected two-pass algorithm, so float32 keeps its accuracy when
-    |mean| >> std (no E[x^2] - E[x]^2 cancellation). Images [N, H, W, C]: ``feature_axes=-1``
-    gives per-channel statistics (VGG), ``feature_axes=(1, 2, 3)`` the per-pixel mean image
-    (AlexNet). Low-precision inputs are reduced in float32.
+    computed by the corrected two-pass algorithm about a shift k, the first valid example: the
+    first pass sums x_i - k (mean0 = k + sum / N), the second d_i = x_i - mean0. So float32
+    keeps its accuracy when |mean| >> std (no E[x^2] - E[x]^2 cancellation), and a constant
+    feature gets its constant as the mean and ``m2 == 0`` exactly. No examples (N = 0, or a mask
+    with no True) give count 0, mean 0 and m2 0, :func:`merge`'s identity. Images
+    [N, H, W, C]: ``feature_axes=-1`` gives per-channel statistics (VGG),
+    ``feature_axes=(1, 2, 3)`` the per-pixel mean image (AlexNet). Low-precision inputs are
+    reduced in float32.
 
     Args:
       x: data, floating dtype.
@@ -339,16 +456,21 @@ def moments(
       mask: optional boolean array with the shape of x's example axes (x's shape without the
         feature axes); False entries are left out (padding in the last batch, for instance).
       axis_name: inside ``shard_map`` / ``pmap``, the mapped axis to reduce over with
-        ``lax.psum``; every device then gets the moments of the concatenation of all shards.
+        ``lax.psum``; every device then gets the moments of the concatenation of all shards. All
+        devices share one shift (the first valid example of the lowest-index device that has
+        one, gathered with one small psum) and merge their moments about it, so the result
+        equals the single-device one up to the order of the sums, at any offset.
 
     Returns:
       ``Moments(count, mean, m2)``.
 
     Raises:
       TypeError: x is not floating.
-      ValueError: bad ``feature_axes`` or ``mask`` shape; x has NaN or Inf (checked only outside
-        ``jit``, where values are known: the message says how many. Under ``jit`` the statistics
-        simply become NaN; check with ``jnp.isfinite(state.mean).all()`` or ``checkify``).
+      ValueError: bad ``feature_axes`` or ``mask`` shape; x has no example axis (a 1-D x with
+        ``feature_axes=-1``: pass ``x[:, None]`` for one feature, ``x[None]`` for one example);
+        x has NaN or Inf, or sums that overflow (checked only outside ``jit``, where values are
+        known: the message says how many. Under ``jit`` the statistics simply become NaN; check
+        with ``jnp.isfinite(state.mean).all()`` or ``checkify``).
 
     References:
       Chan, Golub & LeVeque 1983, "Algorithms for computing the sample variance".
@@ -365,6 +487,8 @@ def moments(
     if x.ndim == 0:
         raise ValueError("moments expects x with at least one axis, but x is a scalar")
     axes = _feature_axes(feature_axes, x.ndim)
+    if len(axes) == x.ndim:
+        raise ValueError(_no_example_axis_message("moments", "x", x.shape, feature_axes))
     example_axes = tuple(a for a in range(x.ndim) if a not in axes)
     feature_shape = tuple(x.shape[a] for a in axes)
     example_shape = tuple(x.shape[a] for a in example_axes)
@@ -377,11 +501,12 @@ def moments(
                 f"feature_axes {axes}), but it has shape {mask.shape}"
             )
         w = mask.astype(bool)
-    m, n_bad = _local_moments_jit(x, w, axes, bool(full_covariance))
+    if axis_name is None:
+        m, n_bad = _local_moments_jit(x, w, axes, bool(full_covariance))
+    else:
+        m, n_bad = _moments_across(x, w, axes, bool(full_covariance), axis_name)
     if not _checks.is_tracer(n_bad):
         _check_finite(n_bad, x, w, axes, "x")
-    if axis_name is not None:
-        m = _merge_across(m, axis_name, bool(full_covariance))
     m2 = m.m2 if full_covariance else m.m2.reshape(feature_shape)
     return Moments(m.count, m.mean.reshape(feature_shape), m2)
 
@@ -405,7 +530,14 @@ def merge(a: Moments, b: Moments) -> Moments:
 
     Exact in exact arithmetic and stable in floating point, so moments merged over shards or a
     stream equal the moments of the concatenation up to rounding. Empty moments (count 0) are
-    the identity.
+    the identity, exactly.
+
+    The inputs are rounded, though: each mean carries a rounding error of about
+    ``|mean| * eps`` (eps = 6e-8 in float32), which delta carries into m2, up to about
+    ``n_a * n_b / n * (|mean| * eps)^2`` a merge. Negligible for data near 0; for data far from
+    0 (|mean| / std of 1e5 to 1e6 in float32) it is a relative error of 1e-4 to 1e-2 in m2 after
+    many merges. :func:`fit_stream` and ``moments(..., axis_name=...)`` avoid it: they merge
+    moments taken about one shared shift (a data row), whose means are small.
 
     Args:
       a: moments of the first set.
@@ -434,18 +566,24 @@ def merge(a: Moments, b: Moments) -> Moments:
     ma, mb = jnp.asarray(a.mean, dt), jnp.asarray(b.mean, dt)
     n = na + nb
     delta = (mb - ma).reshape(-1)
-    mean = ma.reshape(-1) + delta * _safe_div(nb, n)
+    mean = (ma.reshape(-1) + delta * _safe_div(nb, n)).reshape(a.mean.shape)
     weight = _safe_div(na * nb, n)
     full = _is_full(a)
     outer = delta[:, None] * delta[None, :] if full else delta * delta
-    m2 = jnp.asarray(a.m2, dt) + jnp.asarray(b.m2, dt) + weight * outer.reshape(a.m2.shape)
-    return Moments(n, mean.reshape(a.mean.shape), m2)
+    m2a, m2b = jnp.asarray(a.m2, dt), jnp.asarray(b.m2, dt)
+    m2 = m2a + m2b + weight * outer.reshape(a.m2.shape)
+    # An empty side returns the other as it is: ma + (mb - ma) need not round to mb, and
+    # whatever mean the empty side carries (0 * inf is NaN) stays out.
+    mean = jnp.where(na > 0, jnp.where(nb > 0, mean, ma), mb)
+    m2 = jnp.where(na > 0, jnp.where(nb > 0, m2, m2a), m2b)
+    return Moments(n, mean, m2)
 
 
 def _is_full(m: Moments) -> bool:
-    return (
-        m.m2.ndim == 2 and m.m2.shape == (m.mean.size, m.mean.size) and m.m2.shape != m.mean.shape
-    )
+    d = m.mean.size
+    # With one feature of shape (1, 1) the full [1, 1] matrix and the diagonal are the same
+    # numbers, so either reading is right; read it as full, which PCA and ZCA need.
+    return m.m2.ndim == 2 and m.m2.shape == (d, d) and (m.m2.shape != m.mean.shape or d == 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,15 +600,35 @@ class Transform(NamedTuple):
       inverse: ``inverse(state, z) -> x``; ``inverse(state, apply(state, x)) == x`` up to rounding
         when no component is dropped.
       fit_moments: ``fit_moments(m: Moments) -> state``, for streamed or sharded statistics.
-      full_covariance: whether ``fit_moments`` needs the full scatter matrix
-        (``moments(..., full_covariance=True)``); :func:`fit_stream` reads it.
+
+    ``t.full_covariance`` (a read-only property, not a field) says whether ``fit_moments`` needs
+    the full scatter matrix (``moments(..., full_covariance=True)``); :func:`fit_stream` and
+    :func:`chain` read it. It is the ``full_covariance`` attribute of the ``fit_moments``
+    function, False when it has none: to build your own Transform whose ``fit_moments`` needs
+    the full matrix, set ``fit_moments.full_covariance = True`` on the function first.
+
+    Example:
+      >>> from jaxnorm import preprocessing
+      >>> fit, apply, inverse, fit_moments = preprocessing.pca()
+      >>> preprocessing.pca().full_covariance, preprocessing.normalize().full_covariance
+      (True, False)
     """
 
     fit: Callable[..., Any]
     apply: Callable[[Any, ArrayLike], jax.Array]
     inverse: Callable[[Any, ArrayLike], jax.Array]
     fit_moments: Callable[[Moments], Any]
-    full_covariance: bool = False
+
+    @property
+    def full_covariance(self) -> bool:
+        """Whether ``fit_moments`` needs the full ``[D, D]`` scatter matrix."""
+        return bool(getattr(self.fit_moments, "full_covariance", False))
+
+
+def _transform(fit, apply, inverse, fit_moments, full_covariance: bool) -> Transform:
+    # The flag rides on fit_moments, where Transform.full_covariance reads it.
+    fit_moments.full_covariance = full_covariance
+    return Transform(fit, apply, inverse, fit_moments)
 
 
 class ZeroCenterState(NamedTuple):
@@ -529,8 +687,10 @@ class ZCAState(NamedTuple):
     explained_variance_ratio: jax.Array
 
 
-def _trailing_feature_axes(x, feature_axes, name: str) -> tuple[int, ...]:
+def _trailing_feature_axes(x, feature_axes, name: str, what: str = "x") -> tuple[int, ...]:
     axes = _feature_axes(feature_axes, x.ndim)
+    if len(axes) == x.ndim:
+        raise ValueError(_no_example_axis_message(name, what, x.shape, feature_axes))
     want = tuple(range(x.ndim - len(axes), x.ndim))
     if axes != want:
         raise ValueError(
@@ -545,7 +705,7 @@ def _make_fit(fit_moments, full_covariance: bool, name: str):
     def fit(x, *, feature_axes=-1, mask=None, axis_name=None):
         x = jnp.asarray(x)
         _checks.check_floating(x)
-        axes = _trailing_feature_axes(x, feature_axes, name)
+        axes = _trailing_feature_axes(x, feature_axes, f"{name}.fit")
         m = moments(x, axes, full_covariance=full_covariance, mask=mask, axis_name=axis_name)
         return fit_moments(m)
 
@@ -633,38 +793,49 @@ def zero_center() -> Transform:
         dt = _checks.compute_dtype(z.dtype)
         return (z.astype(dt) + _bcast(state.mean, z, dt)).astype(z.dtype)
 
-    return Transform(_make_fit(fit_moments, False, "zero_center"), apply, inverse, fit_moments)
+    return _transform(
+        _make_fit(fit_moments, False, "zero_center"), apply, inverse, fit_moments, False
+    )
 
 
 def _constant_features(var, mean, count):
-    """scikit-learn's ``_is_constant_feature`` test with float32-aware error growth.
+    """scikit-learn's ``_is_constant_feature``: var <= n eps var + (n eps mean)^2, eps of float64.
 
-    scikit-learn flags var <= n eps var + (n eps mean)^2, the worst-case error of a sequential
-    two-pass sum in float64. In float32 n eps reaches 1 at 8.4M examples (one ImageNet channel
-    has far more), where that bound would call every feature constant; here the growth factor is
-    sqrt(n), the typical growth of rounding error, with eps of the dtype the statistics are in.
+    The worst-case error of the two-pass variance (Chan, Golub & LeVeque 1983), with float64's
+    eps whatever the dtype, as scikit-learn uses for float32 input too. That bound is tiny, and
+    safe here because the statistics are exact for a constant feature: :func:`moments` centres
+    about a data row, so a constant column has m2 == 0 exactly (var 0 <= bound), while a feature
+    with any spread in its values (e.g. std 1 at 1e4) is kept.
     """
-    eps = jnp.finfo(var.dtype).eps
-    g = jnp.sqrt(jnp.maximum(count, 1.0)).astype(var.dtype) * eps
-    return var <= g * var + (g * mean) ** 2
+    dt = _checks.compute_dtype(jnp.result_type(var))
+    var, mean, n = (jnp.asarray(v).astype(dt) for v in (var, mean, count))
+    eps = jnp.asarray(np.finfo(np.float64).eps, dt)
+    return var <= n * eps * var + (n * mean * eps) ** 2
 
 
 def normalize(eps: float = 0.0) -> Transform:
     """Zero-centre and divide by the per-feature standard deviation: (x - mean) / scale.
 
     scale = sqrt(var + eps) with var the population variance (denominator N, as StandardScaler
-    and ``np.std``). A constant or near-constant feature (its variance within the rounding error
-    of its mean, by scikit-learn's error-bound test, see ``_constant_features``) gets scale 1, so
-    it is centred but not blown up, while legitimately tiny variances are kept.
+    and ``np.std``). A constant feature gets scale 1, so it is centred but not blown up. The test
+    is scikit-learn's ``_is_constant_feature``, the rounding-error bound of the two-pass variance:
+
+        var <= N eps var + (N eps mean)^2,   eps = 2.2e-16 (float64's, for any input dtype)
+
+    Tiny, and safe because a constant feature's statistics are exact (var == 0, see
+    :func:`moments`), so legitimately small variances are kept: std 1e-6 around 0, or std 1
+    around 1e4.
 
     Args:
-      eps: added to the variance before the square root (default 0, as StandardScaler).
+      eps: added to the variance before the square root (default 0, as StandardScaler): a finite
+        real >= 0 (a NumPy or concrete JAX scalar is converted to float).
 
     Returns:
       A :class:`Transform` with state :class:`NormalizeState`.
 
     Raises:
-      ValueError: eps is negative.
+      TypeError: eps is not a real number (a string, None, a traced array).
+      ValueError: eps is negative, NaN or infinite.
 
     References:
       The lecture's ``X /= np.std(X, axis=0)``; scikit-learn's StandardScaler.
@@ -679,8 +850,7 @@ def normalize(eps: float = 0.0) -> Transform:
       >>> t.apply(state, jnp.array([[3.0, 5.0]]))
       Array([[1., 0.]], dtype=float32)
     """
-    if not eps >= 0:
-        raise ValueError(f"normalize needs eps >= 0, but got eps={eps!r}")
+    eps = _check_eps(eps, "normalize")
 
     def fit_moments(m):
         _check_moments(m, False, "normalize")
@@ -701,7 +871,9 @@ def normalize(eps: float = 0.0) -> Transform:
         y = z.astype(dt) * _bcast(state.scale, z, dt) + _bcast(state.mean, z, dt)
         return y.astype(z.dtype)
 
-    return Transform(_make_fit(fit_moments, False, "normalize"), apply, inverse, fit_moments)
+    return _transform(
+        _make_fit(fit_moments, False, "normalize"), apply, inverse, fit_moments, False
+    )
 
 
 def _eigh_desc(m2, count):
@@ -737,11 +909,33 @@ def _eps_abs(lam, eps, eps_mode):
     return jnp.asarray(eps, lam.dtype) * jnp.mean(lam)
 
 
-def _check_eps(eps, eps_mode, name):
+def _check_eps(eps, name: str) -> float:
+    """eps as a Python float: a finite real >= 0 (NumPy and concrete JAX scalars converted).
+
+    A Python float also keeps the fit's compiled kernels hashable (eps is static there).
+    """
+    if isinstance(eps, jax.Array | np.ndarray | np.generic):
+        if _checks.is_tracer(eps):
+            raise TypeError(
+                f"{name} needs eps as a concrete number, but got a traced value {eps!r}; build "
+                "the transform outside jit (its eps is fixed when it is built)"
+            )
+        if np.ndim(eps) == 0 and np.dtype(eps.dtype).kind in "iuf":
+            eps = np.asarray(eps).item()
+    if isinstance(eps, bool) or not isinstance(eps, int | float):
+        raise TypeError(
+            f"{name} needs eps as a real number >= 0 (a Python float, or a NumPy or JAX scalar), "
+            f"but got {eps!r} of type {type(eps).__name__}"
+        )
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{name} needs a finite eps >= 0, but got eps={eps!r}")
+    return eps
+
+
+def _check_eps_mode(eps_mode, name: str) -> None:
     if eps_mode not in ("absolute", "relative"):
         raise ValueError(f'{name} needs eps_mode "absolute" or "relative", but got {eps_mode!r}')
-    if not eps >= 0:
-        raise ValueError(f"{name} needs eps >= 0, but got eps={eps!r}")
 
 
 def _check_num_components(num_components, name):
@@ -844,8 +1038,7 @@ def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Tr
         x = _matmul(z.astype(dt), w).reshape(z.shape[:-1] + state.mean.shape)
         return (x + _bcast(state.mean, x, dt)).astype(z.dtype)
 
-    fit = _make_fit(fit_moments, True, name)
-    return Transform(fit, apply, inverse, fit_moments, True)
+    return _transform(_make_fit(fit_moments, True, name), apply, inverse, fit_moments, True)
 
 
 def pca(num_components: int | float | None = None) -> Transform:
@@ -896,14 +1089,15 @@ def pca_whiten(
 
     Args:
       num_components: as in :func:`pca`.
-      eps: regulariser added to each eigenvalue, >= 0.
+      eps: regulariser added to each eigenvalue: a finite real >= 0 (a NumPy or concrete JAX
+        scalar is converted to float).
       eps_mode: ``"absolute"`` or ``"relative"``.
 
     Returns:
       A :class:`Transform` with state :class:`PCAState`.
 
     Raises:
-      TypeError / ValueError: bad num_components, eps or eps_mode.
+      TypeError / ValueError: bad num_components, eps (not a finite real >= 0) or eps_mode.
 
     References:
       The lecture's ``Xwhite = Xrot / np.sqrt(S + 1e-5)``; scikit-learn's ``PCA(whiten=True)``.
@@ -917,7 +1111,8 @@ def pca_whiten(
       >>> jnp.allclose(z.T @ z / 3, jnp.eye(2), atol=1e-5)
       Array(True, dtype=bool)
     """
-    _check_eps(eps, eps_mode, "pca_whiten")
+    eps = _check_eps(eps, "pca_whiten")
+    _check_eps_mode(eps_mode, "pca_whiten")
     return _pca_transform(num_components, eps, eps_mode, True, "pca_whiten")
 
 
@@ -944,14 +1139,16 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
     :func:`pca_whiten`; directions beyond the rank are left unscaled.
 
     Args:
-      eps: regulariser added to each eigenvalue, >= 0.
+      eps: regulariser added to each eigenvalue: a finite real >= 0 (a NumPy or concrete JAX
+        scalar is converted to float).
       eps_mode: ``"absolute"`` or ``"relative"``.
 
     Returns:
       A :class:`Transform` with state :class:`ZCAState`.
 
     Raises:
-      ValueError: bad eps or eps_mode.
+      TypeError: eps is not a real number.
+      ValueError: eps is negative, NaN or infinite; bad eps_mode.
 
     References:
       Bell & Sejnowski 1997; Krizhevsky 2009, "Learning multiple layers of features from tiny
@@ -965,8 +1162,9 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
       >>> jnp.diagonal(state.whitening)
       Array([0.866, 1.732], dtype=float32)
     """
-    _check_eps(eps, eps_mode, "zca_whiten")
     name = "zca_whiten"
+    eps = _check_eps(eps, name)
+    _check_eps_mode(eps_mode, name)
 
     def fit_moments(m):
         _check_moments(m, True, name)
@@ -991,7 +1189,7 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
     def inverse(state, z):
         return _map(state, z, state.coloring, "inverse", -1)
 
-    return Transform(_make_fit(fit_moments, True, name), apply, inverse, fit_moments, True)
+    return _transform(_make_fit(fit_moments, True, name), apply, inverse, fit_moments, True)
 
 
 def _push_moments(state, m: Moments) -> Moments:
@@ -1053,7 +1251,7 @@ def chain(*transforms: Transform) -> Transform:
     def fit(x, *, feature_axes=-1, mask=None, axis_name=None):
         x = jnp.asarray(x)
         _checks.check_floating(x)
-        axes = _trailing_feature_axes(x, feature_axes, "chain")
+        axes = _trailing_feature_axes(x, feature_axes, "chain.fit")
         n_examples = x.ndim - len(axes)
         states = []
         for t in transforms:
@@ -1080,7 +1278,7 @@ def chain(*transforms: Transform) -> Transform:
             z = t.inverse(s, z)
         return z
 
-    return Transform(fit, apply, inverse, fit_moments, full)
+    return _transform(fit, apply, inverse, fit_moments, full)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1091,19 +1289,27 @@ class _Counter:
     """A minimal stderr progress line for when tqdm is not installed."""
 
     def __init__(self, total):
-        self.total, self.n, self.last = total, 0, 0.0
+        self.total, self.n, self.shown, self.last = total, 0, 0, 0.0
 
     def update(self, k=1):
         self.n += k
         now = time.monotonic()
         if now - self.last > 0.5 or self.n == self.total:
             self.last = now
-            of = f"/{self.total}" if self.total else ""
-            sys.stderr.write(f"\rfit_stream: {self.n}{of} batches")
-            sys.stderr.flush()
+            self._write()
+
+    def _write(self):
+        of = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\rfit_stream: {self.n}{of} batches")
+        sys.stderr.flush()
+        self.shown = self.n
 
     def close(self):
         if self.n:
+            # Updates are throttled to two a second: a generator (no total) would otherwise end
+            # on a stale count.
+            if self.shown != self.n:
+                self._write()
             sys.stderr.write("\n")
             sys.stderr.flush()
 
@@ -1126,10 +1332,17 @@ def fit_stream(
     """Fit ``transform`` on a stream of batches, merging their moments (constant memory).
 
     Each batch is reduced to :class:`Moments` (a ``[D, D]`` scatter matrix when the transform
-    needs it) and merged into a running total with :func:`merge`, so memory does not grow with
-    the number of batches and the data never needs to be on the device at once (ZCA on
+    needs it) and merged into a running total with :func:`merge`'s formula, so memory does not
+    grow with the number of batches and the data never needs to be on the device at once (ZCA on
     image-sized features from a data loader or a memory-mapped array). The result equals
     ``transform.fit`` on the concatenation up to rounding.
+
+    The whole stream shares one shift k, the first example of the stream: every batch's moments
+    are those of x - k and the running total is kept in these shifted coordinates, where the
+    means are of the order of the spread, not of the offset; k is added to the mean once, at the
+    end. Merging float32 means of data far from 0 (say at 1e6 with std 1) would otherwise lose
+    their rounding error, ``|mean| * 6e-8``, to every merge; and a constant feature keeps
+    ``m2 == 0`` exactly. Empty batches are skipped.
 
     Args:
       transform: a :class:`Transform`.
@@ -1142,8 +1355,9 @@ def fit_stream(
       The fitted state.
 
     Raises:
-      ValueError: no batches; batches with different feature shapes; non-finite values (the
-        message names the batch).
+      TypeError: transform is not a :class:`Transform`; a batch is not floating.
+      ValueError: no batches; a batch without an example axis (1-D with ``feature_axes=-1``);
+        batches with different feature shapes; non-finite values (the message names the batch).
 
     Example:
       >>> import jax.numpy as jnp
@@ -1157,20 +1371,23 @@ def fit_stream(
     full = transform.full_covariance
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = _progress(total) if progress else None
-    acc = None
+    acc = None  # the running moments, relative to shift
+    shift = None
     pending = None  # the previous group's (non-finite flag, batches), checked one step late
     group = []  # consecutive batches, flattened to [rows, features], fitted together
     feature_shape = None
+    first_dtype = None
 
     def flush():
-        nonlocal acc, pending
+        nonlocal acc, shift, pending
         # Small batches are fitted in groups of up to _BLOCK_ROWS rows: per-batch moments would
         # pay a dispatch and a thin matmul each (the merge is exact either way).
         x = tuple(g[1] for g in group)
         if acc is None:
-            acc, flag = _local_moments_jit(x, None, (1,), full)
+            shift = _pivot(x, None, (1,))[0]
+            acc, flag = _local_moments_jit(x, None, (1,), full, shift)
         else:
-            acc, flag = _merge_batch_jit(acc, x, (1,), full)
+            acc, flag = _merge_batch_jit(acc, x, shift, (1,), full)
         # Checking the previous group lets this one's computation overlap the wait.
         if pending is not None:
             _check_group(*pending)
@@ -1181,10 +1398,10 @@ def fit_stream(
         for i, batch in enumerate(batches):
             x = jnp.asarray(batch)
             _checks.check_floating(x, f"batch {i}")
-            axes = _trailing_feature_axes(x, feature_axes, "fit_stream")
+            axes = _trailing_feature_axes(x, feature_axes, "fit_stream", f"batch {i}")
             fs = tuple(x.shape[a] for a in axes)
             if feature_shape is None:
-                feature_shape = fs
+                feature_shape, first_dtype = fs, x.dtype
             elif fs != feature_shape:
                 raise ValueError(
                     f"fit_stream: batch {i} has feature shape {fs}, but the earlier batches have "
@@ -1192,12 +1409,14 @@ def fit_stream(
                 )
             if x.ndim != 2:
                 x = x.reshape(-1, math.prod(fs))
+            if bar is not None:
+                bar.update(1)
+            if x.shape[0] == 0:  # nothing to merge (and no pivot to take)
+                continue
             rows = sum(g[1].shape[0] for g in group)
             if group and (group[0][1].dtype != x.dtype or rows + x.shape[0] > _BLOCK_ROWS):
                 flush()
             group.append((i, x))
-            if bar is not None:
-                bar.update(1)
         if group:
             flush()
         if pending is not None:
@@ -1205,10 +1424,18 @@ def fit_stream(
     finally:
         if bar is not None:
             bar.close()
-    if acc is None:
+    if feature_shape is None:
         raise ValueError("fit_stream got no batches; pass a non-empty iterable of arrays")
+    if acc is None:  # only empty batches: the moments of no examples, as t.fit(x[:0])
+        dt = _checks.compute_dtype(first_dtype)
+        d = math.prod(feature_shape)
+        zeros = jnp.zeros((d, d) if full else feature_shape, dt)
+        return transform.fit_moments(
+            Moments(jnp.zeros((), dt), jnp.zeros(feature_shape, dt), zeros)
+        )
+    mean = shift.astype(acc.mean.dtype) + acc.mean
     m2 = acc.m2 if full else acc.m2.reshape(feature_shape)
-    return transform.fit_moments(Moments(acc.count, acc.mean.reshape(feature_shape), m2))
+    return transform.fit_moments(Moments(acc.count, mean.reshape(feature_shape), m2))
 
 
 def _check_group(flag, group) -> None:
@@ -1224,10 +1451,11 @@ def _check_group(flag, group) -> None:
     _check_finite(flag, jnp.concatenate([xi for _, xi in group]), None, (1,), what)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _merge_batch_jit(acc, x, axes, full):
-    # One dispatch per group of batches: their moments and the merge into the running total.
-    m, n_bad = _local_moments(x, None, axes, full)
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _merge_batch_jit(acc, x, shift, axes, full):
+    # One dispatch per group of batches: their moments about the stream's shift, and the merge
+    # into the running total (both in shifted coordinates).
+    m, n_bad = _local_moments(x, None, axes, full, shift)
     return merge(acc, m), n_bad
 
 

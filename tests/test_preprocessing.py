@@ -116,6 +116,84 @@ def test_moments_empty_mask_is_merge_identity():
         np.testing.assert_allclose(got.m2, m.m2, rtol=1e-6)
 
 
+# Constants that are not sums of powers of two (0.1), large (1e6 + 0.3, whose float32 mean would
+# round), tiny (3e-20) and negative: a float32 mean sum(x) / n misses some of them by an ulp, and
+# the centred sums then leave m2 > 0.
+CONSTANTS = np.array([0.1, 123.456, -7.3e5, 1e6 + 0.3, 3e-20, 2.7], np.float32)
+
+
+def _with_constants(n, seed=0):
+    """[n, 8]: the CONSTANTS columns, then two ordinary ones (one at offset 1e4)."""
+    rng = np.random.default_rng(seed)
+    ordinary = rng.normal(size=(n, 2)) * [2.0, 0.5] + [1e4, -3.0]
+    return np.concatenate([np.broadcast_to(CONSTANTS, (n, 6)), ordinary], axis=1).astype(np.float32)
+
+
+def _assert_constant_columns_exact(m, what):
+    """mean == the constant and m2 == 0 exactly (every entry of a full m2 that involves them)."""
+    c = len(CONSTANTS)
+    np.testing.assert_array_equal(np.asarray(m.mean).reshape(-1)[:c], CONSTANTS, err_msg=what)
+    m2 = np.asarray(m.m2)
+    if m2.ndim == 2:
+        np.testing.assert_array_equal(m2[:c], 0.0, err_msg=what)
+        np.testing.assert_array_equal(m2[:, :c], 0.0, err_msg=what)
+    else:
+        np.testing.assert_array_equal(m2[:c], 0.0, err_msg=what)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_constant_features_have_exact_moments(full):
+    # Unmasked (4099 rows: more than a block of the CPU scatter), masked with NaN padding, and
+    # masked with the first rows left out (the shift is the first valid row, not row 0).
+    x = _with_constants(4099)
+    mask = np.random.default_rng(1).random(4099) < 0.8
+    mask[:3] = False
+    xp = x.copy()
+    xp[~mask] = np.nan
+    for w, data, what in ((None, x, "unmasked"), (mask, xp, "masked")):
+        m = pp.moments(data, full_covariance=full, mask=w)
+        _assert_constant_columns_exact(m, what)
+        xr = x.astype(np.float64)[w if w is not None else slice(None)]
+        xc = xr - xr.mean(0)
+        ref = xc.T @ xc if full else (xc**2).sum(0)
+        np.testing.assert_allclose(m.mean, xr.mean(0), rtol=1e-7, atol=1e-30, err_msg=what)
+        np.testing.assert_allclose(m.m2, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
+    # A constant feature shape [H, W] with a per-pixel mean (several example and feature axes).
+    img = np.broadcast_to(CONSTANTS[:4].reshape(2, 2), (33, 5, 2, 2))
+    m = pp.moments(img, feature_axes=(2, 3), full_covariance=full)
+    np.testing.assert_array_equal(m.mean, CONSTANTS[:4].reshape(2, 2))
+    np.testing.assert_array_equal(m.m2, 0.0)
+
+
+def test_constant_features_exact_through_merge():
+    x = _with_constants(1000, seed=2)
+    for full in (False, True):
+        parts = np.split(x, [3, 100, 500])
+        acc = pp.moments(parts[0], full_covariance=full)
+        for p in parts[1:]:
+            acc = pp.merge(acc, pp.moments(p, full_covariance=full))
+        _assert_constant_columns_exact(acc, f"merge full={full}")
+
+
+def test_moments_of_no_examples_are_zero_and_merge_identity():
+    x = _data(30, 3, offset=7.0)
+    for full in (False, True):
+        m = pp.moments(x, full_covariance=full)
+        empty = pp.moments(x[:0], full_covariance=full)
+        assert float(empty.count) == 0
+        np.testing.assert_array_equal(empty.mean, np.zeros(3))
+        np.testing.assert_array_equal(empty.m2, np.zeros(m.m2.shape))
+        masked_out = pp.moments(x, full_covariance=full, mask=np.zeros(30, bool))
+        # Empty moments carrying any mean (here NaN) are the identity, exactly.
+        odd = pp.Moments(empty.count, jnp.full((3,), jnp.nan), empty.m2)
+        for e in (empty, masked_out, odd):
+            for got in (pp.merge(e, m), pp.merge(m, e)):
+                for a, b in zip(got, m, strict=True):
+                    np.testing.assert_array_equal(a, b)
+    m = pp.moments(np.zeros((0, 2, 3), np.float32), feature_axes=(1, 2))
+    assert m.mean.shape == (2, 3) and float(m.count) == 0 and np.all(np.asarray(m.mean) == 0)
+
+
 @pytest.mark.parametrize("full", [False, True])
 def test_merge_equals_concatenated_fit_with_offset(full):
     x = _data(1000, 4, offset=1e4, seed=3)
@@ -138,7 +216,8 @@ def test_moments_image_per_channel_and_per_pixel():
     per_channel = pp.moments(x, -1)
     assert per_channel.mean.shape == (3,)
     np.testing.assert_allclose(per_channel.count, 6 * 4 * 5)
-    np.testing.assert_allclose(per_channel.mean, xr.mean((0, 1, 2)), rtol=1e-6)
+    # Channel 2's mean is near 0 with std 3: its rounding is relative to the spread.
+    np.testing.assert_allclose(per_channel.mean, xr.mean((0, 1, 2)), rtol=1e-6, atol=3e-7)
     np.testing.assert_allclose(per_channel.m2 / 120, xr.var((0, 1, 2)), rtol=1e-5)
     per_pixel = pp.moments(x, (1, 2, 3))
     assert per_pixel.mean.shape == (4, 5, 3)
@@ -195,6 +274,44 @@ def test_normalize_vs_standard_scaler_with_constant_features():
     np.testing.assert_allclose(t.inverse(state, z), x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset, std", [(1e5, 1.5), (1e6, 10.0), (1e4, 1e-2)])
+def test_normalize_keeps_real_features_at_a_large_offset(offset, std):
+    # float32 data of spread std around offset: a real feature, which StandardScaler scales. A
+    # constant test with sqrt(N) * float32 eps called these constant (scale 1).
+    n = 20000
+    x = (offset + std * np.random.default_rng(8).normal(size=(n, 2))).astype(np.float32)
+    ss = sklearn_pre.StandardScaler().fit(x)
+    state = pp.normalize().fit(x)
+    np.testing.assert_allclose(state.var, ss.var_, rtol=1e-5)
+    np.testing.assert_allclose(state.scale, ss.scale_, rtol=1e-5)
+    np.testing.assert_allclose(state.mean, ss.mean_, rtol=0, atol=np.spacing(np.float32(offset)))
+    z = pp.normalize().apply(state, x)
+    np.testing.assert_allclose(to_f64(z).std(0), 1.0, rtol=1e-3)
+
+
+def test_normalize_constant_and_near_constant_features_vs_standard_scaler():
+    # Exactly constant columns get scale 1; a column of two adjacent float32 values (1e4 and the
+    # next float up, a spread of one ulp) has a real, tiny variance, kept as StandardScaler does.
+    n = 1000
+    rng = np.random.default_rng(9)
+    near = np.where(rng.random(n) < 0.3, np.nextafter(np.float32(1e4), np.float32(2e4)), 1e4)
+    tiny = rng.normal(size=n) * 1e-6
+    x = np.concatenate([_with_constants(n)[:, :6], near[:, None], tiny[:, None]], axis=1).astype(
+        np.float32
+    )
+    ss = sklearn_pre.StandardScaler().fit(x)
+    np.testing.assert_array_equal(ss.scale_[:6], 1.0)
+    for state in (
+        pp.normalize().fit(x),
+        pp.fit_stream(pp.normalize(), np.split(x, [10, 500, 501]), progress=False),
+    ):
+        np.testing.assert_array_equal(state.mean[:6], CONSTANTS)
+        np.testing.assert_array_equal(state.var[:6], 0.0)
+        np.testing.assert_array_equal(state.scale[:6], 1.0)
+        np.testing.assert_allclose(state.var[6:], ss.var_[6:], rtol=1e-4)
+        np.testing.assert_allclose(state.scale[6:], ss.scale_[6:], rtol=1e-4)
+
+
 def test_normalize_eps_is_added_to_variance():
     x = _data(100, 3)
     state = pp.normalize(eps=0.5).fit(x)
@@ -220,6 +337,28 @@ def test_pca_vs_sklearn_components_signs_and_variances():
         t.apply(state, x), ref.transform(x.astype(np.float64)), rtol=1e-4, atol=1e-3
     )
     np.testing.assert_allclose(t.inverse(state, t.apply(state, x)), x, rtol=1e-5, atol=1e-3)
+
+
+def test_pca_and_zca_with_one_feature_of_shape_1x1():
+    # A (1, 1) full matrix and a (1, 1) diagonal are the same numbers: both fit.
+    x = _data(50, 1, offset=4.0, seed=12)
+    ref = sklearn_pca.PCA(svd_solver="full").fit(x.astype(np.float64))
+    xi = x.reshape(50, 1, 1)
+    for t in (pp.pca(), pp.pca_whiten(eps=0.0)):
+        state = t.fit(xi, feature_axes=(1, 2))
+        np.testing.assert_allclose(state.explained_variance, ref.explained_variance_, rtol=1e-5)
+        np.testing.assert_array_equal(state.components, [[1.0]])
+        np.testing.assert_allclose(t.inverse(state, t.apply(state, xi)), xi, rtol=1e-5)
+        diag = pp.moments(xi, feature_axes=(1, 2))
+        np.testing.assert_allclose(t.fit_moments(diag).explained_variance, state.explained_variance)
+    zca = pp.zca_whiten(eps=0.0)
+    state = zca.fit(xi, feature_axes=(1, 2))
+    np.testing.assert_allclose(state.whitening, [[ref.explained_variance_[0] ** -0.5]], rtol=1e-5)
+    z = zca.apply(state, xi)
+    assert z.shape == xi.shape
+    np.testing.assert_allclose(to_f64(z).std(ddof=1), 1.0, rtol=1e-5)
+    s = pp.fit_stream(zca, [xi[:20], xi[20:]], feature_axes=(1, 2), progress=False)
+    np.testing.assert_allclose(s.whitening, state.whitening, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k", [2, 0.9])
@@ -419,11 +558,75 @@ def test_fit_stream_groups_small_batches(monkeypatch):
     bad[2][5, 1] = np.nan
     with pytest.raises(ValueError, match="batch 2 has 1 non-finite"):
         pp.fit_stream(pp.zca_whiten(), bad, progress=False)
-    huge = [np.full((30, 2), 3e38, np.float32), np.full((20, 2), 3e38, np.float32)]
+    huge = [np.full((30, 2), 3e38, np.float32), np.full((20, 2), -3e38, np.float32)]
     with pytest.raises(
         ValueError, match=r"group of batches 0-1 .* is finite, but its sums overflow"
     ):
         pp.fit_stream(pp.normalize(), huge, progress=False)
+
+
+def _eigen_data(offset, n=20000, d=16, seed=0):
+    """Variances 9 to 0.09 along random orthogonal axes, at ``offset``; float32."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return ((rng.normal(size=(n, d)) * np.linspace(3.0, 0.3, d)) @ q.T + offset).astype(np.float32)
+
+
+@pytest.mark.parametrize("offset, batch", [(1e5, 4096), (1e6, 500)])
+def test_fit_stream_at_a_large_offset_vs_float64_eigenvalues(offset, batch):
+    # Merged float32 means of data at 1e6 lose |mean| * 6e-8 each: merging them directly gave
+    # eigenvalue errors of 1e-3 (relative to the largest) at 1e6 and 2e-5 at 1e5, where the
+    # in-memory fit has 1e-6. The stream's shared shift makes it as accurate as the latter.
+    x = _eigen_data(offset)
+    xr = x.astype(np.float64)
+    lam = np.linalg.eigvalsh(np.cov(xr.T))[::-1]
+    batches = (x[i : i + batch] for i in range(0, len(x), batch))
+    state = pp.fit_stream(pp.pca(), batches, progress=False)
+    np.testing.assert_allclose(state.explained_variance, lam, rtol=0, atol=5e-6 * lam[0])
+    np.testing.assert_allclose(state.mean, xr.mean(0), rtol=0, atol=np.spacing(np.float32(offset)))
+
+
+def test_fit_stream_constant_features_and_custom_transform():
+    # A Transform built by hand: fit_moments returns the moments; its full_covariance attribute
+    # makes fit_stream compute the full matrix.
+    def identity(m):
+        return m
+
+    identity.full_covariance = True
+    t = pp.Transform(None, None, None, identity)
+    assert t.full_covariance
+    x = _with_constants(1500, seed=3)
+    sizes = [1, 37, 500, 0, 962]
+    batches = np.split(x, np.cumsum(sizes)[:-1])
+    m = pp.fit_stream(t, batches, progress=False)
+    assert m.m2.shape == (8, 8)
+    _assert_constant_columns_exact(m, "fit_stream full")
+    xr = x.astype(np.float64)
+    xc = xr - xr.mean(0)
+    np.testing.assert_allclose(m.m2, xc.T @ xc, rtol=1e-4, atol=1e-6 * np.abs(xc.T @ xc).max())
+    norm = pp.fit_stream(pp.normalize(), batches, progress=False)
+    np.testing.assert_array_equal(norm.var[:6], 0.0)
+    np.testing.assert_array_equal(norm.mean[:6], CONSTANTS)
+
+
+def test_fit_stream_skips_empty_batches():
+    x = _data(300, 4, offset=1e3, seed=13)
+    t = pp.zca_whiten()
+    plain = pp.fit_stream(t, [x[:100], x[100:]], progress=False)
+    with_empty = pp.fit_stream(t, [x[:0], x[:100], x[100:100], x[100:]], progress=False)
+    for a, b in zip(with_empty, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(np.isfinite(plain.whitening))
+    xr = x.astype(np.float64)
+    np.testing.assert_allclose(plain.mean, xr.mean(0), rtol=1e-7)
+    lam = np.linalg.eigvalsh(np.cov(xr.T))[::-1]
+    np.testing.assert_allclose(plain.explained_variance, lam, rtol=1e-5, atol=1e-6 * lam[0])
+    # Only empty batches: the fit of no examples, as t.fit(x[:0]), not NaN.
+    state = pp.fit_stream(pp.normalize(), [x[:0], x[:0]], progress=False)
+    np.testing.assert_array_equal(state.mean, np.zeros(4))
+    np.testing.assert_array_equal(state.scale, np.ones(4))
+    for a, b in zip(state, pp.normalize().fit(x[:0]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_fit_stream_progress_tqdm_and_fallback(monkeypatch, capsys):
@@ -436,6 +639,34 @@ def test_fit_stream_progress_tqdm_and_fallback(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     pp.fit_stream(pp.zero_center(), batches)
     assert "fit_stream: 2/2 batches" in capsys.readouterr().err
+    # A generator has no length, and updates are throttled: close() still shows the last count.
+    pp.fit_stream(pp.zero_center(), (x[i : i + 1] for i in range(40)))
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.rstrip("\n").split("\r")[-1] == "fit_stream: 40 batches"
+
+
+def test_transform_is_four_functions_with_full_covariance_property():
+    assert pp.Transform._fields == ("fit", "apply", "inverse", "fit_moments")
+    x = _data(40, 3, offset=2.0)
+    fit, apply, inverse, fit_moments = pp.pca()
+    state = fit(x)
+    np.testing.assert_allclose(inverse(state, apply(state, x)), x, rtol=1e-5, atol=1e-4)
+    want = {
+        pp.zero_center(): False,
+        pp.normalize(): False,
+        pp.pca(): True,
+        pp.pca_whiten(): True,
+        pp.zca_whiten(): True,
+        pp.chain(pp.zero_center(), pp.normalize()): False,
+        pp.chain(pp.normalize(), pp.zca_whiten()): True,
+        pp.Transform(fit, apply, inverse, lambda m: m): False,  # no attribute: False
+    }
+    for t, full in want.items():
+        assert len(t) == 4 and t.full_covariance is full
+    with pytest.raises(AttributeError):
+        pp.pca().full_covariance = False  # read-only
+    # A hand-built Transform from a pca's functions keeps the attribute of its fit_moments.
+    assert pp.Transform(fit, apply, inverse, fit_moments).full_covariance
 
 
 # -------------------------------------------------------------------------------------------------
@@ -493,9 +724,18 @@ def test_nonfinite_fit_data_counts_bad_values():
 
 
 def test_overflowing_sums_are_an_error_not_inf_statistics():
-    x = np.full((4, 2), 3e38, np.float32)
+    # Values 6e38 apart: x - shift overflows in the first pass.
+    x = np.array([[3e38, 1.0], [-3e38, 2.0], [3e38, 3.0], [1.0, 4.0]], np.float32)
     with pytest.raises(ValueError, match="finite, but its sums overflow float32"):
         pp.normalize().fit(x)
+    # Finite sums whose squares overflow: the second pass flags them.
+    x = np.array([[1e20, 1.0], [-1e20, 2.0]], np.float32)
+    with pytest.raises(ValueError, match="finite, but its sums overflow float32"):
+        pp.moments(x, full_covariance=True)
+    # A constant huge feature is no overflow: its statistics are exact.
+    m = pp.moments(np.full((4, 2), 3e38, np.float32))
+    np.testing.assert_array_equal(m.mean, np.float32(3e38))
+    np.testing.assert_array_equal(m.m2, 0.0)
 
 
 def test_shape_mismatch_messages():
@@ -563,3 +803,67 @@ def test_argument_and_type_errors(tmp_path):
     np.savez(tmp_path / "other.npz", a=x)
     with pytest.raises(ValueError, match=r"not written by preprocessing\.save"):
         pp.load(tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize(
+    "eps, exc, match",
+    [
+        (float("inf"), ValueError, r"finite eps >= 0, but got eps=inf"),
+        (float("nan"), ValueError, r"finite eps >= 0, but got eps=nan"),
+        (-1e-3, ValueError, r"finite eps >= 0"),
+        (np.float32(-1.0), ValueError, r"finite eps >= 0"),
+        ("a", TypeError, r"eps as a real number >= 0 .* but got 'a' of type str"),
+        (None, TypeError, r"but got None of type NoneType"),
+        (True, TypeError, r"of type bool"),
+        (1j, TypeError, r"of type complex"),
+        (np.ones(2), TypeError, r"of type ndarray"),
+    ],
+)
+@pytest.mark.parametrize("make", [pp.normalize, pp.pca_whiten, pp.zca_whiten])
+def test_eps_must_be_a_finite_real(make, eps, exc, match):
+    name = make.__name__
+    with pytest.raises(exc, match=f"{name} needs .*{match}"):
+        make(eps=eps)
+
+
+def test_eps_numpy_and_jax_scalars_are_converted():
+    x = _data(100, 3, seed=14)
+    ref = pp.zca_whiten(eps=1e-5).fit(x)
+    for eps in (np.float32(1e-5), np.float64(1e-5), jnp.array(1e-5), np.array(1e-5)):
+        for a, b in zip(pp.zca_whiten(eps=eps).fit(x), ref, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    lam = np.linalg.eigvalsh(np.cov(x.astype(np.float64).T))[::-1]
+    state = pp.pca_whiten(eps=jnp.array(0.5, jnp.float32)).fit(x)
+    np.testing.assert_allclose(state.scale, 1 / np.sqrt(lam + 0.5), rtol=1e-5)
+    var = x.astype(np.float64).var(0)
+    for eps in (np.int64(2), 2):
+        np.testing.assert_allclose(pp.normalize(eps=eps).fit(x).scale, np.sqrt(var + 2), rtol=1e-5)
+    with pytest.raises(TypeError, match=r"traced value.*outside jit"):
+        jax.jit(lambda e: pp.normalize(eps=e).fit(x).scale)(0.5)
+
+
+def test_one_dimensional_x_has_no_example_axis():
+    x = _data(50, 3)
+    msg = r"example axis .* shape \(50,\) .* x\[:, None\].* x\[None\]"
+    with pytest.raises(ValueError, match=f"moments needs an {msg}"):
+        pp.moments(x[:, 0])
+    with pytest.raises(ValueError, match=f"moments needs an {msg}"):
+        pp.moments(x[:, 0], feature_axes=0, full_covariance=True)
+    with pytest.raises(ValueError, match=r"every axis a feature axis"):
+        pp.moments(x.reshape(5, 10, 3), feature_axes=(0, 1, 2))
+    for t in (pp.zero_center(), pp.normalize(), pp.pca(), pp.zca_whiten()):
+        with pytest.raises(ValueError, match=f"fit needs an {msg}"):
+            t.fit(x[:, 0])
+    with pytest.raises(ValueError, match=r"chain\.fit needs an example axis"):
+        pp.chain(pp.zero_center(), pp.normalize()).fit(x[:, 0])
+    with pytest.raises(ValueError, match=r"fit_stream needs an example axis .* batch 1 has shape"):
+        pp.fit_stream(pp.normalize(), [x, x[0]], progress=False)
+    with pytest.raises(ValueError, match="scalar"):
+        pp.moments(np.float32(1.0))
+    # The fixes the message names work, and apply takes a single example as before.
+    t = pp.normalize()
+    state = t.fit(x[:, :1])
+    np.testing.assert_allclose(state.var, x[:, :1].astype(np.float64).var(0), rtol=1e-5)
+    one = pp.moments(x[0][None])
+    assert float(one.count) == 1 and one.mean.shape == (3,)
+    np.testing.assert_allclose(t.apply(state, x[0, :1]), t.apply(state, x[:1, :1])[0])
