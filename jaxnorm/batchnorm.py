@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _rows
 
 __all__ = [
     "BatchNormState",
@@ -649,7 +649,7 @@ def _moments(cfg: _Config, x, xc, mask):
         # all-gather whose result is the same on every device), then the triples are merged
         # exactly (Chan et al.): M2 = sum M2_i + sum n_i (mean_i - mean)^2, no shared pivot needed.
         n = jnp.broadcast_to(n, mean.shape)
-        g = _gather_by_psum(jnp.stack([n, mean, m2]), cfg.axis_name, cfg.groups)
+        g = _rows.gather_by_psum(jnp.stack([n, mean, m2]), cfg.axis_name, cfg.groups)
         ns, means, m2s = g[:, 0], g[:, 1], g[:, 2]
         n = jnp.sum(ns, axis=0)
         mean = jnp.sum(ns * means, axis=0) / jnp.maximum(n, one)
@@ -677,69 +677,17 @@ def _pivot(xc, mask, raxes, ghost=False):
     """Per-feature pivot (keepdims): x at the first valid row, one small gather.
 
     Any valid value of the feature is within a few standard deviations of its mean, which is all
-    the one-pass variance needs. Ghost batches (an unreduced, non-feature axis 0) get one each.
+    the one-pass variance needs (with no valid row any pivot will do). Ghost batches (an
+    unreduced, non-feature axis 0) get one each.
     """
     if ghost and mask is not None:
         inner = tuple(a - 1 for a in raxes)
         return jax.vmap(lambda xg, mg: _pivot(xg, mg, inner))(xc, mask)
-    starts = [0] * xc.ndim
+    valid = None
     if mask is not None:
         feat = tuple(a for a in range(xc.ndim) if a not in raxes)
         valid = jnp.any(mask, axis=feat, keepdims=True) if feat else mask
-        flat = jnp.zeros((), jnp.int32)
-        strides = {}
-        total = 1
-        for a in reversed(raxes):
-            strides[a] = total
-            iota = jax.lax.broadcasted_iota(jnp.int32, valid.shape, a)
-            flat = flat + iota * total
-            total *= xc.shape[a]
-        # The smallest flat index of a valid row (0 when no row is valid: any pivot will do).
-        first = jnp.min(jnp.where(valid, flat, jnp.int32(total)))
-        first = jnp.where(first >= total, jnp.int32(0), first)
-        for a in raxes:
-            starts[a] = (first // strides[a]) % xc.shape[a]
-    keep_shape = tuple(1 if a in raxes else d for a, d in enumerate(xc.shape))
-    sharding = getattr(jax.typeof(xc), "sharding", None)
-    spec = tuple(getattr(sharding, "spec", ()) or ())
-    if any(a < len(spec) and spec[a] is not None for a in raxes):
-        # Explicitly sharded batch axes (sharding in types): a one-row slice of a sharded axis is
-        # not defined there, a gather with a replicated result is.
-        out_spec = jax.sharding.PartitionSpec(
-            *(None if a in raxes else (spec[a] if a < len(spec) else None) for a in range(xc.ndim))
-        )
-        index = tuple(
-            jnp.reshape(jnp.asarray(starts[a], jnp.int32), (1,)) if a in raxes else slice(None)
-            for a in range(xc.ndim)
-        )
-        row = xc.at[index].get(out_sharding=jax.sharding.NamedSharding(sharding.mesh, out_spec))
-        return row.reshape(keep_shape)
-    if mask is None:
-        return xc[tuple(slice(0, 1) if a in raxes else slice(None) for a in range(xc.ndim))]
-    starts = [jnp.asarray(i, jnp.int32) for i in starts]
-    return jax.lax.dynamic_slice(xc, starts, keep_shape)
-
-
-def _gather_by_psum(v, axis_name, groups):
-    """``[D, *v.shape]``: v of each of the D devices of the group, identical on all of them.
-
-    ``lax.all_gather``'s result counts as device-varying under ``shard_map``'s replication
-    checks, so the state could not leave a shard_map as replicated; a psum of one-hot slots is
-    the same single collective and is invariant.
-    """
-    index = jax.lax.axis_index(axis_name)
-    if groups is None:
-        size = jax.lax.axis_size(axis_name)
-    else:
-        size = len(groups[0])
-        position = np.zeros(sum(len(g) for g in groups), np.int32)
-        for g in groups:
-            for i, d in enumerate(g):
-                position[d] = i
-        index = jnp.asarray(position)[index]
-    slots = jnp.arange(size) == index
-    onehot = jnp.where(slots.reshape((size,) + (1,) * v.ndim), v[None], jnp.zeros((), v.dtype))
-    return jax.lax.psum(onehot, axis_name, axis_index_groups=groups)
+    return _rows.first_row(xc, valid, raxes)[0]
 
 
 def _forward_parts(cfg, x, scale, bias, epsilon, ref_mean, masks, extras):

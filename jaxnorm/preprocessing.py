@@ -65,7 +65,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _rows
 
 __all__ = [
     "Moments",
@@ -168,44 +168,9 @@ def _pivot(x, w, axes: tuple[int, ...]):
     dt = _checks.compute_dtype(x.dtype)
     example_axes = tuple(a for a in range(x.ndim) if a not in axes)
     num_features = math.prod(x.shape[a] for a in axes)
-    if any(x.shape[a] == 0 for a in example_axes):
-        return jnp.zeros((num_features,), dt), jnp.zeros((), bool)
-    starts = [0] * x.ndim
-    has = jnp.ones((), bool)
-    if w is not None:
-        flat = jnp.zeros((), jnp.int32)
-        strides = {}
-        total = 1
-        for i, a in reversed(list(enumerate(example_axes))):
-            strides[a] = total
-            flat = flat + lax.broadcasted_iota(jnp.int32, w.shape, i) * total
-            total *= x.shape[a]
-        # The smallest flat index of a valid example (total when there is none).
-        first = jnp.min(jnp.where(w, flat, jnp.int32(total)))
-        has = first < total
-        first = jnp.where(has, first, jnp.int32(0))
-        for a in example_axes:
-            starts[a] = (first // strides[a]) % x.shape[a]
-    keep = tuple(1 if a in example_axes else d for a, d in enumerate(x.shape))
-    sharding = getattr(jax.typeof(x), "sharding", None)
-    spec = tuple(getattr(sharding, "spec", ()) or ())
-    if any(a < len(spec) and spec[a] is not None for a in example_axes):
-        # Explicitly sharded example axes (sharding in types, jax.make_mesh's default): a one-row
-        # slice of a sharded axis is not defined there, a gather with a replicated result is (as
-        # batchnorm's _pivot). It reads the [rows, features] view that the sums read.
-        x2 = jnp.transpose(x, example_axes + axes).reshape(-1, num_features)
-        spec2 = tuple(getattr(jax.typeof(x2).sharding, "spec", None) or ())
-        out_spec = jax.sharding.PartitionSpec(None, spec2[1] if len(spec2) > 1 else None)
-        out = jax.sharding.NamedSharding(sharding.mesh, out_spec)
-        first = jnp.asarray(first if w is not None else 0, jnp.int32)
-        row = x2.at[jnp.reshape(first, (1,))].get(out_sharding=out).reshape(num_features)
-    else:
-        if w is None:
-            row = x[tuple(slice(0, 1) if a in example_axes else slice(None) for a in range(x.ndim))]
-        else:
-            row = lax.dynamic_slice(x, [jnp.asarray(s, jnp.int32) for s in starts], keep)
-        row = jnp.transpose(row, example_axes + axes).reshape(num_features)
-    k = row.astype(dt)
+    valid = None if w is None else jnp.expand_dims(w, axes)
+    row, has = _rows.first_row(x, valid, example_axes)
+    k = jnp.transpose(row, example_axes + axes).reshape(num_features).astype(dt)
     if w is not None:  # no valid example: the row may be NaN padding
         k = jnp.where(has, k, jnp.zeros((), dt))
     return lax.stop_gradient(k), has
@@ -377,18 +342,6 @@ def _clip_m2(m2, full_covariance):
 _local_moments_jit = jax.jit(_local_moments, static_argnums=(2, 3))
 
 
-def _gather_by_psum(v, axis_name):
-    """``[P, *v.shape]``: v of each of the P devices of ``axis_name``, identical on all of them.
-
-    A psum of one-hot slots (as batchnorm's): one small collective whose result is invariant
-    across the axis, where ``lax.all_gather``'s counts as device-varying under ``shard_map``.
-    """
-    size = lax.axis_size(axis_name)
-    slots = jnp.arange(size) == lax.axis_index(axis_name)
-    onehot = jnp.where(slots.reshape((size,) + (1,) * v.ndim), v[None], jnp.zeros((), v.dtype))
-    return lax.psum(onehot, axis_name)
-
-
 def _moments_across(x, w, axes, full_covariance: bool, axis_name):
     """Moments of the concatenation of the shards of ``axis_name``, about one shared shift.
 
@@ -399,7 +352,7 @@ def _moments_across(x, w, axes, full_covariance: bool, axis_name):
     once at the end. A constant feature stays exact: every shifted mean and m2 is 0.
     """
     k, has = _pivot(x, w, axes)
-    g = _gather_by_psum(jnp.concatenate([has.astype(k.dtype)[None], k]), axis_name)
+    g = _rows.gather_by_psum(jnp.concatenate([has.astype(k.dtype)[None], k]), axis_name)
     first = jnp.argmax(g[:, 0] > 0)  # 0 when no device has an example: its pivot is zeros
     k = lax.stop_gradient(g[first, 1:])
     m, n_bad = _local_moments(x, w, axes, full_covariance, k)
