@@ -22,6 +22,8 @@ both passes, since their default dtype follows the x64 flag.
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -338,11 +340,28 @@ def _upcast(tree):
     return jax.tree_util.tree_map(one, tree)
 
 
-@partial(jax.jit, static_argnames=("f", "argnums", "treedef", "diff"))
-def _analytic_grad(diff_leaves, args, leaves, *, f, argnums, treedef, diff):
-    # Module level with f static, so that checking the same model again reuses the compilation.
-    prob = _Problem(f, args, argnums, False, treedef, leaves, list(diff), [], [])
-    return jax.grad(prob.call)(diff_leaves)
+# Compiled gradients, keyed by the printed jaxpr of jax.grad(f) (constants passed as arguments).
+_GRADS: dict = {}
+
+
+def _analytic_grad(prob: _Problem, diff_leaves) -> list:
+    """``jax.grad`` of f at the caller's arrays, compiled once per program.
+
+    f is traced afresh on every call and the compiled gradient is looked up by the jaxpr it
+    traces to, with its array constants passed as arguments: checking the same model again
+    reuses the compilation, while a closure whose captured values changed (a Python scalar is a
+    literal in the jaxpr, an array a constant) is differentiated as it is now. Keying by f itself
+    would return a stale gradient after such a change, and fail for unhashable callables.
+    """
+    closed = jax.make_jaxpr(jax.grad(prob.call))(diff_leaves)
+    key = str(closed.jaxpr)
+    run = _GRADS.get(key)
+    if run is None:
+        run = jax.jit(partial(jax.core.eval_jaxpr, closed.jaxpr))
+        if len(_GRADS) >= _MAX_EVALUATORS:
+            _GRADS.pop(next(iter(_GRADS)))
+        _GRADS[key] = run
+    return run(closed.consts, *jax.tree_util.tree_leaves(diff_leaves))
 
 
 def _check_output(prob: _Problem, diff_leaves, args, leaves) -> None:
@@ -793,6 +812,15 @@ def _default_tolerance(dtype, rtol, atol):
     return (d_rtol if rtol is None else float(rtol)), (d_atol if atol is None else float(atol))
 
 
+def _check_tolerance(value, name):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"{name} must be a number >= 0 or None, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 or None, got {value!r}")
+
+
 def check_grad(
     f: Callable[..., jax.Array],
     *args,
@@ -818,10 +846,16 @@ def check_grad(
     float32 model is ~1e-6 off, a gradient 1% wrong fails); float16 ``1e-2, 1e-3``; bfloat16
     ``5e-2, 5e-3``. ``atol`` is absolute: for losses far from unit scale, set it.
 
-    Kinks: a coordinate that fails but whose one-sided differences ``(f(x+h) - f(x)) / h`` and
-    ``(f(x) - f(x-h)) / h`` disagree by more than the same tolerance is reported as a kink (a ReLU
-    crossing zero inside the step, say), not as a failure. For a smooth ``f`` they differ by only
-    ``h |f''|``.
+    Kinks: a coordinate that fails is reported as a kink (a ReLU crossing zero inside the step,
+    say), not as a failure, when its one-sided differences ``(f(x+h) - f(x)) / h`` and
+    ``(f(x) - f(x-h)) / h`` disagree by more than the same tolerance *and* the analytic value lies
+    between them (within the tolerance), as a one-sided derivative at a kink does. For a smooth
+    ``f`` the two differ by only ``h |f''|``, so a wrong gradient passes as a kink only if it is
+    wrong by less than that.
+
+    ``f`` is evaluated in float64 for the differences; if it casts its result to a lower
+    precision (``loss.astype(jnp.float32)``), the differences lose that precision and a
+    ``RuntimeWarning`` says so.
 
     Three modes:
 
@@ -862,7 +896,7 @@ def check_grad(
     Raises:
       TypeError: as :func:`numerical_grad`.
       ValueError: as :func:`numerical_grad`, and if ``num_checks`` or ``num_directions`` is below
-        1, or both are given.
+        1, or both are given, or a tolerance is negative.
 
     References:
       Karpathy, CS231n notes "Neural Networks 3", gradient checks (2016).
@@ -883,6 +917,8 @@ def check_grad(
             raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
     if not isinstance(num_worst, int | np.integer) or num_worst < 0:
         raise ValueError(f"num_worst must be a non-negative integer, got {num_worst!r}")
+    _check_tolerance(rtol, "rtol")
+    _check_tolerance(atol, "atol")
     prob = _problem(f, args, argnums)
     rng = _rng(key)
     mode = "directions" if num_directions else ("sampled" if num_checks else "all")
@@ -890,16 +926,7 @@ def check_grad(
     with jax.enable_x64(True):
         diff_leaves = [jnp.asarray(prob.leaves[p]) for p in prob.diff]
         _check_output(prob, diff_leaves, prob.args, prob.leaves)
-        analytic = _analytic_grad(
-            diff_leaves,
-            prob.args,
-            prob.leaves,
-            f=prob.f,
-            argnums=prob.argnums,
-            treedef=prob.treedef,
-            diff=tuple(prob.diff),
-        )
-        analytic = [_to_f64(a).reshape(-1) for a in analytic]
+        analytic = [_to_f64(a).reshape(-1) for a in _analytic_grad(prob, diff_leaves)]
 
     # Standard promotion: float32 constants that f closes over meet the float64 arguments.
     with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
@@ -907,6 +934,16 @@ def check_grad(
         leaves64_all = jax.tree_util.tree_leaves(_upcast(tuple(prob.leaves)))
         leaves64 = [leaves64_all[p] for p in prob.diff]
         fn = lambda d: prob.call(d, args64, leaves64_all)
+        out_dtype = jax.eval_shape(fn, leaves64).dtype
+        if out_dtype != jnp.float64:
+            warnings.warn(
+                f"check_grad: f returns {out_dtype} even for float64 arguments (a cast such as "
+                "loss.astype(jnp.float32) at its end?), so the finite differences are only as "
+                f"precise as {out_dtype}: expect relative errors far above rtol on correct "
+                "gradients. Remove the cast for the check, or loosen rtol/atol",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         sizes = [int(x.size) for x in leaves64]
         if mode == "sampled":
             counts = _sample_counts(sizes, int(num_checks))
@@ -971,8 +1008,13 @@ def _leaf_report(
     scale = np.maximum(np.abs(ana), np.abs(num))
     rel = np.where(scale == 0, 0.0, err / np.where(scale == 0, 1.0, scale))
     bad = ~(err <= atol + rtol * scale)  # NaN counts as bad
-    one_sided_gap = np.abs(up - down)
-    kink = bad & (one_sided_gap > atol + rtol * np.maximum(np.abs(up), np.abs(down)))
+    # A kink: the one-sided differences disagree (a derivative jumps inside the step), and the
+    # analytic value lies between them, as a one-sided derivative at the kink does. For a smooth
+    # f the two differ by only h |f''|, so a wrong gradient is excused only if its error is below
+    # that (the difference scheme's own truncation), not whenever f curves.
+    side_tol = atol + rtol * np.maximum(np.abs(up), np.abs(down))
+    between = (ana >= np.minimum(up, down) - side_tol) & (ana <= np.maximum(up, down) + side_tol)
+    kink = bad & (np.abs(up - down) > side_tol) & between
     failed = bad & ~kink
     smooth_rel = np.where(kink, 0.0, np.where(np.isnan(rel), np.inf, rel))
     # Failures first, then by relative error.

@@ -318,6 +318,70 @@ def test_check_grad_relu_at_zero_is_a_kink():
     assert not report.passed and report["arg0"].num_failed == 1 and report["arg0"].num_kinks == 2
 
 
+def _sin_with_vjp(factor):
+    f = jax.custom_vjp(jnp.sin)
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.cos(x) * factor,))
+    return f
+
+
+def test_check_grad_wrong_smooth_gradient_is_not_a_kink():
+    # sin curves, so its one-sided differences differ by h |sin x|: more than float64's rtol.
+    # That alone must not turn a 5% error into a "kink".
+    x = jnp.array([0.3, -0.7, 1.1, 0.2, -1.5])
+    with jax.enable_x64(True):
+        x64 = x.astype(jnp.float64)
+        good = gradcheck.check_grad(lambda w: _sin_with_vjp(1.0)(w).sum(), x64)
+        bad = gradcheck.check_grad(lambda w: _sin_with_vjp(1.05)(w).sum(), x64)
+        directions = gradcheck.check_grad(
+            lambda w: _sin_with_vjp(1.05)(w).sum(), x64, num_directions=3
+        )
+    assert good.passed, str(good)
+    assert not bad.passed and bad["arg0"].num_failed == 5 and bad["arg0"].num_kinks == 0
+    assert not directions.passed and directions["arg0"].num_kinks == 0
+    # float32, at a stationary point: x^2 with gradient 2x + 0.5 is wrong by 0.5 at 0.
+    sq = jax.custom_vjp(lambda w: w**2)
+    sq.defvjp(lambda w: (w**2, w), lambda w, g: (g * (2 * w + 0.5),))
+    report = gradcheck.check_grad(lambda w: sq(w).sum(), jnp.zeros(3))
+    assert not report.passed and report["arg0"].num_kinks == 0
+
+
+def test_check_grad_sees_the_closure_as_it_is_now():
+    scale = {"value": 1.0}
+
+    def loss(w):
+        return scale["value"] * jnp.sum(jnp.sin(w))
+
+    w = jnp.array([0.1, 0.5, -0.3])
+    assert gradcheck.check_grad(loss, w).passed
+    scale["value"] = 2.0  # a Python scalar the loss reads: a new program, not a cached gradient
+    report = gradcheck.check_grad(loss, w)
+    assert report.passed, str(report)
+    np.testing.assert_allclose(
+        [c.analytic for c in report["arg0"].worst], [c.numeric for c in report["arg0"].worst]
+    )
+    offset = {"value": jnp.zeros(3)}  # an array it closes over: a constant of the same program
+    loss2 = lambda w: jnp.sum(jnp.sin(w + offset["value"]) ** 2)
+    assert gradcheck.check_grad(loss2, w).passed
+    offset["value"] = jnp.full(3, 0.7)
+    assert gradcheck.check_grad(loss2, w).passed
+
+
+def test_check_grad_unhashable_callable():
+    class Loss:
+        __hash__ = None
+
+        def __call__(self, w):
+            return jnp.sum(jnp.tanh(w))
+
+    assert gradcheck.check_grad(Loss(), jnp.array([0.2, -0.4])).passed
+
+
+def test_check_grad_warns_when_f_casts_its_result_down():
+    w = jnp.array([0.2, -0.4, 0.9])
+    with pytest.warns(RuntimeWarning, match="only as precise as float32"):
+        gradcheck.check_grad(lambda w: jnp.sum(jnp.tanh(w)).astype(jnp.float32), w)
+
+
 def test_check_grad_sampled_covers_every_leaf():
     params = _mlp_params(jax.random.key(6), d=6, hidden=8, out=2)
     x, t = _data(jax.random.key(7), d=6, out=2)
@@ -398,6 +462,8 @@ def test_error_integer_output_and_inputs():
         ({"argnums": (0, 0)}, ValueError, "same argument twice"),
         ({"eps": 0.0}, ValueError, "relative step"),
         ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"rtol": -1.0}, ValueError, "rtol must be a finite number >= 0"),
+        ({"atol": "1e-5"}, TypeError, "atol must be a number"),
     ],
 )
 def test_error_bad_options(kwargs, error, match):
