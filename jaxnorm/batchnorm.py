@@ -266,10 +266,8 @@ def fold(
     a = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(epsilon, dtype))
     if scale is not None:
         a = a * jnp.asarray(scale).astype(dtype)
-    b = -mean.astype(dtype) * a
-    if bias is not None:
-        b = b + jnp.asarray(bias).astype(dtype)
-    return a, b
+    b = jnp.zeros((), dtype) if bias is None else jnp.asarray(bias).astype(dtype)
+    return a, b - mean.astype(dtype) * a
 
 
 def fold_into_dense(
@@ -846,7 +844,10 @@ def _update_state(
         keep = one - w
     else:
         keep = jnp.asarray(momentum).astype(bmean.dtype)
-        w = one - keep
+        # 1 - momentum in Python for a Python momentum, as flax computes it: 1 - float32(0.9) is
+        # 0.100000024, float32(1 - 0.9) is 0.1.
+        w = jnp.asarray(1.0 - momentum if isinstance(momentum, int | float) else one - keep)
+        w = w.astype(bmean.dtype)
     # keep * old + w * batch, as flax and torch write it: exact at the ends (momentum 0 or 1,
     # the first cumulative step), where old + w * (batch - old) would round old + (batch - old).
     new_mean = keep * old_mean + w * bmean

@@ -934,6 +934,15 @@ def test_running_update_is_exact_at_the_ends(momentum):
     np.testing.assert_allclose(s.var, to_f64(x).var(0), rtol=1e-5)
 
 
+def test_running_update_is_flax_formula_bit_for_bit():
+    # flax: momentum * old + (1 - momentum) * batch, with 1 - momentum taken in Python.
+    x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    old = bn.BatchNormState(jnp.array([0.3, -1.0]), jnp.array([2.0, 0.5]), jnp.array(0))
+    _, s = bn.batch_norm(x, None, None, old, train=True, momentum=0.9)
+    np.testing.assert_array_equal(s.mean, 0.9 * old.mean + (1 - 0.9) * jnp.mean(x, axis=0))
+    np.testing.assert_array_equal(s.var, 0.9 * old.var + (1 - 0.9) * jnp.var(x, axis=0))
+
+
 def test_torch_parity_small_variance_momentum_one():
     torch = pytest.importorskip("torch")
     layer = torch.nn.BatchNorm1d(3, momentum=1.0)

@@ -701,6 +701,17 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(t.apply(loaded, x), t.apply(states["chain"], x))
 
 
+def test_load_takes_the_name_given_to_save(tmp_path):
+    # np.savez appends ".npz" to a name without it; load finds that file from the same name.
+    state = pp.normalize().fit(_data(20, 3))
+    pp.save(tmp_path / "scaler", state)
+    assert (tmp_path / "scaler.npz").exists()
+    loaded = pp.load(tmp_path / "scaler")
+    np.testing.assert_array_equal(loaded.scale, state.scale)
+    with pytest.raises(FileNotFoundError):
+        pp.load(tmp_path / "missing")
+
+
 # -------------------------------------------------------------------------------------------------
 # Errors
 
