@@ -1,7 +1,8 @@
-"""The README's one-page tour, examples/quickstart.py, runs as a user runs it (a subprocess)."""
+"""The README's tour and examples/quickstart.py run as a user runs them (a subprocess)."""
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -25,3 +26,23 @@ def test_quickstart_runs():
     # Its last section trains a model and prints the test accuracy of every epoch.
     last = [line for line in proc.stdout.splitlines() if "test accuracy" in line][-1]
     assert float(last.rsplit(" ", 1)[1]) > 0.9, proc.stdout[-2000:]
+
+
+def test_readme_tour_runs(tmp_path):
+    # The "short tour" block, pasted into a fresh interpreter: every name it uses is defined.
+    readme = (ROOT / "README.md").read_text()
+    tour = re.search(r"## A short tour\n\n```python\n(.*?)```", readme, re.S)
+    assert tour is not None, "README.md has no '## A short tour' python block"
+    script = tmp_path / "tour.py"
+    script.write_text(tour.group(1))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ok" in proc.stdout  # the gradient-check table it prints
