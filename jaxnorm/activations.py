@@ -30,9 +30,13 @@ elu(alpha)         alpha            alpha             alpha
 selu               scale * alpha    scale * alpha     scale * alpha
 =================  ===============  ================  ===================
 
-(Checked with jax 0.10.2 and torch 2.13.0.) jaxnorm agrees with PyTorch everywhere and with
-``jax.nn`` except for ``leaky_relu``, where ``jax.nn`` takes the positive side. The derivative of
-``prelu`` with respect to ``alpha`` at x = 0 is 0 (the value there does not depend on alpha).
+(Checked with jax 0.10.2 and torch 2.13.0.) jaxnorm's first derivatives agree with PyTorch
+everywhere and with ``jax.nn`` except for ``leaky_relu``, where ``jax.nn`` takes the positive
+side. The derivative of ``prelu`` with respect to ``alpha`` at x = 0 is 0 (the value there does
+not depend on alpha).
+The second derivative at 0 follows the same rule: elu''(0) = alpha and selu''(0) = scale * alpha,
+as in ``jax.nn`` (PyTorch gives 0 there, the positive side, though its first derivative takes the
+negative one).
 
 Other divergences from neighbours: ``gelu`` is exact (erf) by default, as in PyTorch, while
 ``jax.nn.gelu`` defaults to the tanh approximation; ``maxout`` groups consecutive entries.
@@ -48,6 +52,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
@@ -169,17 +174,24 @@ def _tanh_jvp(primals, tangents):
     return jnp.tanh(x), t * (4 * e / jnp.square(1 + e))
 
 
+def _nonpositive_part(x):
+    # where(x > 0, 0, x), not jnp.minimum(x, 0): minimum's derivative at the tie x = 0 is 1/2, which
+    # made elu''(0) = alpha / 2. With where, 0 takes the negative side, as in the first derivative.
+    return jnp.where(x > 0, jnp.zeros_like(x), x)
+
+
 @jax.custom_jvp
 def _expm1_nonpositive(x):
     """expm1(min(x, 0)): the negative branch of elu, safe to evaluate for every x."""
-    return jnp.expm1(jnp.minimum(x, 0))
+    return jnp.expm1(_nonpositive_part(x))
 
 
 @_expm1_nonpositive.defjvp
 def _expm1_nonpositive_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    m = jnp.minimum(x, 0)
+    m = _nonpositive_part(x)
     # jax differentiates expm1 as (ans + 1), which rounds to 0 below about -37 in float64.
+    # Differentiated again (hessians), this gives elu''(x) = alpha exp(x) for x <= 0, 0 for x > 0.
     return jnp.expm1(m), t * jnp.where(x > 0, 0, jnp.exp(m)).astype(x.dtype)
 
 
@@ -385,15 +397,16 @@ def prelu(x: ArrayLike, alpha: ArrayLike, *, channel_axis: int | None = None) ->
       x: input array of any floating dtype.
       alpha: the negative-side slope, a scalar or an array that broadcasts to x's shape (cast to
         the computation dtype; its gradient comes back in alpha's own dtype).
-      channel_axis: if given, alpha must be a scalar or 1-D with x.shape[channel_axis] entries,
-        one per channel along that axis.
+      channel_axis: if given (an int), alpha must be a scalar or 1-D with x.shape[channel_axis]
+        entries, one per channel along that axis.
 
     Returns:
       An array of x's shape and dtype.
 
     Raises:
-      TypeError: if x is not floating.
-      ValueError: if alpha does not broadcast to x's shape, or does not match channel_axis.
+      TypeError: if x is not floating, or channel_axis is not an int or None.
+      ValueError: if alpha does not broadcast to x's shape, does not match channel_axis, or
+        channel_axis is out of range.
 
     References:
       He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers: surpassing human-level
@@ -408,6 +421,14 @@ def prelu(x: ArrayLike, alpha: ArrayLike, *, channel_axis: int | None = None) ->
              [ 2.  ,  2.  ]], dtype=float32)
     """
     x = _as_float(x, "prelu")
+    # bool is an int subclass: True would silently mean axis 1.
+    if channel_axis is not None and (
+        isinstance(channel_axis, bool) or not isinstance(channel_axis, int | np.integer)
+    ):
+        raise TypeError(
+            f"prelu: channel_axis must be an int (the one axis of x that holds the channels) or "
+            f"None, but got {channel_axis!r}; alpha has one slope per channel along that axis"
+        )
     xc = _upcast(x)
     a = _broadcast_param(alpha, xc, "alpha", "prelu", channel_axis)
     return jnp.where(xc > 0, xc, a * xc).astype(x.dtype)
@@ -417,10 +438,12 @@ def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
     r"""Exponential linear unit.
 
     .. math:: \mathrm{elu}(x) = \begin{cases} x & x > 0 \\ \alpha\,(e^{x} - 1) & x \le 0
-              \end{cases}, \qquad \mathrm{elu}'(x) = \alpha e^{x} \text{ for } x \le 0
+              \end{cases}, \qquad \mathrm{elu}'(x) = \mathrm{elu}''(x) = \alpha e^{x}
+              \text{ for } x \le 0
 
     The negative branch is ``expm1`` of ``min(x, 0)`` (no overflow on the unused side, so no
-    NaN gradient), and its derivative is ``alpha * exp(x)``, accurate far into the tail.
+    NaN gradient), and its derivative is ``alpha * exp(x)``, accurate far into the tail. At the
+    kink x = 0 the first and second derivatives are the negative side's, both ``alpha``.
 
     Args:
       x: input array of any floating dtype.
@@ -460,6 +483,9 @@ def selu(x: ArrayLike) -> jax.Array:
 
     .. math:: \mathrm{selu}(x) = \lambda \begin{cases} x & x > 0 \\ \alpha\,(e^{x} - 1) &
               x \le 0 \end{cases}, \quad \alpha \approx 1.6733,\ \lambda \approx 1.0507
+
+    At the kink x = 0 the first and second derivatives are the negative side's, both
+    :math:`\lambda\alpha \approx 1.7581`.
 
     Args:
       x: input array of any floating dtype.
@@ -504,7 +530,8 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
 
     Args:
       x: input array of any floating dtype.
-      approximate: use the tanh approximation instead of the exact erf form.
+      approximate: use the tanh approximation instead of the exact erf form (a Python or NumPy
+        bool).
 
     Returns:
       An array of x's shape and dtype.
@@ -522,8 +549,11 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
       Array([-0.15865527,  0.        ,  0.8413447 ], dtype=float32)
     """
     x = _as_float(x, "gelu")
-    if not isinstance(approximate, bool):
+    # A NumPy bool is accepted, as jax.nn.gelu accepts it; a string such as "tanh" (PyTorch's
+    # spelling) is not, since it would be truthy.
+    if not isinstance(approximate, bool | np.bool_):
         raise TypeError(f"gelu: approximate must be True or False, got {approximate!r}")
+    approximate = bool(approximate)
     xc = _upcast(x)
     if approximate:
         y = _gelu_tanh(xc)
@@ -598,8 +628,9 @@ def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
 
     x is usually the output of a linear layer with ``k`` times as many units as wanted. Unit
     ``i`` takes entries ``i*k, ..., i*k + k - 1`` (consecutive groups, as in pylearn2 and
-    ``tf.contrib.layers.maxout``). The gradient goes to the maximum; a tie shares it equally, as
-    ``jnp.max`` and ``torch.max`` do.
+    ``tf.contrib.layers.maxout``). The gradient goes to the maximum; a tie shares it equally
+    among the tied entries, as ``jnp.max`` and ``torch.amax`` do. ``torch.max(x, dim)`` and max
+    pooling instead send all of it to one tied entry (the first, in torch 2.13).
 
     Args:
       x: input array of any floating dtype.
@@ -612,7 +643,7 @@ def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
       entries.
 
     Raises:
-      TypeError: if x is not floating or num_pieces is not an int.
+      TypeError: if x is not floating or num_pieces is not an int (bools are refused).
       ValueError: if num_pieces is not positive, does not divide ``x.shape[axis]``, or axis is
         out of range.
 
@@ -629,10 +660,13 @@ def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
     try:
         k = operator.index(num_pieces)
     except TypeError:
+        k = None
+    # bool is an int subclass: True would silently mean 1 piece.
+    if k is None or isinstance(num_pieces, bool):
         raise TypeError(
             f"maxout: num_pieces must be an int, got {num_pieces!r} of type "
             f"{type(num_pieces).__name__}"
-        ) from None
+        )
     if k < 1:
         raise ValueError(f"maxout: num_pieces must be at least 1, got {k}")
     if x.ndim == 0:
@@ -674,23 +708,39 @@ def names() -> tuple[str, ...]:
     return NAMES
 
 
+# Other names accepted for an activation: alias -> the name in NAMES.
+_ALIASES = {"swish": "silu"}
+
+
+def _canonical_name(name: str) -> str:
+    """name lower-cased, "-" as "_", aliases resolved ("Leaky-ReLU" -> "leaky_relu").
+
+    Shared with :func:`jaxnorm.initializers.gain`, so both accept the same spellings.
+    """
+    key = name.lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
 def _lookup(name: str, fn: str):
     if not isinstance(name, str):
         raise TypeError(f"{fn} expects an activation name (a str), got {type(name).__name__}")
-    key = name.lower().replace("-", "_")
-    if key == "swish":
-        key = "silu"
+    key = _canonical_name(name)
     if key not in _FUNCTIONS:
-        close = difflib.get_close_matches(key, NAMES, n=1)
+        close = difflib.get_close_matches(key, (*NAMES, *_ALIASES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown activation {name!r}; known names: {', '.join(NAMES)}.{hint}")
+        aliases = ", ".join(f"{a} (an alias of {n})" for a, n in _ALIASES.items())
+        raise ValueError(
+            f"unknown activation {name!r}; known names: {', '.join(NAMES)}, and {aliases}; "
+            f"case and '-' / '_' do not matter.{hint}"
+        )
     return key
 
 
 def get(name: str) -> Callable[..., jax.Array]:
     """The activation function called ``name``.
 
-    Names are those of :data:`NAMES`, case-insensitive; ``"swish"`` is accepted for ``silu``.
+    Names are those of :data:`NAMES` or the alias ``"swish"`` (for ``silu``), case-insensitive,
+    with ``-`` or ``_`` between words (``"Leaky-ReLU"`` is ``leaky_relu``).
 
     Args:
       name: the activation's name.
@@ -700,7 +750,7 @@ def get(name: str) -> Callable[..., jax.Array]:
 
     Raises:
       TypeError: if name is not a str.
-      ValueError: if the name is unknown; the message lists the known names.
+      ValueError: if the name is unknown; the message lists the known names and aliases.
 
     Example:
       >>> from jaxnorm import activations

@@ -14,11 +14,21 @@ Truncation, stated once here and in each docstring: jaxnorm's ``*_normal`` prese
 ``xavier_normal_`` and ``kaiming_normal_`` do. ``jax.nn.initializers``' ``lecun_normal``,
 ``he_normal`` and ``glorot_normal`` instead draw a normal truncated at +-2 of its own standard
 deviations and enlarge that standard deviation by 1 / 0.87962566103423978 so that the truncated
-samples have the stated one. ``truncated=True`` gives that distribution (the same numbers as jax.nn
-for the same key in float32).
+samples have the stated one. ``truncated=True`` gives that distribution.
+
+Same numbers as jax.nn: in float32, for the same key and shape, called eagerly, each preset returns
+bit for bit the array of its ``jax.nn.initializers`` equivalent: ``small_normal(s)`` is
+``normal(s)``; ``lecun_normal``, ``xavier_normal`` and ``he_normal`` with ``truncated=True`` are
+``lecun_normal``, ``glorot_normal`` and ``he_normal``; ``lecun_uniform``, ``xavier_uniform`` and
+``he_uniform`` are ``lecun_uniform``, ``glorot_uniform`` and ``he_uniform``;
+``torch_linear_default`` is ``variance_scaling(1/3, "fan_in", "uniform")`` (default options). This
+holds because the scale is rounded exactly as jax.nn rounds it: ``variance = scale / fan`` in
+float32, then ``sqrt(variance)``. A ``gain`` g enters as jax.nn's ``scale = g * g``. Inside a
+caller's ``jit`` both are compiled with the caller's code and may differ from the eager result in
+the last bit.
 
 Samples are drawn in ``jnp.promote_types(dtype, jnp.float32)`` and cast to ``dtype`` once, so a
-bfloat16 kernel is the float32 kernel rounded once.
+bfloat16 kernel is the float32 kernel rounded once (jax.nn draws in bfloat16 itself).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm._checks import compute_dtype, is_tracer, normalize_axes
+from jaxnorm.activations import _canonical_name
 
 Initializer = Callable[..., jax.Array]
 """``init(key, shape, dtype=jnp.float32) -> jax.Array``, as ``jax.nn.initializers`` returns."""
@@ -142,50 +153,70 @@ def _fans(
 # --------------------------------------------------------------------------------------------
 
 
-# Private jit: eager calls (Flax's init outside jit, notebooks) compile one program per shape and
-# dtype instead of one per op; the scale is an argument, so new values (or tracers) reuse it.
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "truncated"))
-def _normal(key, shape, dtype, std, truncated: bool) -> jax.Array:
-    cdtype = compute_dtype(dtype)
-    # Drawn flat and reshaped: the same numbers as drawing `shape` (threefry fills the flat
-    # size either way) at a fraction of the compile time for 4-D conv kernels.
+# The scale is applied with jax.nn.initializers' own float32 arithmetic, so that the presets give
+# jax.nn's numbers bit for bit (same key, eager): the variance scale / fan is rounded to the
+# sampling dtype, its square root is taken in that dtype, and the samples are multiplied by it. A
+# float64 standard deviation rounded once is marginally more accurate but differs from jax.nn's in
+# the last bit for many fans, and then in most entries. Not jitted as one program either: XLA fuses
+# the draw with the multiply and rounds about a quarter of the products differently from jax.nn's
+# op-by-op eager result. The draw itself is one compiled program (jax.random jits it), made over the
+# flat size: the same numbers as drawing `shape` (threefry fills the flat size either way) at a
+# fraction of the compile time for 4-D conv kernels.
+
+
+def _normal(key, shape: tuple[int, ...], dtype, std: jax.Array, truncated: bool) -> jax.Array:
+    """N(0, 1) samples (cut at +-2 if truncated) times ``std``, drawn in the compute dtype."""
     flat = (math.prod(shape),)
+    cdtype = std.dtype
     if truncated:
-        # As jax.nn's "truncated_normal": cut at +-2 and widen so the kept samples have std `std`.
         z = jax.random.truncated_normal(key, -_TRUNCATION, _TRUNCATION, flat, cdtype)
-        std = std / _TRUNCATED_STD
     else:
         z = jax.random.normal(key, flat, cdtype)
-    return (z * jnp.asarray(std, cdtype)).astype(dtype).reshape(shape)
+    return (z * std).astype(dtype).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
-def _uniform(key, shape, dtype, limit) -> jax.Array:
+def _uniform(key, shape: tuple[int, ...], dtype, limit: jax.Array) -> jax.Array:
+    """U(-1, 1) samples times ``limit``, drawn in the compute dtype."""
+    u = jax.random.uniform(key, (math.prod(shape),), limit.dtype, -1.0, 1.0)
+    return (u * limit).astype(dtype).reshape(shape)
+
+
+def _sample_variance_scaling(key, shape, dtype, variance, distribution: str) -> jax.Array:
+    """jax.nn.initializers.variance_scaling's sampling for a given ``variance = scale / fan``."""
     cdtype = compute_dtype(dtype)
-    u = jax.random.uniform(key, (math.prod(shape),), cdtype, -1.0, 1.0)
-    return (u * jnp.asarray(limit, cdtype)).astype(dtype).reshape(shape)
+    variance = jnp.asarray(variance, cdtype)
+    if distribution == "uniform":
+        # U(-a, a) has variance a^2 / 3.
+        return _uniform(key, shape, dtype, jnp.sqrt(3 * variance))
+    if distribution == "truncated_normal":
+        # Cut at +-2 and widened so the kept samples have the standard deviation sqrt(variance).
+        std = jnp.sqrt(variance) / jnp.asarray(_TRUNCATED_STD, cdtype)
+        return _normal(key, shape, dtype, std, truncated=True)
+    return _normal(key, shape, dtype, jnp.sqrt(variance), truncated=False)
 
 
 def _variance_scaling(
     who: str,
-    std_of_fans: Callable[[int, int], Any],
+    variance_of_fans: Callable[[float, float], Any],
     distribution: str,
     in_axis,
     out_axis,
     batch_axis,
     default_dtype,
 ) -> Initializer:
+    """An init whose samples have variance ``variance_of_fans(fan_in, fan_out)``.
+
+    ``variance_of_fans`` returns jax.nn's ``scale / denominator`` (a Python float, or a tracer for
+    a traced hyperparameter), written in jax.nn's order of operations so the rounding agrees.
+    """
     default_dtype = _check_dtype(default_dtype, who)
 
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
         dims = _check_kernel_shape(shape, who)
         fan_in, fan_out = _fans(dims, in_axis, out_axis, batch_axis, who)
-        std = std_of_fans(fan_in, fan_out)
-        if distribution == "uniform":
-            # U(-a, a) has variance a^2 / 3.
-            return _uniform(key, dims, dt, math.sqrt(3.0) * std)
-        return _normal(key, dims, dt, std, truncated=distribution == "truncated_normal")
+        variance = variance_of_fans(fan_in, fan_out)
+        return _sample_variance_scaling(key, dims, dt, variance, distribution)
 
     return init
 
@@ -206,10 +237,11 @@ def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializ
 
     .. math:: W_{ij} \sim \mathcal{N}(0, \sigma^2), \quad \sigma = \text{stddev} = 0.01
 
-    An untruncated normal. It needs no fans, so it accepts any shape (biases and empty shapes
-    included). Fine for small networks; in deep ones the activations shrink layer by layer
-    (each layer multiplies their scale by about ``stddev * sqrt(fan_in)``), and the gradients with
-    them: the lecture's motivating failure for variance-scaling initializers.
+    An untruncated normal, bit for bit ``jax.nn.initializers.normal(stddev)`` in float32 (same
+    key, eager). It needs no fans, so it accepts any shape (biases and empty shapes included).
+    Fine for small networks; in deep ones the activations shrink layer by layer (each layer
+    multiplies their scale by about ``stddev * sqrt(fan_in)``), and the gradients with them: the
+    lecture's motivating failure for variance-scaling initializers.
 
     Args:
       stddev: the standard deviation (a positive number; may be traced, e.g. under ``vmap``).
@@ -238,7 +270,9 @@ def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializ
 
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
-        return _normal(key, _check_shape(shape, who), dt, stddev, truncated=False)
+        # As jax.nn.initializers.normal: the samples times stddev rounded to the sampling dtype.
+        std = jnp.asarray(stddev, compute_dtype(dt))
+        return _normal(key, _check_shape(shape, who), dt, std, truncated=False)
 
     return init
 
@@ -259,7 +293,8 @@ def xavier_normal(
 
     An **untruncated** normal by default, like ``torch.nn.init.xavier_normal_(w, gain)``.
     ``truncated=True`` gives ``jax.nn.initializers.glorot_normal`` (truncated at +-2 of the
-    widened std, final std exactly sigma, same numbers for the same key in float32).
+    widened std, final std exactly sigma; with ``gain=1`` bit for bit the same float32 numbers for
+    the same key, eager).
     Not the lecture's "Xavier" (``randn / sqrt(fan_in)``): that one is :func:`lecun_normal`.
 
     Args:
@@ -295,7 +330,8 @@ def xavier_normal(
     g = _check_scalar(gain, "gain", who)
     return _variance_scaling(
         who,
-        lambda fi, fo: g * math.sqrt(2.0 / (fi + fo)),
+        # jax.nn's glorot: variance_scaling(scale=gain**2, "fan_avg"), fan_avg = (in + out) / 2.
+        lambda fi, fo: g * g / ((fi + fo) / 2),
         _normal_kind(truncated, who),
         in_axis,
         out_axis,
@@ -318,8 +354,8 @@ def xavier_uniform(
               a = \text{gain} \cdot \sqrt{6 / (\text{fan\_in} + \text{fan\_out})}
 
     so that the standard deviation is ``a / sqrt(3) = gain * sqrt(2 / (fan_in + fan_out))``. The
-    same distribution as ``torch.nn.init.xavier_uniform_`` and
-    ``jax.nn.initializers.glorot_uniform``.
+    same distribution as ``torch.nn.init.xavier_uniform_``; with ``gain=1`` bit for bit the float32
+    numbers of ``jax.nn.initializers.glorot_uniform`` for the same key (eager).
 
     Args:
       gain: multiplies the standard deviation and the bound (see :func:`gain`).
@@ -351,7 +387,7 @@ def xavier_uniform(
     g = _check_scalar(gain, "gain", who)
     return _variance_scaling(
         who,
-        lambda fi, fo: g * math.sqrt(2.0 / (fi + fo)),
+        lambda fi, fo: g * g / ((fi + fo) / 2),
         "uniform",
         in_axis,
         out_axis,
@@ -360,14 +396,15 @@ def xavier_uniform(
     )
 
 
-def _he_std(negative_slope: Any, mode: str, who: str) -> Callable[[int, int], Any]:
+def _he_variance(negative_slope: Any, mode: str, who: str) -> Callable[[float, float], Any]:
     a = _check_scalar(negative_slope, "negative_slope", who, positive=False)
     if mode not in ("fan_in", "fan_out"):
         raise ValueError(f"{who}: mode must be 'fan_in' or 'fan_out', but got {mode!r}")
-    g = _sqrt(2.0 / (1.0 + a * a))
+    # The squared gain 2 / (1 + a^2) is jax.nn's scale (2.0 for relu), not a rounded sqrt squared.
+    scale = 2.0 / (1.0 + a * a)
     if mode == "fan_in":
-        return lambda fi, fo: g / math.sqrt(fi)
-    return lambda fi, fo: g / math.sqrt(fo)
+        return lambda fi, fo: scale / fi
+    return lambda fi, fo: scale / fo
 
 
 def he_normal(
@@ -388,8 +425,8 @@ def he_normal(
     with ``a = negative_slope`` (0 for ReLU, the leaky/PReLU slope otherwise: He et al.'s eq. 15).
     An **untruncated** normal by default, the same distribution as
     ``torch.nn.init.kaiming_normal_(w, a, mode, nonlinearity="leaky_relu")`` (torch's default
-    ``a=0`` makes it relu). ``truncated=True`` gives ``jax.nn.initializers.he_normal`` (same numbers
-    for the same key in float32 when ``negative_slope=0``).
+    ``a=0`` makes it relu). ``truncated=True`` gives ``jax.nn.initializers.he_normal`` (bit for bit
+    the same float32 numbers for the same key, eager, when ``negative_slope=0``).
 
     Args:
       negative_slope: the slope of the activation for x < 0 (0 for ReLU).
@@ -423,7 +460,7 @@ def he_normal(
     who = "he_normal"
     return _variance_scaling(
         who,
-        _he_std(negative_slope, mode, who),
+        _he_variance(negative_slope, mode, who),
         _normal_kind(truncated, who),
         in_axis,
         out_axis,
@@ -447,8 +484,8 @@ def he_uniform(
               b = \sqrt{3} \cdot \sqrt{2 / (1 + a^2)} \,/\, \sqrt{\text{fan\_in}}
 
     The same distribution as ``torch.nn.init.kaiming_uniform_(w, a, mode)`` and, for ``a = 0``,
-    ``jax.nn.initializers.he_uniform``. (PyTorch's *layer default* is a different thing: see
-    :func:`torch_linear_default`.)
+    bit for bit the float32 numbers of ``jax.nn.initializers.he_uniform`` (same key, eager).
+    (PyTorch's *layer default* is a different thing: see :func:`torch_linear_default`.)
 
     Args:
       negative_slope: the slope of the activation for x < 0 (0 for ReLU).
@@ -479,7 +516,7 @@ def he_uniform(
     who = "he_uniform"
     return _variance_scaling(
         who,
-        _he_std(negative_slope, mode, who),
+        _he_variance(negative_slope, mode, who),
         "uniform",
         in_axis,
         out_axis,
@@ -502,8 +539,8 @@ def lecun_normal(
     .. math:: W \sim \mathcal{N}(0, \sigma^2), \quad \sigma = \text{gain} / \sqrt{\text{fan\_in}}
 
     An **untruncated** normal by default. ``truncated=True`` gives
-    ``jax.nn.initializers.lecun_normal`` (same numbers for the same key in float32 with
-    ``gain=1``). With ``gain=gain("tanh")`` it is ``torch.nn.init.kaiming_normal_(w,
+    ``jax.nn.initializers.lecun_normal`` (bit for bit the same float32 numbers for the same key,
+    eager, with ``gain=1``). With ``gain=gain("tanh")`` it is ``torch.nn.init.kaiming_normal_(w,
     nonlinearity="tanh")``; SELU networks use ``gain=1`` (Klambauer et al. 2017).
 
     Args:
@@ -537,7 +574,7 @@ def lecun_normal(
     g = _check_scalar(gain, "gain", who)
     return _variance_scaling(
         who,
-        lambda fi, fo: g / math.sqrt(fi),
+        lambda fi, fo: g * g / fi,
         _normal_kind(truncated, who),
         in_axis,
         out_axis,
@@ -558,7 +595,8 @@ def lecun_uniform(
 
     .. math:: W \sim U(-a, a), \quad a = \sqrt{3} \cdot \text{gain} / \sqrt{\text{fan\_in}}
 
-    The same distribution as ``jax.nn.initializers.lecun_uniform`` (``gain=1``).
+    With ``gain=1``, bit for bit the float32 numbers of ``jax.nn.initializers.lecun_uniform`` for
+    the same key (eager).
 
     Args:
       gain: multiplies the standard deviation and the bound (see :func:`gain`).
@@ -589,7 +627,7 @@ def lecun_uniform(
     g = _check_scalar(gain, "gain", who)
     return _variance_scaling(
         who,
-        lambda fi, fo: g / math.sqrt(fi),
+        lambda fi, fo: g * g / fi,
         "uniform",
         in_axis,
         out_axis,
@@ -616,7 +654,8 @@ def torch_linear_default(
     of those layers is drawn from the same bound; see :func:`torch_linear_bias_default`.
 
     Fans use Flax's layout, ``(in, out)`` or ``(H, W, in, out)``; torch's ``(out, in)`` and
-    ``(out, in, H, W)`` give the same ``fan_in``.
+    ``(out, in, H, W)`` give the same ``fan_in``. In float32 it returns bit for bit the numbers of
+    ``jax.nn.initializers.variance_scaling(1/3, "fan_in", "uniform")`` for the same key (eager).
 
     Args:
       in_axis: the input axis or axes of the kernel (default -2).
@@ -644,7 +683,8 @@ def torch_linear_default(
     """
     return _variance_scaling(
         "torch_linear_default",
-        lambda fi, fo: 1.0 / math.sqrt(3.0 * fi),
+        # variance_scaling(1/3, "fan_in", "uniform"): bound sqrt(3 * variance) = 1 / sqrt(fan_in).
+        lambda fi, fo: (1.0 / 3.0) / fi,
         "uniform",
         in_axis,
         out_axis,
@@ -692,7 +732,7 @@ def torch_linear_bias_default(fan_in: int, *, dtype: Any = jnp.float32) -> Initi
 
     def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
-        return _uniform(key, _check_shape(shape, who), dt, bound)
+        return _uniform(key, _check_shape(shape, who), dt, jnp.asarray(bound, compute_dtype(dt)))
 
     return init
 
@@ -788,7 +828,7 @@ _GAIN_NAMES = (*_UNIT_GAIN, "tanh", "relu", "leaky_relu", "selu")
 _NO_STANDARD_GAIN = ("gelu", "silu", "swish", "elu", "softplus", "mish")
 
 
-def gain(name: str, **kw: Any) -> float:
+def gain(name: str, param: Any = None, **kw: Any) -> float:
     r"""The recommended gain (std multiplier) for an activation, as torch's ``calculate_gain``.
 
     ============================================  ===============================
@@ -798,7 +838,7 @@ def gain(name: str, **kw: Any) -> float:
     conv_transpose{1,2,3}d, sigmoid
     tanh                                          5/3
     relu                                          :math:`\sqrt{2}`
-    leaky_relu (``negative_slope=0.01``)          :math:`\sqrt{2 / (1 + s^2)}`
+    leaky_relu (slope ``s``, default 0.01)        :math:`\sqrt{2 / (1 + s^2)}`
     selu                                          3/4
     ============================================  ===============================
 
@@ -809,17 +849,25 @@ def gain(name: str, **kw: Any) -> float:
     ELU have no agreed gain and raise; use ``he_normal`` (their positive half behaves like ReLU) or
     a data-driven init (LSUV).
 
+    Names are read as :func:`jaxnorm.activations.get` reads them: case-insensitive, with ``-`` or
+    ``_`` between words (``"ReLU"``, ``"leaky-relu"``). The slope of leaky_relu is torch's second
+    positional ``param`` (``gain("leaky_relu", 0.2)``, as ``calculate_gain("leaky_relu", 0.2)``)
+    or the keyword ``negative_slope``. Unlike torch, which ignores ``param`` for the other names,
+    giving one to a name that takes none raises.
+
     Args:
       name: the activation's name.
-      **kw: ``negative_slope`` for ``"leaky_relu"`` (default 0.01, torch's ``param``); no other
-        name takes an option.
+      param: the activation's parameter, as torch's ``param``: the negative slope of
+        ``"leaky_relu"`` (default 0.01). No other name takes one.
+      **kw: ``negative_slope`` for ``"leaky_relu"``, the keyword form of ``param``.
 
     Returns:
-      The gain as a Python float (a traced scalar if ``negative_slope`` is traced).
+      The gain as a Python float (a traced scalar if the slope is traced).
 
     Raises:
       ValueError: an unknown name (the message lists the known ones), or a non-finite slope.
-      TypeError: an option the name does not take, or a non-number slope.
+      TypeError: a parameter or option the name does not take, the slope given twice, or a
+        non-number slope.
 
     References:
       He et al. 2015 (ICCV), eq. 10 and 15; PyTorch ``torch.nn.init.calculate_gain``.
@@ -828,35 +876,53 @@ def gain(name: str, **kw: Any) -> float:
       >>> from jaxnorm import initializers
       >>> initializers.gain("relu")
       1.414...
-      >>> initializers.gain("leaky_relu", negative_slope=0.2)
+      >>> initializers.gain("leaky_relu", 0.2)  # torch's calculate_gain("leaky_relu", 0.2)
+      1.386...
+      >>> initializers.gain("Leaky-ReLU", negative_slope=0.2)
       1.386...
     """
     if not isinstance(name, str):
         raise TypeError(f"gain: name must be a string, but got {name!r}")
-    if name not in _GAIN_NAMES:
+    key = _canonical_name(name)
+    if key not in _GAIN_NAMES:
         hint = ""
-        if name in _NO_STANDARD_GAIN:
+        if key in _NO_STANDARD_GAIN:
             hint = (
                 f" ({name} has no agreed gain; use he_normal() for ReLU-like activations or a "
                 "data-driven init such as LSUV)"
             )
+        elif key == "prelu":
+            hint = " (for PReLU use gain('leaky_relu', slope) with its initial slope)"
         raise ValueError(
-            f"gain: unknown activation {name!r}{hint}; known names: {', '.join(_GAIN_NAMES)}"
+            f"gain: unknown activation {name!r}{hint}; known names: {', '.join(_GAIN_NAMES)} "
+            "(case-insensitive, '-' or '_' between words)"
         )
-    allowed = ("negative_slope",) if name == "leaky_relu" else ()
-    extra = sorted(set(kw) - set(allowed))
+    if key != "leaky_relu":
+        if kw:
+            raise TypeError(f"gain({name!r}) takes no options, but got {', '.join(sorted(kw))}")
+        if param is not None:
+            raise TypeError(
+                f"gain({name!r}) takes no parameter, but got param={param!r}; only leaky_relu "
+                "takes one (its negative slope)"
+            )
+    extra = sorted(set(kw) - {"negative_slope"})
     if extra:
-        takes = "takes only negative_slope" if allowed else "takes no options"
-        raise TypeError(f"gain({name!r}) {takes}, but got {', '.join(extra)}")
-    if name in _UNIT_GAIN:
+        raise TypeError(f"gain({name!r}) takes only negative_slope, but got {', '.join(extra)}")
+    if param is not None and "negative_slope" in kw:
+        raise TypeError(
+            f"gain({name!r}) got the slope twice, param={param!r} and "
+            f"negative_slope={kw['negative_slope']!r}; pass one of them"
+        )
+    if key in _UNIT_GAIN:
         return 1.0
-    if name == "tanh":
+    if key == "tanh":
         return 5.0 / 3.0
-    if name == "relu":
+    if key == "relu":
         return math.sqrt(2.0)
-    if name == "selu":
+    if key == "selu":
         return 0.75
-    a = _check_scalar(kw.get("negative_slope", 0.01), "negative_slope", "gain", positive=False)
+    slope = kw.get("negative_slope", 0.01) if param is None else param
+    a = _check_scalar(slope, "negative_slope", "gain", positive=False)
     return _sqrt(2.0 / (1.0 + a * a))
 
 

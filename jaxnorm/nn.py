@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks, activations, batchnorm
@@ -23,13 +24,27 @@ from jaxnorm import _checks, activations, batchnorm
 __all__ = ["BatchNorm", "PReLU", "weight_decay_mask"]
 
 
-def _prelu_slope_shape(num_parameters: int) -> tuple[int, ...]:
-    if not isinstance(num_parameters, int) or isinstance(num_parameters, bool):
-        raise TypeError(f"PReLU: num_parameters must be an int, got {num_parameters!r}")
-    if num_parameters < 1:
-        raise ValueError(f"PReLU: num_parameters must be at least 1, got {num_parameters}")
+def _prelu_slope_shape(num_parameters: Any) -> tuple[int, ...]:
+    """The slope's shape: () for a shared slope, (C,) for C channels (validated)."""
+    if isinstance(num_parameters, float | np.floating):
+        # flax's PReLU(0.1) is a slope; jaxnorm's first argument is torch's num_parameters.
+        raise TypeError(
+            f"PReLU: num_parameters must be an int (1 for a shared slope, or the number of "
+            f"channels), got {num_parameters!r}. The first positional argument of jaxnorm's PReLU "
+            f"is num_parameters, as in torch.nn.PReLU, not the initial slope as in "
+            f"flax.nnx.PReLU; to set the slope pass it by keyword: "
+            f"PReLU(negative_slope_init={num_parameters!s})"
+        )
+    if isinstance(num_parameters, bool) or not isinstance(num_parameters, int | np.integer):
+        raise TypeError(
+            f"PReLU: num_parameters must be an int (1 for a shared slope, or the number of "
+            f"channels), got {num_parameters!r}"
+        )
+    n = int(num_parameters)
+    if n < 1:
+        raise ValueError(f"PReLU: num_parameters must be at least 1, got {n}")
     # A shared slope is a scalar, as in flax.linen.PReLU, so its checkpoints load unchanged.
-    return () if num_parameters == 1 else (num_parameters,)
+    return () if n == 1 else (n,)
 
 
 class PReLU(nn.Module):
@@ -50,8 +65,21 @@ class PReLU(nn.Module):
 
     He et al. exclude the slopes from weight decay; :func:`weight_decay_mask` builds that mask.
 
+    Differences from ``flax.linen.PReLU``:
+
+    - the initial slope is 0.25, flax's is 0.01;
+    - the fields, in order, are ``(num_parameters, negative_slope_init, channel_axis,
+      param_dtype)``, flax's ``(param_dtype, negative_slope_init)``: pass the slope by keyword,
+      ``PReLU(negative_slope_init=0.1)`` (a float first argument raises a ``TypeError`` saying so,
+      at ``init``);
+    - per-channel slopes (``num_parameters > 1``) are jaxnorm's only;
+    - the derivative at x = 0 is the slope (the negative side, as PyTorch); flax's is 1;
+    - there is no ``dtype`` field: the result has x's dtype, and bfloat16 or float16 inputs are
+      computed in float32 (the slope included) and rounded once, where flax casts the slope to
+      x's dtype and computes there.
+
     Attributes:
-      num_parameters: 1 for a shared slope, else the number of channels.
+      num_parameters: 1 for a shared slope, else the number of channels (an int or NumPy int).
       negative_slope_init: the initial slope (flax's name for it; ``init`` would shadow
         ``Module.init``).
       channel_axis: the axis of x that holds the channels when num_parameters > 1.
@@ -85,7 +113,7 @@ class PReLU(nn.Module):
             "negative_slope",
             lambda _key: jnp.full(shape, self.negative_slope_init, self.param_dtype),
         )
-        channel_axis = None if self.num_parameters == 1 else self.channel_axis
+        channel_axis = None if shape == () else self.channel_axis
         return activations.prelu(x, slope, channel_axis=channel_axis)
 
 

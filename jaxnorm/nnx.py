@@ -37,8 +37,22 @@ class PReLU(nnx.Module):
     0.25 (He et al. 2015) and is the ``nnx.Param`` attribute ``negative_slope``, the name
     ``flax.nnx.PReLU`` uses.
 
+    Differences from ``flax.nnx.PReLU``:
+
+    - the first positional argument is ``num_parameters`` (torch's order), flax's is
+      ``negative_slope_init``: ``jnnx.PReLU(1)`` is one shared slope starting at 0.25, where
+      ``nnx.PReLU(1)`` is a slope of 1.0. Pass the slope by keyword,
+      ``PReLU(negative_slope_init=0.1)``; a float first argument raises a ``TypeError`` saying so;
+    - the initial slope is 0.25, flax's is 0.01;
+    - per-channel slopes (``num_parameters > 1``) are jaxnorm's only;
+    - the derivative at x = 0 is the slope (the negative side, as PyTorch); flax's is 1;
+    - there are no ``dtype``, ``promote_dtype`` or ``negative_slope_metadata`` arguments: the
+      result has x's dtype, and bfloat16 or float16 inputs are computed in float32 (the slope
+      included) and rounded once, where flax (default ``dtype=None``) casts the slope to x's
+      dtype and computes there. ``param_dtype`` is as in flax.
+
     Args:
-      num_parameters: 1 for a shared slope, else the number of channels.
+      num_parameters: 1 for a shared slope, else the number of channels (an int or NumPy int).
       negative_slope_init: the initial slope (the argument name flax.nnx.PReLU uses).
       channel_axis: the axis of x that holds the channels when num_parameters > 1.
       param_dtype: the slope's dtype.
@@ -64,7 +78,7 @@ class PReLU(nnx.Module):
     ):
         shape = _prelu_slope_shape(num_parameters)
         self.negative_slope = nnx.Param(jnp.full(shape, negative_slope_init, param_dtype))
-        self.num_parameters = num_parameters
+        self.num_parameters = shape[0] if shape else 1  # a Python int, even for np.int64(3)
         self.channel_axis = channel_axis
 
     def __call__(self, x: ArrayLike) -> jax.Array:

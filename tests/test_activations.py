@@ -140,6 +140,53 @@ def test_jax_nn_kinks_are_as_the_docs_say():
     assert float(jax.grad(lambda x: jax.nn.leaky_relu(x, 0.1))(0.0)) == 1.0
     assert float(jax.grad(lambda x: jax.nn.elu(x, 2.0))(0.0)) == 2.0
     np.testing.assert_allclose(float(jax.grad(jax.nn.selu)(0.0)), SELU_SCALE * SELU_ALPHA, 1e-6)
+    # Second derivatives (the docs' f''(0) table).
+    assert float(jax.hessian(lambda x: jax.nn.elu(x, 2.0))(0.0)) == 2.0
+    np.testing.assert_allclose(float(jax.hessian(jax.nn.selu)(0.0)), SELU_SCALE * SELU_ALPHA, 1e-6)
+
+
+# Second derivatives, float64 formulas of the two sides: elu''(x) = alpha exp(x) for x <= 0 (the
+# negative side, taken at 0 as for the first derivative), 0 for x > 0.
+SECOND_DERIVATIVES = {
+    "elu_1": (lambda x: A.elu(x), lambda x: np.where(x > 0, 0.0, np.exp(np.minimum(x, 0)))),
+    "elu_2": (
+        lambda x: A.elu(x, 2.0),
+        lambda x: np.where(x > 0, 0.0, 2.0 * np.exp(np.minimum(x, 0))),
+    ),
+    "elu_0.5": (
+        lambda x: A.elu(x, 0.5),
+        lambda x: np.where(x > 0, 0.0, 0.5 * np.exp(np.minimum(x, 0))),
+    ),
+    "selu": (
+        A.selu,
+        lambda x: np.where(x > 0, 0.0, SELU_SCALE * SELU_ALPHA * np.exp(np.minimum(x, 0))),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", sorted(SECOND_DERIVATIVES))
+def test_second_derivative_at_zero_is_negative_side(name, dtype):
+    f, ref = SECOND_DERIVATIVES[name]
+    xs = np.array([-1.0, -1e-3, -0.0, 0.0, 1e-3, 1.0])
+    x = jnp.asarray(xs, dtype)
+    h = jax.vmap(jax.hessian(f))(x)
+    assert h.dtype == dtype
+    np.testing.assert_allclose(to_f64(h), ref(to_f64(x)), **tol(dtype))
+    # Forward-over-reverse and reverse-over-reverse agree at the kink.
+    h2 = jax.vmap(jax.grad(jax.grad(f)))(x)
+    np.testing.assert_allclose(to_f64(h2), ref(to_f64(x)), **tol(dtype))
+
+
+def test_torch_second_derivative_at_zero_is_as_the_docs_say():
+    # The docs' f''(0) table: torch's double backward takes the positive side (0) at x = 0.
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    for f in (lambda t: F.elu(t, 2.0), F.selu):
+        t = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+        (h,) = torch.autograd.grad(g, t)
+        assert h.item() == 0.0
 
 
 # --- PyTorch --------------------------------------------------------------------------------------
@@ -324,6 +371,18 @@ def test_integer_input_raises_type_error(name):
 def test_gelu_approximate_must_be_bool():
     with pytest.raises(TypeError, match="approximate must be True or False, got 'tanh'"):
         A.gelu(jnp.ones(3), approximate="tanh")
+    with pytest.raises(TypeError, match="approximate must be True or False, got 1"):
+        A.gelu(jnp.ones(3), approximate=1)
+
+
+def test_gelu_accepts_numpy_bools_as_jax_nn_does():
+    x = np.linspace(-4, 4, 17)
+    y_tanh = np.asarray(A.gelu(jnp.asarray(x, jnp.float32), approximate=np.True_))
+    y_exact = np.asarray(A.gelu(jnp.asarray(x, jnp.float32), approximate=np.False_))
+    np.testing.assert_allclose(y_tanh, _gelu_tanh_np(x), **tol(jnp.float32))
+    np.testing.assert_allclose(y_exact, x * special.ndtr(x), **tol(jnp.float32))
+    ref = jax.nn.gelu(jnp.asarray(x, jnp.float32), approximate=np.True_)
+    np.testing.assert_allclose(y_tanh, np.asarray(ref), **tol(jnp.float32))
 
 
 def test_complex_parameter_raises_type_error():
@@ -371,6 +430,19 @@ def test_prelu_alpha_that_does_not_broadcast_raises():
         A.prelu(jnp.ones((2, 3, 5)), jnp.ones(3), channel_axis=3)
 
 
+@pytest.mark.parametrize("channel_axis", [(1, 2), [1], 1.0, True, "1"])
+def test_prelu_channel_axis_must_be_one_int(channel_axis):
+    with pytest.raises(TypeError, match=r"prelu: channel_axis must be an int .* or None, but got"):
+        A.prelu(jnp.ones((2, 3, 3)), jnp.ones(3), channel_axis=channel_axis)
+
+
+def test_prelu_channel_axis_accepts_numpy_int():
+    x = -np.ones((2, 3, 4), np.float32)
+    alpha = np.array([0.1, 0.2, 0.3], np.float32)
+    y = A.prelu(jnp.asarray(x), jnp.asarray(alpha), channel_axis=np.int64(1))
+    np.testing.assert_allclose(y, alpha[None, :, None] * x, **tol(jnp.float32))
+
+
 def test_leaky_relu_and_elu_parameter_shape_errors():
     with pytest.raises(ValueError, match="leaky_relu: negative_slope of shape"):
         A.leaky_relu(jnp.ones((2, 3)), jnp.ones(2))
@@ -399,6 +471,26 @@ def test_maxout_gradient_goes_to_the_maximum():
     np.testing.assert_array_equal(g, [0.0, 1.0, 1.0, 0.0, 0.5, 0.5])  # a tie shares the gradient
 
 
+def test_maxout_tie_gradient_matches_torch_amax_not_torch_max():
+    # The docs: a tie shares the gradient as torch.amax does; torch.max(dim) gives it to one entry.
+    torch = pytest.importorskip("torch")
+    xs = np.array([[4.0, 4.0, 1.0, 3.0, 2.0, 2.0, 2.0, 0.0]])  # groups of 2: tie, -, tie, -
+    dy = np.array([[1.5, -2.0, 0.5, 3.0]])
+
+    def torch_grad(reduce):
+        t = torch.tensor(xs, requires_grad=True)
+        reduce(t.reshape(1, 4, 2)).backward(torch.tensor(dy))
+        return t.grad.numpy()
+
+    amax = torch_grad(lambda t: t.amax(dim=-1))
+    first = torch_grad(lambda t: t.max(dim=-1).values)
+    _, vjp = jax.vjp(lambda x: A.maxout(x, 2), jnp.asarray(xs, jnp.float32))
+    (g,) = vjp(jnp.asarray(dy, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(g, np.float64), amax)
+    np.testing.assert_array_equal(amax[0, :2], [0.75, 0.75])
+    np.testing.assert_array_equal(first[0, :2], [1.5, 0.0])  # torch.max: the first tied entry
+
+
 def test_maxout_errors():
     with pytest.raises(
         ValueError, match="x has 5 entries on axis 1, which num_pieces=2 does not divide"
@@ -408,6 +500,10 @@ def test_maxout_errors():
         A.maxout(jnp.ones((3, 4)), 0)
     with pytest.raises(TypeError, match=r"num_pieces must be an int, got 2\.0 of type float"):
         A.maxout(jnp.ones((3, 4)), 2.0)
+    with pytest.raises(TypeError, match=r"num_pieces must be an int, got True of type bool"):
+        A.maxout(jnp.ones((3, 4)), True)
+    with pytest.raises(TypeError, match=r"num_pieces must be an int, got np\.True_"):
+        A.maxout(jnp.ones((3, 4)), np.True_)
     with pytest.raises(ValueError, match="at least one axis"):
         A.maxout(jnp.ones(()), 1)
     with pytest.raises(ValueError, match="axis=2 is out of range"):
@@ -436,6 +532,11 @@ def test_get_unknown_name_lists_the_known_ones():
     ) as e:
         A.get("relux")
     assert "Did you mean 'relu'?" in str(e.value)
+    # The alias is listed too, and suggested for a near miss.
+    assert "swish (an alias of silu)" in str(e.value)
+    with pytest.raises(ValueError, match="Did you mean 'swish'") as e:
+        A.get("swsh")
+    assert A.get("Swish") is A.silu
     with pytest.raises(ValueError, match=r"known names:.*maxout"):
         A.properties("nope")
     with pytest.raises(TypeError, match="expects an activation name"):

@@ -113,6 +113,60 @@ def test_module_errors():
         jnn.PReLU(num_parameters=2.0).init(jax.random.key(0), x)
 
 
+def test_num_parameters_accepts_numpy_ints():
+    x = -jnp.ones((2, 3))
+    layer = jnnx.PReLU(np.int64(3))
+    assert layer.num_parameters == 3 and type(layer.num_parameters) is int
+    np.testing.assert_array_equal(layer.negative_slope[...], np.full(3, 0.25, np.float32))
+    np.testing.assert_array_equal(layer(x), np.full((2, 3), -0.25, np.float32))
+    v = jnn.PReLU(num_parameters=np.int32(3)).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(v["params"]["negative_slope"], np.full(3, 0.25, np.float32))
+    # np.int64(1) is the shared scalar slope, with flax's variables.
+    assert jnnx.PReLU(np.int64(1)).negative_slope[...].shape == ()
+    with pytest.raises(TypeError, match="num_parameters must be an int"):
+        jnnx.PReLU(np.True_)
+    with pytest.raises(TypeError, match="num_parameters must be an int"):
+        jnnx.PReLU(True)
+
+
+@pytest.mark.parametrize(("slope", "shown"), [(0.1, "0.1"), (1.0, "1.0"), (np.float32(0.2), "0.2")])
+def test_float_first_argument_says_to_pass_the_slope_by_keyword(slope, shown):
+    # flax.nnx.PReLU(0.1) is a slope; jaxnorm's first argument is torch's num_parameters.
+    match = rf"not the initial slope.*pass it by keyword: PReLU\(negative_slope_init={shown}\)"
+    with pytest.raises(TypeError, match=match):
+        jnnx.PReLU(slope)
+    with pytest.raises(TypeError, match=match):
+        jnn.PReLU(slope).init(jax.random.key(0), jnp.ones((2, 3)))
+
+
+def test_differences_from_flax_prelu_as_documented():
+    # flax: default slope 0.01, the first positional argument is the slope, derivative 1 at 0.
+    x = jnp.asarray([-2.0, 0.0, 3.0])
+    assert float(nnx.PReLU().negative_slope[...]) == pytest.approx(0.01)
+    assert float(nnx.PReLU(1).negative_slope[...]) == 1.0
+    assert float(jnnx.PReLU(1).negative_slope[...]) == 0.25
+    assert float(jax.grad(lambda v: nnx.PReLU(0.3)(v))(0.0)) == 1.0
+    assert float(jax.grad(lambda v: jnnx.PReLU(negative_slope_init=0.3)(v))(0.0)) == pytest.approx(
+        0.3
+    )
+    np.testing.assert_allclose(jnnx.PReLU(negative_slope_init=0.3)(x), nnx.PReLU(0.3)(x), rtol=1e-7)
+    assert [f for f in linen.PReLU.__dataclass_fields__ if f not in ("parent", "name")][:1] == [
+        "param_dtype"
+    ]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_param_dtype_as_flax(dtype):
+    x = -jnp.ones((2, 3), jnp.float32)
+    ours = jnnx.PReLU(3, param_dtype=dtype)
+    theirs = nnx.PReLU(param_dtype=dtype)
+    assert ours.negative_slope[...].dtype == theirs.negative_slope[...].dtype == dtype
+    v = jnn.PReLU(num_parameters=3, param_dtype=dtype).init(jax.random.key(0), x)
+    v_flax = linen.PReLU(param_dtype=dtype).init(jax.random.key(0), x)
+    assert v["params"]["negative_slope"].dtype == v_flax["params"]["negative_slope"].dtype == dtype
+    assert ours(x).dtype == jnp.float32
+
+
 # --- weight_decay_mask ----------------------------------------------------------------------------
 
 
