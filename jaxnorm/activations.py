@@ -572,7 +572,8 @@ def silu(x: ArrayLike) -> jax.Array:
       x: input array of any floating dtype.
 
     Returns:
-      An array of x's shape and dtype, with values in (-0.2785, inf).
+      An array of x's shape and dtype, with values in [-0.2785, inf) (the minimum is reached at
+      x = -1.2784).
 
     Raises:
       TypeError: if x is not floating.
