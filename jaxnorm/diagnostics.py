@@ -692,17 +692,22 @@ class UpdateRatioCheck(NamedTuple):
     """:func:`check_update_ratios`' verdict.
 
     Attributes:
-      ok: no leaf outside ``[low, high]`` (skipped leaves aside).
-      flagged: leaf name -> ratio, for the leaves outside.
-      skipped: names of the leaves whose parameter is all zeros (ratio ``inf``, e.g. a bias at
-        its initial 0): the ratio says nothing about the learning rate there.
+      ok: no judged leaf outside ``[low, high]`` and no NaN ratio.
+      flagged: leaf name -> ratio, for the judged leaves outside ``[low, high]`` (and any leaf
+        whose ratio is NaN).
+      skipped: names of the judged leaves whose parameter is all zeros (ratio ``inf``, e.g. a
+        bias at its initial 0): the ratio says nothing about the learning rate there.
       message: a readable summary.
+      not_judged: leaf name -> ratio, for the leaves with fewer than ``min_ndim`` dimensions
+        (biases, batch-norm scales): the rule of thumb is about weight matrices, so these are
+        reported, not judged.
     """
 
     ok: bool
     flagged: dict[str, float]
     skipped: tuple[str, ...]
     message: str
+    not_judged: dict[str, float]
 
     def __str__(self) -> str:
         return self.message
@@ -712,43 +717,102 @@ def _path_name(path: tuple) -> str:
     return "/".join(_key_str(k) for k in path) or "<root>"
 
 
-def check_update_ratios(ratios: Any, *, low: float = 1e-4, high: float = 1e-2) -> UpdateRatioCheck:
-    """Flag the leaves whose update ratio lies outside ``[low, high]`` (the lecture says ~1e-3).
+def check_update_ratios(
+    ratios: Any,
+    params: Any = None,
+    *,
+    low: float = 1e-4,
+    high: float = 1e-2,
+    min_ndim: int = 2,
+) -> UpdateRatioCheck:
+    """Flag the weight leaves whose update ratio lies outside ``[low, high]`` (the lecture: ~1e-3).
 
-    Leaves with ratio ``inf`` (the parameter is all zeros, e.g. a bias on the first step) are
+    The lecture's rule of thumb (an update of about 1e-3 of the weights' norm per step) is about
+    weight matrices. A bias or a batch-norm scale is small, starts at 0 or 1, and moves
+    relatively more: judged by the same rule it reads "too high" at every learning rate. So only
+    the leaves whose **parameter** has at least ``min_ndim`` dimensions (2: kernels, conv
+    filters) are judged; the others are listed in ``not_judged`` with their ratios. That takes
+    the parameters, since a ratio is one number a leaf; ``min_ndim=0`` judges every leaf and
+    needs no parameters. A NaN ratio is flagged on any leaf (the loss or the gradients broke,
+    whatever the leaf). Judged leaves with ratio ``inf`` (the parameter is all zeros) are
     skipped, not flagged. Host-side (it reads the values): call it outside ``jit``.
 
     Args:
-      ratios: :func:`update_ratio`'s pytree (or :func:`latest_update_ratios`').
+      ratios: :func:`update_ratio`'s pytree (or :func:`latest_update_ratios`'), one scalar a
+        leaf.
+      params: the parameters the ratios belong to (same tree structure); their ``ndim`` tells
+        the weight matrices from the rest. Required unless ``min_ndim=0``.
       low: smallest healthy ratio (below: learning rate probably too low).
       high: largest healthy ratio (above: learning rate probably too high).
+      min_ndim: judge the leaves whose parameter has at least this many dimensions (default 2;
+        0 judges every leaf).
 
     Returns:
       An :class:`UpdateRatioCheck`.
 
     Raises:
-      ValueError: ``not 0 <= low < high``.
+      TypeError: ``params`` is None while ``min_ndim > 0``; ``min_ndim`` is not an int.
+      ValueError: ``not 0 <= low < high``; ``min_ndim < 0``; ``params`` has another tree
+        structure than ``ratios``.
+
+    References:
+      CS231n, "Neural Networks Part 3: ratio of weights:updates".
 
     Example:
+      >>> import jax.numpy as jnp
       >>> from jaxnorm import diagnostics
-      >>> print(diagnostics.check_update_ratios({"w": 1e-3, "b": 0.5}))
-      1 of 2 update ratios outside [0.0001, 0.01]: b=0.5 (too high: lower the learning rate)
+      >>> params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+      >>> print(diagnostics.check_update_ratios({"w": 0.5, "b": 1e-3}, params))
+      1 of 1 update ratios outside [0.0001, 0.01]: w=0.5 (too high: lower the learning rate);
+      not judged (fewer than 2 dimensions): b=0.001
+      >>> print(diagnostics.check_update_ratios({"w": 1e-3, "b": 0.5}, params))
+      all 1 update ratios within [0.0001, 0.01]; not judged (fewer than 2 dimensions): b=0.5
+      >>> diagnostics.check_update_ratios({"w": 1e-3, "b": 0.5}, min_ndim=0).flagged
+      {'b': 0.5}
     """
     if not 0 <= low < high:
         raise ValueError(
             f"check_update_ratios needs 0 <= low < high, but got low={low}, high={high}"
         )
+    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int | np.integer):
+        raise TypeError(f"check_update_ratios: min_ndim must be an int, but got {min_ndim!r}")
+    if min_ndim < 0:
+        raise ValueError(f"check_update_ratios: min_ndim must be >= 0, but got {min_ndim}")
+    leaves = jax.tree_util.tree_leaves_with_path(ratios)
+    if params is None:
+        if min_ndim > 0:
+            raise TypeError(
+                "check_update_ratios judges only weight matrices (leaves with at least "
+                f"min_ndim={min_ndim} dimensions) and needs the parameters to tell them apart: "
+                "check_update_ratios(ratios, params); or pass min_ndim=0 to judge every leaf"
+            )
+        ndims = [min_ndim] * len(leaves)
+    else:
+        r_def = jax.tree_util.tree_structure(ratios)
+        p_def = jax.tree_util.tree_structure(params)
+        if r_def != p_def:
+            raise ValueError(
+                "check_update_ratios: params must have the tree structure of ratios, but ratios "
+                f"is {r_def} and params is {p_def}"
+            )
+        ndims = [len(getattr(p, "shape", np.shape(p))) for p in jax.tree_util.tree_leaves(params)]
     flagged: dict[str, float] = {}
+    not_judged: dict[str, float] = {}
     skipped: list[str] = []
     notes = []
-    leaves = jax.tree_util.tree_leaves_with_path(ratios)
-    for path, r in leaves:
+    checked = 0
+    for (path, r), ndim in zip(leaves, ndims, strict=True):
         value = float(r)
-        if low <= value <= high:
-            continue
         name = _path_name(path)
-        if value == math.inf:
+        judged = ndim >= min_ndim
+        if not judged and not math.isnan(value):
+            not_judged[name] = value
+            continue
+        if judged and value == math.inf:
             skipped.append(name)
+            continue
+        checked += 1
+        if low <= value <= high:
             continue
         flagged[name] = value
         if math.isnan(value):
@@ -758,18 +822,23 @@ def check_update_ratios(ratios: Any, *, low: float = 1e-4, high: float = 1e-2) -
         else:
             why = "too low: raise the learning rate"
         notes.append(f"{name}={value:.3g} ({why})")
-    checked = len(leaves) - len(skipped)
+    span = f"[{low:g}, {high:g}]"
     if not flagged:
-        message = f"all {checked} update ratios within [{low:g}, {high:g}]"
+        message = f"all {checked} update ratios within {span}"
     else:
-        message = (
-            f"{len(flagged)} of {checked} update ratios outside [{low:g}, {high:g}]: "
-            + "; ".join(notes)
-        )
+        message = f"{len(flagged)} of {checked} update ratios outside {span}: " + "; ".join(notes)
     if skipped:
         message += f" (skipped {', '.join(skipped)}: parameter all zeros)"
+    if not_judged:
+        message += f"; not judged (fewer than {min_ndim} dimensions): " + ", ".join(
+            f"{k}={v:.3g}" for k, v in not_judged.items()
+        )
     return UpdateRatioCheck(
-        ok=not flagged, flagged=flagged, skipped=tuple(skipped), message=message
+        ok=not flagged,
+        flagged=flagged,
+        skipped=tuple(skipped),
+        message=message,
+        not_judged=not_judged,
     )
 
 
@@ -855,6 +924,12 @@ def check_initial_loss(
     weights (the last layer's above all) are too large, so the scores are far from 0; too low, that
     the loss is averaged or summed differently than assumed, or the labels leak into the input.
     Host-side: call it outside ``jit``.
+
+    Use this one when you already have the loss value (a flax model, your own training loop),
+    or for the hinge and binary losses (``kind``). To have the loss computed from a model and a
+    batch, use :func:`jaxnorm.training.check_initial_loss` ``(loss_fn, params, batch, *,
+    num_classes)`` (a :class:`jaxnorm.training.Model` or a loss function; softmax
+    cross-entropy only), which calls this one: the two share a name but not a signature.
 
     Args:
       loss: the mean loss on a batch at initialisation (a scalar).

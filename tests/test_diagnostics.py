@@ -245,24 +245,79 @@ def test_monitor_errors():
         diagnostics.latest_update_ratios((optax.EmptyState(),))
 
 
-def test_check_update_ratios():
-    ok = diagnostics.check_update_ratios({"w": 1e-3, "b": 2e-3})
-    assert ok.ok and ok.flagged == {} and "all 2 update ratios within" in ok.message
-    bad = diagnostics.check_update_ratios(
-        {"layer": {"w": jnp.float32(0.5), "b": jnp.float32(1e-6)}, "z": jnp.float32(jnp.inf)}
-    )
-    assert not bad.ok
-    assert set(bad.flagged) == {"layer/w", "layer/b"}
-    assert bad.skipped == ("z",)
-    assert bad.message.startswith("2 of 2 update ratios outside")
-    assert "too high" in bad.message and "too low" in bad.message and "all zeros" in bad.message
-    zero_bias = diagnostics.check_update_ratios({"b": jnp.float32(jnp.inf), "w": 1e-3})
-    assert zero_bias.ok and zero_bias.skipped == ("b",)
-    nan = diagnostics.check_update_ratios({"w": jnp.float32(jnp.nan)})
-    assert not nan.ok and "NaN" in nan.message
-    assert str(bad) == bad.message
+def test_check_update_ratios_by_hand():
+    # Ratios worked out by hand: ||[[0.003, 0.004]]|| / ||[[3, 4]]|| = 0.005 / 5 = 1e-3 (healthy);
+    # a 2x2 kernel of ones (norm 2) moved by 1e-6 everywhere (norm 2e-6): 1e-6, too low; a bias
+    # [1, 0] moved by [0.5, 0]: 0.5, "too high" by the rule, but a bias is not judged; a zero
+    # bias that moved: inf.
+    params = {
+        "dense": {"kernel": jnp.array([[3.0, 4.0]]), "bias": jnp.array([1.0, 0.0])},
+        "out": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)},
+    }
+    updates = {
+        "dense": {"kernel": jnp.array([[0.003, 0.004]]), "bias": jnp.array([0.5, 0.0])},
+        "out": {"kernel": jnp.full((2, 2), 1e-6), "bias": jnp.array([0.1, 0.0])},
+    }
+    ratios = diagnostics.update_ratio(params, updates)
+    hand = {"dense/kernel": 1e-3, "dense/bias": 0.5, "out/kernel": 1e-6, "out/bias": math.inf}
+    got = {
+        "/".join(str(k.key) for k in p): float(r)
+        for p, r in jax.tree_util.tree_leaves_with_path(ratios)
+    }
+    np.testing.assert_allclose([got[k] for k in hand], list(hand.values()), rtol=1e-5)
+
+    check = diagnostics.check_update_ratios(ratios, params)
+    assert not check.ok
+    assert list(check.flagged) == ["out/kernel"]  # too low; dense/kernel is healthy
+    np.testing.assert_allclose(check.flagged["out/kernel"], 1e-6, rtol=1e-5)
+    assert set(check.not_judged) == {"dense/bias", "out/bias"}
+    np.testing.assert_allclose(check.not_judged["dense/bias"], 0.5, rtol=1e-6)
+    assert check.not_judged["out/bias"] == math.inf and check.skipped == ()
+    assert check.message.startswith("1 of 2 update ratios outside [0.0001, 0.01]: out/kernel=1e-06")
+    assert "too low" in check.message and "too high" not in check.message
+    assert "not judged (fewer than 2 dimensions): dense/bias=0.5, out/bias=inf" in check.message
+    assert str(check) == check.message
+
+    # Every leaf judged (the old behaviour, on request): the bias is now "too high".
+    every = diagnostics.check_update_ratios(ratios, min_ndim=0)
+    assert set(every.flagged) == {"out/kernel", "dense/bias"} and every.skipped == ("out/bias",)
+    assert every.not_judged == {}
+    assert every.message.startswith("2 of 3 update ratios outside")
+    assert "too high" in every.message and "all zeros" in every.message
+    assert diagnostics.check_update_ratios(ratios, params, min_ndim=0).flagged == every.flagged
+
+    # Healthy kernels pass however large the biases' ratios are.
+    healthy = {**ratios, "out": {**ratios["out"], "kernel": jnp.float32(2e-3)}}
+    ok = diagnostics.check_update_ratios(healthy, params)
+    assert ok.ok and ok.flagged == {} and ok.message.startswith("all 2 update ratios within")
+
+
+def test_check_update_ratios_edge_cases():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    zero_w = diagnostics.check_update_ratios({"w": jnp.float32(jnp.inf), "b": 1e-3}, params)
+    assert zero_w.ok and zero_w.skipped == ("w",) and "all zeros" in zero_w.message
+    # A NaN is flagged on any leaf, judged or not: the loss or the gradients broke.
+    nan = diagnostics.check_update_ratios({"w": 1e-3, "b": jnp.float32(jnp.nan)}, params)
+    assert not nan.ok and set(nan.flagged) == {"b"} and "NaN" in nan.message
+    assert nan.message.startswith("1 of 2 update ratios outside")
+    # min_ndim=1 judges the biases too (vectors), not scalars.
+    scalar = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "s": jnp.float32(1.0)}
+    r = {"w": 1e-3, "b": 0.5, "s": 0.5}
+    one = diagnostics.check_update_ratios(r, scalar, min_ndim=1)
+    assert set(one.flagged) == {"b"} and set(one.not_judged) == {"s"}
+    # Parameters as shapes are enough (eval_shape's ShapeDtypeStruct).
+    shapes = jax.eval_shape(lambda: params)
+    assert diagnostics.check_update_ratios({"w": 1e-3, "b": 0.5}, shapes).not_judged == {"b": 0.5}
+    with pytest.raises(TypeError, match=r"check_update_ratios\(ratios, params\).*min_ndim=0"):
+        diagnostics.check_update_ratios({"w": 1e-3})
+    with pytest.raises(ValueError, match="tree structure of ratios"):
+        diagnostics.check_update_ratios({"w": 1e-3}, {"v": jnp.ones((2, 2))})
     with pytest.raises(ValueError, match="low < high"):
-        diagnostics.check_update_ratios({"w": 1.0}, low=1.0, high=0.5)
+        diagnostics.check_update_ratios({"w": 1.0}, params, low=1.0, high=0.5)
+    with pytest.raises(ValueError, match="min_ndim must be >= 0"):
+        diagnostics.check_update_ratios({"w": 1.0}, min_ndim=-1)
+    with pytest.raises(TypeError, match="min_ndim must be an int"):
+        diagnostics.check_update_ratios({"w": 1.0}, min_ndim=2.0)
 
 
 # ---------------------------------------------------------------------------------------------

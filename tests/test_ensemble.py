@@ -202,3 +202,49 @@ def test_snapshot_ensemble_errors(digits_tiny):
         training.snapshot_ensemble(
             model, params, (xtr, ytr), num_snapshots=2, **{**kw, "steps_per_snapshot": 2.5}
         )
+
+
+@pytest.mark.parametrize("widths", [[64, 16, 10], [64, 16, 16, 10]])
+def test_params_only_init_fn_for_a_model_without_state(digits_tiny, widths):
+    # The documented "member k initialises from init_fn(k_init)" with init_fn returning the
+    # params alone: for a model without state it trains exactly as init_fn=model.init does.
+    (xtr, ytr), _ = digits_tiny
+    model = training.mlp(widths)
+    keys = jax.random.split(jax.random.key(2), 2)
+    kw = dict(num_steps=4, batch_size=32)
+    opt = optax.sgd(0.1)
+    only, h_only = training.train_ensemble(
+        model, lambda k: model.init(k)[0], opt, (xtr, ytr), keys, **kw
+    )
+    full, h_full = training.train_ensemble(model, model.init, opt, (xtr, ytr), keys, **kw)
+    _close_trees(only, full, rtol=0, atol=0)
+    np.testing.assert_array_equal(h_only.loss, h_full.loss)
+    # Reference: member 1 trained alone from its own initial params.
+    k_init, k_train = jax.random.split(keys[1])
+    p1, _ = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))(
+        model.init(k_init)[0], k_train
+    )
+    _close_trees(jax.tree.map(lambda a: a[1], only), p1, rtol=1e-5, atol=1e-6)
+
+
+def test_model_init_fn_of_the_wrong_structure_is_a_clear_error(digits_tiny):
+    (xtr, ytr), _ = digits_tiny
+    keys = jax.random.split(jax.random.key(0), 2)
+    bn = training.mlp([64, 16, 10], batch_norm=True)
+    msg = r"for a Model, init_fn must return \(params, state\), e\.g\. init_fn=model\.init"
+    with pytest.raises(ValueError, match="init_fn returned only the params, but this Model has"):
+        training.train_ensemble(
+            bn, lambda k: bn.init(k)[0], optax.sgd(0.1), (xtr, ytr), keys, num_steps=1
+        )
+    with pytest.raises(ValueError, match=msg):
+        training.train_ensemble(
+            bn, lambda k: bn.init(k)[0], optax.sgd(0.1), (xtr, ytr), keys, num_steps=1
+        )
+    plain = training.mlp([64, 16, 10])
+    other = training.mlp([64, 8, 10])  # another model's parameters: shapes differ
+    with pytest.raises(ValueError, match=msg + r".*match neither"):
+        training.train_ensemble(plain, other.init, optax.sgd(0.1), (xtr, ytr), keys, num_steps=1)
+    with pytest.raises(ValueError, match=msg + r" \(or the params alone"):
+        training.train_ensemble(
+            plain, lambda k: [plain.init(k)[0]], optax.sgd(0.1), (xtr, ytr), keys, num_steps=1
+        )

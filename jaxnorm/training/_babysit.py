@@ -33,6 +33,12 @@ def check_initial_loss(
     scale of initialisation, labels or loss (the lecture's first sanity check; switch off
     regularisation, which adds to the loss, before checking).
 
+    Use this one when you have the model and a batch (a :class:`Model` or a loss as in
+    :func:`fit`): it computes the loss and compares it. When you already hold the loss value
+    (a flax model, your own loop), or for a hinge or binary loss, use
+    :func:`jaxnorm.diagnostics.check_initial_loss` ``(loss, num_classes)``, which this function
+    calls; the two share a name but not a signature.
+
     Args:
       loss_fn: a :class:`Model` or a loss as in :func:`fit`.
       params: the initial parameters.

@@ -40,8 +40,10 @@ def train_ensemble(
 
     Args:
       loss_fn: as in :func:`fit` (a :class:`Model`, or a stateless ``loss_fn(params, batch, key)``).
-      init_fn: ``init_fn(key) -> params``; for a :class:`Model`, ``model.init`` (returning
-        ``(params, state)``).
+      init_fn: ``init_fn(key) -> params``. For a :class:`Model`, ``init_fn(key) -> (params,
+        state)`` as ``model.init`` returns them (``init_fn=model.init``); a Model without state
+        (no batch norm) also accepts the params alone, ``lambda k: model.init(k)[0]``. The
+        output's structure is checked against ``model.init``'s when the members are traced.
       optimizer: any optax ``GradientTransformation``.
       data: a pytree of arrays with a common leading axis N, shared by every member.
       keys: ``[K]`` PRNG keys, e.g. ``jax.random.split(key, K)``.
@@ -54,7 +56,9 @@ def train_ensemble(
       holds the members' batch-norm statistics).
 
     Raises:
-      ValueError: if keys is not a 1-D array of keys (or anything :func:`fit` rejects).
+      ValueError: if keys is not a 1-D array of keys; if, for a :class:`Model`, ``init_fn``'s
+        output is neither ``(params, state)`` nor (for a model without state) the params, with
+        ``model.init``'s structure; or anything :func:`fit` rejects.
 
     References:
       Dietterich 2000, "Ensemble methods in machine learning".
@@ -82,7 +86,10 @@ def train_ensemble(
     def member(key):
         k_init, k_train = jax.random.split(key)
         init = init_fn(k_init)
-        params, state = init if isinstance(loss_fn, Model) else (init, None)
+        if isinstance(loss_fn, Model):
+            params, state = _model_init(loss_fn, init, k_init)
+        else:
+            params, state = init, None
         return fit(
             loss_fn,
             params,
@@ -98,6 +105,43 @@ def train_ensemble(
         )
 
     return jax.vmap(member)(keys)
+
+
+def _shapes(tree: Any) -> tuple:
+    return jax.tree.structure(tree), [jnp.shape(a) for a in jax.tree.leaves(tree)]
+
+
+def _model_init(model: Model, init: Any, key: jax.Array) -> tuple[Any, Any]:
+    """``(params, state)`` from what ``init_fn`` returned for a :class:`Model`.
+
+    ``init`` must have the structure of ``model.init(key)``; a model without state (no batch
+    norm: its state has no arrays) may also return the params alone. Checked at trace time
+    against ``jax.eval_shape(model.init, key)``, so a wrong structure is reported here rather
+    than as a cryptic error inside ``apply``.
+    """
+    expected_params, expected_state = jax.eval_shape(model.init, key)
+    if _shapes(init) == _shapes((expected_params, expected_state)):
+        return init
+    stateless = not jax.tree.leaves(expected_state)
+    if _shapes(init) == _shapes(expected_params):
+        if stateless:
+            # eval_shape's state has no arrays, so it is the state itself (e.g. ``()``).
+            return init, expected_state
+        raise ValueError(
+            "train_ensemble: init_fn returned only the params, but this Model has state "
+            "(batch-norm statistics); for a Model, init_fn must return (params, state), e.g. "
+            "init_fn=model.init"
+        )
+    what = f"a {type(init).__name__}"
+    if isinstance(init, tuple | list):
+        what += f" of {len(init)} items"
+    raise ValueError(
+        "train_ensemble: for a Model, init_fn must return (params, state), e.g. "
+        "init_fn=model.init"
+        + ("" if not stateless else " (or the params alone: this Model has no state)")
+        + f"; got {what} whose structure or shapes match neither model.init's (params, state) "
+        "nor its params"
+    )
 
 
 def ensemble_predict(

@@ -72,7 +72,14 @@ def mlp(
       init: an initializer name: ``small_normal``, ``xavier_normal``, ``xavier_uniform``,
         ``he_normal``, ``he_uniform``, ``lecun_normal``, ``lecun_uniform`` or ``orthogonal``.
       batch_norm: insert batch norm before each hidden nonlinearity.
-      momentum: batch norm's running-average momentum (Flax's convention).
+      momentum: batch norm's running-average momentum, Flax's convention
+        (``new = momentum * old + (1 - momentum) * batch``). The default 0.9 differs on purpose
+        from the 0.99 of :func:`jaxnorm.batchnorm.batch_norm` and the modules (Flax's default):
+        this MLP is for short runs (the lab trains 40 to 800 steps), and the running
+        statistics keep a share ``momentum ** steps`` of their initial (0, 1): 0.99 ** 40 = 67%,
+        0.9 ** 40 = 1.5%, so with 0.99 inference mode would normalise with statistics the
+        trained network never produced. 0.9 is also PyTorch's default (its momentum 0.1, see
+        :func:`jaxnorm.batchnorm.momentum_from_torch`). Pass 0.99 for long runs.
       dtype: the parameters' dtype.
 
     Returns:
