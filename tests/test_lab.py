@@ -327,3 +327,204 @@ def test_experiment_key_is_independent_of_selection():
     assert not np.array_equal(a, c)
     with pytest.raises(ValueError, match="known"):
         lab.run_experiment("nonsense")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict rules, labels and formatting (the audit's findings)
+
+
+def test_verdict_from_checks_never_counts_a_skipped_check_as_a_pass():
+    def status(*values):
+        checks = {f"check {i}": v for i, v in enumerate(values)}
+        return _util.verdict_from_checks("claim", checks, "text").status
+
+    assert status(True, True) == "agrees"
+    assert status(True, None) == "partly agrees"  # the quick gradcheck's case
+    assert status(True, False) == "partly agrees"
+    assert status(True, False, None) == "partly agrees"
+    assert status(False, None) == "disagrees"
+    assert status(False, False) == "disagrees"
+    assert status(None, None) == "inconclusive"
+    assert status() == "inconclusive"
+    v = _util.verdict_from_checks("c", {"a": np.bool_(True), "b": None}, "t")
+    assert v.checks == {"a": True, "b": None} and type(v.checks["a"]) is bool
+
+
+def test_quick_gradcheck_is_partly_checked_and_the_page_says_so(quick_run):
+    outcome = quick_run.outcomes["gradcheck"]
+    assert outcome.result.control_passed is None  # the control is skipped in quick mode
+    assert outcome.verdict.status == "partly agrees"
+    section = report._render_section(outcome, None)
+    assert (
+        "Partly agrees with the lecture: some checks could not be made (marked ? below)." in section
+    )
+    assert "some checks fail" not in section
+    assert "(not checked)</li>" in section
+    page = (quick_run.out / "index.html").read_text(encoding="utf-8")
+    assert "some checks could not be made" in page
+
+
+def test_report_lead_names_failures_and_gaps():
+    v = _util.verdict_from_checks("claim", {"a": True, "b": False, "c": None}, "text")
+    lead = report._verdict_html(v)
+    assert (
+        "some checks fail (marked ✗ below); some checks could not be made (marked ? below)" in lead
+    )
+    assert (
+        "<li>✓ a</li>" in lead and "<li>✗ b</li>" in lead and "<li>? c (not checked)</li>" in lead
+    )
+
+
+def test_fmt_number():
+    f = _util.fmt_number
+    assert f(3306257754291601991293468672.0) == "3.31e+27"
+    assert f(2.302585) == "2.3026" and f(0.1474) == "0.1474" and f(-12.5) == "-12.5000"
+    assert f(2e-5) == "2e-05" and f(1e5) == "1e+05" and f(0.0) == "0"
+    assert f(float("nan")) == "nan" and f(float("inf")) == "inf" and f(float("-inf")) == "-inf"
+
+
+def test_babysitting_table_prints_huge_losses_compactly(quick_run):
+    r = quick_run.outcomes["babysitting"].result
+    lrs = np.asarray([1e-2, 1e-1, 1.0])
+    huge = r._replace(
+        learning_rates=lrs,
+        median_ratio=np.asarray([1e-3, 1e-2, 0.5]),
+        final_loss=np.asarray([0.1474, 3306257754291601991293468672.0, np.nan]),
+    )
+    _, rows = lab.EXPERIMENTS["babysitting"].table(huge)
+    assert [row[2] for row in rows] == ["0.1474", "3.31e+27", "diverged"]
+    nobody = r._replace(best_lr=None, best_median_ratio=None)
+    text = lab.EXPERIMENTS["babysitting"].verdict(nobody).text
+    assert "None" not in text and "no best learning rate (every run diverged)" in text
+
+
+def test_batchnorm_text_when_no_learning_rate_reaches_the_threshold(quick_run):
+    r = quick_run.outcomes["batchnorm"].result
+    v = lab.EXPERIMENTS["batchnorm"].verdict(r._replace(max_good_lr=(None, 3.0)))
+    assert "None" not in v.text
+    assert "without BN none (no learning rate reaches it), with BN 3;" in v.text
+    v = lab.EXPERIMENTS["batchnorm"].verdict(r._replace(max_good_lr=(0.1, None)))
+    assert "without BN 0.1, with BN none (no learning rate reaches it);" in v.text
+
+
+def test_activation_ranges_have_the_right_brackets(quick_run):
+    # Independent reference: which ends of each range the function reaches (a closed bracket)
+    # and which it only approaches (open), from the functions' definitions.
+    expected = {
+        "sigmoid": "(0, 1)",
+        "tanh": "(-1, 1)",
+        "relu": "[0, ∞)",  # relu(x) = 0 for every x <= 0
+        "leaky_relu": "(-∞, ∞)",
+        "elu": "(-1, ∞)",  # -1 only as x -> -inf
+        "selu": "(-1.76, ∞)",
+        "gelu": "[-0.17, ∞)",  # its minimum, at x = -0.75
+        "silu": "[-0.278, ∞)",  # its minimum, at x = -1.28
+        "softplus": "(0, ∞)",
+    }
+    columns, rows = lab.EXPERIMENTS["activations"].table(quick_run.outcomes["activations"].result)
+    assert columns[1].startswith("range")
+    got = {row[0]: row[1] for row in rows}
+    assert {k: got[k] for k in expected} == expected
+
+
+def _text_everywhere(outcome):
+    columns, rows = outcome.table
+    v = outcome.verdict
+    return [v.claim, v.text, *v.checks, *columns, *(c for row in rows for c in row)]
+
+
+def test_xavier_always_says_which_initializer(quick_run):
+    """The lecture's "Xavier" (1/sqrt(fan_in), lecun_normal) and Glorot's xavier_normal are told
+    apart wherever the lab prints an initializer."""
+    lecture = "1/sqrt(fan_in) (lecture's 'Xavier', = lecun_normal)"
+    init = quick_run.outcomes["init"].result
+    assert init.init == (
+        "small_normal(0.01)",
+        "small_normal(1.0)",
+        lecture,
+        lecture,
+        "He (he_normal)",
+    )
+    assert init.labels[2] == f"tanh, {lecture}" and init.labels[3] == f"relu, {lecture}"
+    conv = quick_run.outcomes["convergence"]
+    assert conv.result.init == ("he_normal", "xavier_normal", "xavier_normal")
+    assert [row[1] for row in conv.table[1]] == [
+        "He (he_normal)",
+        "Glorot (xavier_normal)",
+        "Glorot (xavier_normal)",
+    ]
+    for name in ("init", "convergence"):
+        for text in _text_everywhere(quick_run.outcomes[name]):
+            rest = text.replace("lecture's 'Xavier'", "").replace("Glorot (xavier_normal)", "")
+            assert "xavier" not in rest.lower(), (name, text)
+
+
+def test_convergence_timing_excludes_the_first_call(quick_run, monkeypatch):
+    """Every compiled program is called once untimed before the timed runs."""
+    from jaxnorm.lab import training_experiments as te
+
+    timed, calls = [], []
+    original = te.compile_all
+
+    def counting(lowered):
+        def wrap(compiled):
+            def call(*args):
+                calls.append(len(timed))
+                return compiled(*args)
+
+            return call
+
+        return [wrap(c) for c in original(lowered)]
+
+    class Clock:
+        def __init__(self):
+            timed.append(len(calls))
+
+        def __call__(self):
+            return 1.0
+
+    monkeypatch.setattr(te, "compile_all", counting)
+    monkeypatch.setattr(te, "Stopwatch", Clock)
+    te.relu_convergence(0, quick=True)
+    # Per activation: an untimed call (no clock started since the previous program's), then
+    # one clock started right before each timed call.
+    assert calls == [0, 1, 1, 2, 2, 3]
+    assert timed == [1, 3, 5]
+
+
+def test_python_api_reproduces_the_command_line(quick_run):
+    from jaxnorm.lab import report as report_module
+
+    cli_result = quick_run.outcomes["init"].result
+    again = lab.init_statistics(lab.experiment_key(0, "init"), quick=True)
+    np.testing.assert_array_equal(again.layer_std, cli_result.layer_std)
+    plain = lab.init_statistics(0, quick=True)  # key(0) itself: other numbers
+    assert not np.array_equal(plain.layer_std, cli_result.layer_std)
+    for name in ("write_html", "write_json", "results_dict", "atomic_writer"):
+        assert callable(getattr(report_module, name))
+
+
+def _overlaps(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_init_figure_text_does_not_overlap(quick_run):
+    fig = lab.plots.plot_init_statistics(quick_run.outcomes["init"].result)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    top, hists = axes[:2], axes[2:]
+    boxes = [ax.xaxis.label.get_window_extent(renderer) for ax in top]
+    boxes += [t.get_window_extent(renderer) for ax in top for t in ax.get_xticklabels()]
+    titles = [ax.title.get_window_extent(renderer) for ax in hists if ax.get_title()]
+    assert len(titles) == 10  # "layer 1" .. "layer 10" over the first row of histograms
+    for title in titles:
+        assert not any(_overlaps(title, box) for box in boxes)
+    # Tick labels of neighbouring histograms in a row do not run into each other.
+    num_layers = quick_run.outcomes["init"].result.num_layers
+    for i in range(len(hists) - 1):
+        if (i + 1) % num_layers == 0:  # the next panel starts a new row
+            continue
+        a = hists[i].get_xticklabels()[-1].get_window_extent(renderer)
+        b = hists[i + 1].get_xticklabels()[0].get_window_extent(renderer)
+        assert a.x1 <= b.x0, (i, a, b)

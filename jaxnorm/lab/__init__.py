@@ -8,6 +8,11 @@
     print(lab.EXPERIMENTS["init"].verdict(result).status)
     fig = lab.plots.plot_init_statistics(result)     # a matplotlib Figure (Agg, no pyplot)
 
+An experiment uses the key it is given; ``jaxnorm lab --seed N`` and :func:`run_experiment` give
+experiment *i* ``fold_in(key(N), i)``, :func:`experiment_key`: pass
+``lab.experiment_key(N, "init")`` to reproduce the command's numbers. The report writers are in
+:mod:`jaxnorm.lab.report` (``from jaxnorm.lab import report``).
+
 The experiments, in the lecture's order (the names are ``--only``'s):
 
 =================  ==============================================================================

@@ -36,22 +36,26 @@ class Verdict(NamedTuple):
 
 
 def verdict_from_checks(claim: str, checks: Mapping[str, bool | None], text: str) -> Verdict:
-    """``agrees`` when every check passes, ``disagrees`` when none does, else ``partly agrees``.
+    """The verdict from the checks: a check that was not run never counts as a pass.
 
-    A check that is None could not be computed; when all are None the verdict is inconclusive.
+    A check that is None could not be computed (e.g. skipped in quick mode, or a run diverged
+    where a number was needed). The status is ``agrees`` when every check was computed and
+    passes, ``partly agrees`` when some pass and the others fail or were not computed,
+    ``disagrees`` when none passes and at least one fails, ``inconclusive`` when none could be
+    computed.
     """
-    known = [bool(v) for v in checks.values() if v is not None]
-    if not known:
+    values = [None if v is None else bool(v) for v in checks.values()]
+    passed = sum(v is True for v in values)
+    failed = sum(v is False for v in values)
+    if passed == failed == 0:
         status = INCONCLUSIVE
-    elif all(known):
+    elif passed == len(values):
         status = AGREES
-    elif not any(known):
+    elif passed == 0:
         status = DISAGREES
     else:
         status = PARTLY
-    return Verdict(
-        status, claim, text, {k: (None if v is None else bool(v)) for k, v in checks.items()}
-    )
+    return Verdict(status, claim, text, dict(zip(checks, values, strict=True)))
 
 
 def as_key(key_or_seed: Any) -> jax.Array:
@@ -74,6 +78,34 @@ def as_key(key_or_seed: Any) -> jax.Array:
 def to_host(tree: Any) -> Any:
     """Every JAX array of ``tree`` as a NumPy array (results stay plain data)."""
     return jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, tree)
+
+
+def fmt_number(value: Any, decimals: int = 4) -> str:
+    """A number for a table or a verdict: ``decimals`` fixed decimals in [1e-3, 1e5), else
+    compact scientific notation (``3.31e+27``, ``2e-05``); ``nan``, ``inf`` and ``0`` as such.
+
+    Example:
+      >>> from jaxnorm.lab._util import fmt_number
+      >>> fmt_number(2.302585), fmt_number(3306257754291601991293468672.0), fmt_number(float("nan"))
+      ('2.3026', '3.31e+27', 'nan')
+    """
+    v = float(value)
+    if not math.isfinite(v) or v == 0:
+        return f"{v:g}"
+    if 1e-3 <= abs(v) < 1e5:
+        return f"{v:.{decimals}f}"
+    return f"{v:.3g}"
+
+
+# How the lab names initializers in its tables, figures, verdicts and docs. "Xavier" means two
+# initializers (docs/initializers.md): the lecture's randn(fan_in, fan_out) / sqrt(fan_in) is
+# LeCun's scaling, jaxnorm's lecun_normal, while Glorot & Bengio's rule, xavier_normal (PyTorch's
+# and jax.nn's "Xavier"/"glorot"), averages the fans. Every label names the function it uses.
+INIT_LABELS = {
+    "lecun_normal": "1/sqrt(fan_in) (lecture's 'Xavier', = lecun_normal)",
+    "xavier_normal": "Glorot (xavier_normal)",
+    "he_normal": "He (he_normal)",
+}
 
 
 def finite_or_none(value: Any) -> float | None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxnorm.lab._util import INIT_LABELS
+
 
 def new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Any:
     """A ``matplotlib.figure.Figure`` of ``width`` x ``height`` inches drawn by the Agg backend."""
@@ -63,16 +65,20 @@ def plot_activation_curves(r) -> Any:
 _ACT_COLORS = {"relu": "C3", "tanh": "C1", "sigmoid": "C0"}
 
 
+def _init_label(name: str) -> str:
+    return INIT_LABELS.get(name, name)
+
+
 def plot_relu_convergence(r) -> Any:
     """Training accuracy per epoch for each activation (each seed thin, the mean bold)."""
     fig = new_figure(11, 4.0)
     ax, ax_r = fig.subplots(1, 2, width_ratios=[2, 1])
     epochs = np.arange(1, r.epoch_accuracy.shape[-1] + 1)
-    for name, acc in zip(r.activations, r.epoch_accuracy, strict=True):
+    for name, init, acc in zip(r.activations, r.init, r.epoch_accuracy, strict=True):
         c = _ACT_COLORS.get(name)
         for seed in acc:
             ax.plot(epochs, seed, color=c, lw=0.6, alpha=0.4)
-        ax.plot(epochs, acc.mean(axis=0), color=c, lw=2.2, label=name)
+        ax.plot(epochs, acc.mean(axis=0), color=c, lw=2.2, label=f"{name}, {_init_label(init)}")
     ax.axhline(r.target, color="k", ls="--", lw=0.8, label=f"target {r.target:.0%}")
     ax.set(xlabel="epoch", ylabel="training accuracy", title="same MLP on digits, SGD")
     ax.grid(alpha=0.3)
@@ -87,29 +93,34 @@ def plot_relu_convergence(r) -> Any:
             ax_r.text(p, 0.02, "never", ha="center", rotation=90, fontsize=8)
     ax_r.axhline(1, color="k", lw=0.6)
     ax_r.set_xticks(pos, r.activations)
-    ax_r.set(title="to target, ratio to tanh")
+    ax_r.set(title="to target, ratio to tanh\n(wall time without compilation)")
     ax_r.legend(fontsize=8)
     return fig
 
 
 def plot_init_statistics(r) -> Any:
     """Per-layer mean and std (top) and each layer's histogram (one row per configuration)."""
+    import textwrap
+
     num_cfg, num_layers = r.layer_std.shape
-    # A fixed grid: constrained layout over 50 small panels costs seconds per figure.
-    fig = new_figure(13, 2.2 + 1.25 * num_cfg, layout=None)
+    # Fixed grids: constrained layout over 50 small panels costs seconds per figure. Two grids,
+    # so that the curves' x labels and the histograms' "layer k" titles get rows of their own.
+    height = 2.6 + 1.2 * num_cfg
+    fig = new_figure(13, height, layout=None)
+    inch = 1.0 / height  # figure fraction of one inch, to place the grids in inches
+    top = fig.add_gridspec(1, 2, left=0.12, right=0.99, top=1 - 0.3 * inch, bottom=1 - 2.2 * inch)
     grid = fig.add_gridspec(
-        num_cfg + 1,
+        num_cfg,
         num_layers,
-        height_ratios=[2.2] + [1] * num_cfg,
-        left=0.07,
+        left=0.12,
         right=0.99,
-        top=0.95,
-        bottom=0.04,
-        hspace=0.55,
-        wspace=0.15,
+        top=1 - 2.85 * inch,
+        bottom=0.3 * inch,
+        hspace=0.45,
+        wspace=0.12,
     )
-    ax_m = fig.add_subplot(grid[0, : num_layers // 2])
-    ax_s = fig.add_subplot(grid[0, num_layers // 2 :])
+    ax_m = fig.add_subplot(top[0, 0])
+    ax_s = fig.add_subplot(top[0, 1])
     layers = np.arange(1, num_layers + 1)
     for label, m, s in zip(r.labels, r.layer_mean, r.layer_std, strict=True):
         ax_m.plot(layers, m, marker="o", ms=3, label=label)
@@ -119,19 +130,24 @@ def plot_init_statistics(r) -> Any:
     ax_s.legend(fontsize=7, loc="lower left")
     for ax in (ax_m, ax_s):
         ax.grid(alpha=0.3)
+        ax.set_xticks(layers)
     for c in range(num_cfg):
         edges = r.hist_edges[c]
+        lo, hi = float(edges[0]), float(edges[-1])
         for layer in range(num_layers):
-            ax = fig.add_subplot(grid[c + 1, layer])
+            ax = fig.add_subplot(grid[c, layer])
             # One stairs artist per histogram: bars (one patch per bin) make 50 panels slow.
             ax.stairs(r.hist_counts[c, layer], edges, fill=True, color=f"C{c}")
-            ax.set_xlim(edges[0], edges[-1])
+            ax.set_xlim(lo, hi)
+            # Three ticks, so that neighbouring panels' labels do not run into each other.
+            ax.set_xticks([lo, (lo + hi) / 2, hi], [f"{v:g}" for v in (lo, (lo + hi) / 2, hi)])
             ax.set_yticks([])
-            ax.tick_params(labelsize=6)
+            ax.tick_params(labelsize=6, pad=1)
             if c == 0:
                 ax.set_title(f"layer {layer + 1}", fontsize=8)
             if layer == 0:
-                ax.set_ylabel(r.labels[c].replace(", ", "\n"), fontsize=7)
+                act, init = r.activation[c], r.init[c]
+                ax.set_ylabel("\n".join([act, *textwrap.wrap(init, 20)]), fontsize=6.5)
     return fig
 
 

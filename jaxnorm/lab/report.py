@@ -130,16 +130,27 @@ def _table_html(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def _verdict_html(verdict: Any) -> str:
     cls = _STATUS_CLASS.get(verdict.status, "partly")
+    states = list(verdict.checks.values())
     if verdict.status == "agrees":
         lead = "Agrees with the lecture."
     elif verdict.status == "disagrees":
         lead = "Disagrees with the lecture: the numbers do not support the claim."
     elif verdict.status == "partly agrees":
-        lead = "Partly agrees with the lecture: some checks fail (marked ✗ below)."
+        # A check that was not run is not a pass: say which kind of gap there is.
+        gaps = []
+        if False in states:
+            gaps.append("some checks fail (marked ✗ below)")
+        if None in states:
+            gaps.append("some checks could not be made (marked ? below)")
+        lead = "Partly agrees with the lecture: " + "; ".join(gaps) + "."
     else:
         lead = "Inconclusive: the run could not decide."
     checks = "".join(
-        f"<li>{'✓' if ok else ('✗' if ok is not None else '?')} {_esc(name)}</li>"
+        f"<li>✓ {_esc(name)}</li>"
+        if ok
+        else f"<li>✗ {_esc(name)}</li>"
+        if ok is not None
+        else f"<li>? {_esc(name)} (not checked)</li>"
         for name, ok in verdict.checks.items()
     )
     return (

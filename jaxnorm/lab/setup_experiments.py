@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm import activations, batchnorm, gradcheck, initializers, preprocessing
-from jaxnorm.lab._util import Verdict, as_key, to_host, verdict_from_checks
+from jaxnorm.lab._util import INIT_LABELS, Verdict, as_key, to_host, verdict_from_checks
 
 # ---------------------------------------------------------------------------------------------
 # 1. Activation functions and their derivatives
@@ -39,7 +39,9 @@ class ActivationCurves(NamedTuple):
       measured: one dict per name, the same properties measured from the function: ``min`` and
         ``max`` on [-8, 8], ``gaussian_mean`` E[f(z)] for z ~ N(0, 1), ``slope_left`` and
         ``slope_right`` f'(-8) and f'(8), ``min_derivative`` on [-8, 8], and ``saturates``,
-        ``zero_centred``, ``monotone`` derived from them.
+        ``zero_centred``, ``monotone`` derived from them; ``attains_min`` and ``attains_max``:
+        whether the table's finite bound is a value of the function (ReLU's 0, GELU's minimum:
+        the range is closed there) or only approached (sigmoid's 0 and 1, ELU's -1: open).
       agreement: one dict per name: ``{property: table value == measured value}``.
       max_sigmoid_derivative: max f'(x) of the sigmoid (1/4 in theory).
     """
@@ -79,12 +81,50 @@ def _curves(names, x, wide, nodes):
     return tuple(jnp.stack(a) for a in zip(*out, strict=True))
 
 
+def _attains(values: np.ndarray, slopes: np.ndarray, bound: float, extreme: int) -> bool:
+    """Whether the function reaches its finite ``bound`` on the grid rather than approaching it.
+
+    At a point where a differentiable function takes its infimum or supremum, its slope is 0.
+    So the bound is reached where the function equals it with slope exactly 0 (ReLU on x < 0),
+    or at a turning point inside the grid, where the slope changes sign, within 1e-3 of it
+    (GELU's and SiLU's minima, which no grid point hits exactly). A value equal to the bound
+    with a nonzero slope is float32 rounding (tanh(8) rounds to 1), not the function
+    reaching it.
+    """
+    if not np.isfinite(bound):
+        return False
+    if np.any((values == bound) & (slopes == 0)):
+        return True
+    if not 0 < extreme < len(values) - 1:
+        return False
+    turning = slopes[extreme - 1] * slopes[extreme + 1] < 0
+    return bool(turning and abs(values[extreme] - bound) <= 1e-3 * max(1.0, abs(bound)))
+
+
+def _fmt_bound(v: float) -> str:
+    if np.isinf(v):
+        return "∞" if v > 0 else "-∞"
+    return f"{v:.3g}"
+
+
+def _range_text(lo: float, hi: float, attains_min: bool, attains_max: bool) -> str:
+    """An interval with the right brackets: ``[0, ∞)``, ``(-1, 1)``, ``[-0.17, ∞)``."""
+    return (
+        f"{'[' if attains_min else '('}{_fmt_bound(lo)}, "
+        f"{_fmt_bound(hi)}{']' if attains_max else ')'}"
+    )
+
+
 def activation_curves(key: Any = 0, *, quick: bool = False) -> ActivationCurves:
     r"""Every elementwise activation and its derivative on [-5, 5], with the properties table.
 
     The table's claims are measured, not copied: saturation is :math:`|f'(\pm 8)| < 5\cdot10^{-3}`,
     zero-centred is :math:`|E f(z)| < 0.1` for :math:`z \sim N(0, 1)` (a Gauss-Hermite sum),
     monotone is :math:`\min f' \ge 0` on [-8, 8], and the output range must contain every value.
+    A finite bound of the range is *attained* (a closed end, ``[0, inf)``) when the function
+    takes it on the grid with slope exactly 0 (ReLU's 0) or has a turning point at it inside
+    [-8, 8] (GELU's and SiLU's minima); otherwise it is only approached (an open end: sigmoid's
+    ``(0, 1)``, ELU's ``(-1, inf)``).
 
     Args:
       key: unused (the experiment is deterministic); accepted like every experiment's.
@@ -115,6 +155,8 @@ def activation_curves(key: Any = 0, *, quick: bool = False) -> ActivationCurves:
         fw = np.asarray(wide_values[i], np.float64)
         dfw = np.asarray(wide_derivs[i], np.float64)
         gmean = float(np.dot(weights, np.asarray(gauss[i], np.float64)))
+        p = activations.properties(name)
+        lo, hi = p.output_range
         left, right = float(dfw[0]), float(dfw[-1])
         sat_l, sat_r = abs(left) < _SATURATION_SLOPE, abs(right) < _SATURATION_SLOPE
         saturates = {(True, True): "both", (True, False): "negative", (False, True): "positive"}
@@ -128,9 +170,9 @@ def activation_curves(key: Any = 0, *, quick: bool = False) -> ActivationCurves:
             "saturates": saturates.get((sat_l, sat_r), "none"),
             "zero_centred": abs(gmean) < _ZERO_CENTRED_MEAN,
             "monotone": float(dfw.min()) >= -1e-6,
+            "attains_min": _attains(fw, dfw, lo, int(np.argmin(fw))),
+            "attains_max": _attains(fw, dfw, hi, int(np.argmax(fw))),
         }
-        p = activations.properties(name)
-        lo, hi = p.output_range
         tol = 1e-5 * max(1.0, abs(m["min"]), abs(m["max"]))
         agreement.append(
             {
@@ -203,7 +245,7 @@ def activation_curves_verdict(r: ActivationCurves) -> Verdict:
 def activation_curves_table(r: ActivationCurves):
     columns = [
         "activation",
-        "range (table)",
+        "range (table's bounds; [ ] attained, ( ) approached)",
         "min..max measured",
         "zero-centred (table / E f(z))",
         "saturates (table / measured)",
@@ -216,7 +258,7 @@ def activation_curves_table(r: ActivationCurves):
         rows.append(
             [
                 n,
-                f"({p['output_range'][0]:.3g}, {p['output_range'][1]:.3g})",
+                _range_text(*p["output_range"], m["attains_min"], m["attains_max"]),
                 f"{m['min']:.3g} .. {m['max']:.3g}",
                 f"{p['zero_centred']} / {m['gaussian_mean']:.3f}",
                 f"{p['saturates']} / {m['saturates']}",
@@ -236,9 +278,12 @@ class InitStatistics(NamedTuple):
     """Result of :func:`init_statistics`.
 
     Attributes:
-      labels: one label per configuration, e.g. ``"tanh, small_normal(0.01)"``.
+      labels: one label per configuration, ``"<activation>, <init>"``, e.g.
+        ``"tanh, small_normal(0.01)"``.
       activation: the activation of each configuration.
-      init: the initializer of each configuration.
+      init: the initializer of each configuration, named with the jaxnorm function it calls:
+        ``"1/sqrt(fan_in) (lecture's 'Xavier', = lecun_normal)"`` is the lecture's "Xavier",
+        which is LeCun's scaling, not Glorot's ``xavier_normal`` (see docs/initializers.md).
       layer_mean: ``[C, L]`` mean activation of each layer.
       layer_std: ``[C, L]`` standard deviation of each layer's activations.
       saturated_fraction: ``[C, L]`` share of tanh outputs with |y| > 0.99 (NaN for ReLU).
@@ -265,14 +310,15 @@ class InitStatistics(NamedTuple):
     num_examples: int
 
 
-# (label, activation, initializer): the lecture's slides, in order. The lecture's "Xavier" is
-# randn / sqrt(fan_in), lecun_normal here (for a square layer xavier_normal is the same).
+# (activation, init label, initializer): the lecture's slides, in order. The lecture's "Xavier"
+# is randn / sqrt(fan_in), lecun_normal, and the labels say so (INIT_LABELS); Glorot's
+# xavier_normal would give the same weights here, since every layer is square.
 _INIT_CONFIGS = (
-    ("tanh, small_normal(0.01)", "tanh", initializers.small_normal(0.01)),
-    ("tanh, small_normal(1.0)", "tanh", initializers.small_normal(1.0)),
-    ("tanh, Xavier (lecun_normal)", "tanh", initializers.lecun_normal()),
-    ("relu, Xavier (lecun_normal)", "relu", initializers.lecun_normal()),
-    ("relu, He (he_normal)", "relu", initializers.he_normal()),
+    ("tanh", "small_normal(0.01)", initializers.small_normal(0.01)),
+    ("tanh", "small_normal(1.0)", initializers.small_normal(1.0)),
+    ("tanh", INIT_LABELS["lecun_normal"], initializers.lecun_normal()),
+    ("relu", INIT_LABELS["lecun_normal"], initializers.lecun_normal()),
+    ("relu", INIT_LABELS["he_normal"], initializers.he_normal()),
 )
 _HIST_RANGE = {"tanh": (-1.0, 1.0), "relu": (0.0, 4.0)}
 _HIST_BINS = 30
@@ -294,8 +340,9 @@ def init_statistics(key: Any = 0, *, quick: bool = False) -> InitStatistics:
     """A 10-layer, 500-unit net on unit Gaussian data: per-layer activation statistics.
 
     ``h_l = f(h_{l-1} W_l)`` with no biases, ``x ~ N(0, 1)`` of shape ``[N, 500]``, for tanh with
-    small_normal(0.01) (activations collapse to 0), small_normal(1.0) (tanh saturates),
-    Xavier (healthy), and ReLU with Xavier (halves the variance per layer) and He (keeps it).
+    small_normal(0.01) (activations collapse to 0), small_normal(1.0) (tanh saturates), and
+    the lecture's "Xavier" ``randn / sqrt(fan_in)``, which is ``lecun_normal`` (healthy), and
+    ReLU with ``lecun_normal`` (halves the variance per layer) and He, ``he_normal`` (keeps it).
 
     Args:
       key: PRNG key or int seed (data and weights).
@@ -318,7 +365,7 @@ def init_statistics(key: Any = 0, *, quick: bool = False) -> InitStatistics:
     kx, kw = jax.random.split(key)
     x = jax.random.normal(kx, (n, width))
     means, stds, sats, deads, counts, edges, ratios = [], [], [], [], [], [], []
-    for i, (_, act, init) in enumerate(_INIT_CONFIGS):
+    for i, (act, _, init) in enumerate(_INIT_CONFIGS):
         keys = jax.random.split(jax.random.fold_in(kw, i), num_layers)
         weights = jnp.stack([init(k, (width, width)) for k in keys])
         hs = np.asarray(_forward_layers(act, x, weights), np.float64)
@@ -340,9 +387,9 @@ def init_statistics(key: Any = 0, *, quick: bool = False) -> InitStatistics:
         edges.append(edge)
         ratios.append(s[-1] / s[0] if s[0] > 0 else np.nan)
     return InitStatistics(
-        labels=tuple(c[0] for c in _INIT_CONFIGS),
-        activation=tuple(c[1] for c in _INIT_CONFIGS),
-        init=tuple(c[0].split(", ", 1)[1] for c in _INIT_CONFIGS),
+        labels=tuple(f"{act}, {name}" for act, name, _ in _INIT_CONFIGS),
+        activation=tuple(act for act, _, _ in _INIT_CONFIGS),
+        init=tuple(name for _, name, _ in _INIT_CONFIGS),
         layer_mean=np.stack(means),
         layer_std=np.stack(stds),
         saturated_fraction=np.stack(sats),
@@ -357,7 +404,7 @@ def init_statistics(key: Any = 0, *, quick: bool = False) -> InitStatistics:
 
 
 def init_statistics_verdict(r: InitStatistics) -> Verdict:
-    """Collapse for small weights and ReLU+Xavier, saturation for big ones, He keeps the scale."""
+    """Collapse for small weights and ReLU + lecun_normal, saturation for big ones, He keeps it."""
     ratio = dict(zip(r.labels, r.std_ratio.tolist(), strict=True))
     t_small, t_big, t_xav, r_xav, r_he = r.labels
     sat = {t_big: float(np.mean(r.saturated_fraction[r.labels.index(t_big)]))}
@@ -366,18 +413,19 @@ def init_statistics_verdict(r: InitStatistics) -> Verdict:
     checks = {
         "tanh + small_normal(0.01) collapses to zero": ratio[t_small] < 0.1,
         "tanh + small_normal(1.0) saturates (most |y| > 0.99)": sat[t_big] > 0.5,
-        "tanh + Xavier stays within a decade": ratio[t_xav] >= 0.1,
-        "relu + Xavier collapses": ratio[r_xav] < 0.1,
+        "tanh + 1/sqrt(fan_in) (lecun_normal) stays within a decade": ratio[t_xav] >= 0.1,
+        "relu + 1/sqrt(fan_in) (lecun_normal) collapses": ratio[r_xav] < 0.1,
         "relu + He keeps the scale (within 2x)": 0.5 <= ratio[r_he] <= 2.0,
     }
     text = (
         "std(layer 10) / std(layer 1): "
-        + ", ".join(f"{k}: {v:.3g}" for k, v in ratio.items())
-        + f"; tanh + small_normal(1.0) saturated fraction {sat[t_big]:.0%}."
+        + "; ".join(f"{k}: {v:.3g}" for k, v in ratio.items())
+        + f". Saturated fraction of tanh + small_normal(1.0): {sat[t_big]:.0%}."
     )
     claim = (
         "Small random weights make deep activations collapse to zero, large ones saturate tanh; "
-        "Xavier keeps tanh activations in range, ReLU needs He's factor 2."
+        "the lecture's 'Xavier' init, randn / sqrt(fan_in) (lecun_normal), keeps tanh "
+        "activations in range, ReLU needs He's factor 2."
     )
     return verdict_from_checks(claim, checks, text)
 

@@ -26,11 +26,13 @@ import optax
 
 from jaxnorm import diagnostics, preprocessing, training
 from jaxnorm.lab._util import (
+    INIT_LABELS,
     Stopwatch,
     Verdict,
     as_key,
     block,
     compile_all,
+    fmt_number,
     jit,
     verdict_from_checks,
 )
@@ -67,15 +69,18 @@ class Convergence(NamedTuple):
 
     Attributes:
       activations: ``("relu", "tanh", "sigmoid")``.
-      init: the initializer of each (the recommended one: He for ReLU, Xavier otherwise).
+      init: the jaxnorm initializer of each, the recommended one: ``"he_normal"`` (He) for
+        ReLU, ``"xavier_normal"`` (Glorot, sqrt(2 / (fan_in + fan_out)), not the
+        lecture's "Xavier" 1/sqrt(fan_in), which is ``lecun_normal``) for tanh and sigmoid.
       epoch_accuracy: ``[A, S, E]`` training accuracy per epoch (mean over the epoch's
         minibatches) for each activation and seed.
       target: the training accuracy to reach.
       epochs_to_target: per activation, the median over seeds of the first epoch (1-based) whose
         accuracy reaches ``target``; None when most seeds never reach it.
-      seconds_per_epoch: per activation, the measured wall time of one epoch (the compiled
-        program, all seeds at once, best of 3 runs, divided by the number of seeds; quick mode
-        compiles without XLA optimisations and times one run, so its timings mean little).
+      seconds_per_epoch: per activation, the measured wall time of one epoch: the compiled
+        program, all seeds at once, after one untimed call (compilation and the first call's
+        one-time costs excluded), best of 3 runs, divided by the number of seeds. Quick mode
+        compiles without XLA optimisations and times one run, so its timings mean less.
       seconds_to_target: ``epochs_to_target * seconds_per_epoch`` (None when not reached).
       epoch_ratio_to_tanh: epochs_to_target over tanh's (None when either is None).
       time_ratio_to_tanh: seconds_to_target over tanh's.
@@ -105,7 +110,8 @@ def relu_convergence(key: Any = 0, *, quick: bool = False) -> Convergence:
     """The same MLP on digits with ReLU, tanh and sigmoid: epochs and time to a training accuracy.
 
     ``mlp([64, H, H, 10])`` trained with SGD (momentum 0.9, learning rate 0.01, batch 32) from the
-    same seeds; only the activation (and its recommended initializer) changes. The target is 95%
+    same seeds; only the activation (and its recommended initializer: He, ``he_normal``, for
+    ReLU; Glorot, ``xavier_normal``, for tanh and sigmoid) changes. The target is 95%
     training accuracy. The time per epoch is measured on the compiled program, so the time ratio
     includes the cost of each nonlinearity (sigmoid's and tanh's exp).
 
@@ -150,11 +156,14 @@ def relu_convergence(key: Any = 0, *, quick: bool = False) -> Convergence:
         lowered.append(jit(jax.vmap(run), quick=quick).lower(keys))
     accs, secs = [], []
     for compiled in compile_all(lowered):
-        # Best of a few timed runs: one run of a small program is at the mercy of other work.
+        # The first call of a compiled program pays one-time costs (in quick mode about 4x a
+        # run): it is not timed. Then the best of a few timed runs, since one run of a small
+        # program is at the mercy of other work.
+        acc = np.asarray(block(compiled(keys)))
         timings = []
         for _ in range(1 if quick else 3):
             clock = Stopwatch()
-            acc = np.asarray(block(compiled(keys)))
+            block(compiled(keys))
             timings.append(clock())
         secs.append(min(timings) / (epochs * seeds))
         accs.append(acc.reshape(seeds, epochs, steps_per_epoch).mean(axis=-1))
@@ -245,7 +254,7 @@ def relu_convergence_table(r: Convergence):
     rows = [
         [
             a,
-            i,
+            INIT_LABELS.get(i, i),
             f"{float(np.mean(acc[:, -1])):.3f}",
             fmt(e),
             fmt(er, ".3g"),
@@ -396,10 +405,15 @@ def batchnorm_grid_verdict(r: BatchNormGrid) -> Verdict:
         "BN's accuracy varies less across init scales": s1 < s0,
         "BN trains in more cells of the grid": n1 > n0,
     }
+
+    def lr_text(lr):
+        return "none (no learning rate reaches it)" if lr is None else f"{lr:g}"
+
     text = (
-        f"largest learning rate with median accuracy >= {r.threshold:.0%}: without BN {lr0}, "
-        f"with BN {lr1}; mean spread over init scales: {s0:.3f} without, {s1:.3f} with; cells "
-        f"reaching {r.threshold:.0%}: {n0} without, {n1} with (of {r.accuracy[0].size})."
+        f"largest learning rate with median accuracy >= {r.threshold:.0%}: without BN "
+        f"{lr_text(lr0)}, with BN {lr_text(lr1)}; mean spread over init scales: {s0:.3f} "
+        f"without, {s1:.3f} with; cells reaching {r.threshold:.0%}: {n0} without, {n1} with (of "
+        f"{r.accuracy[0].size})."
     )
     claim = (
         "Batch norm allows higher learning rates and reduces the strong dependence on "
@@ -553,11 +567,15 @@ def babysitting_verdict(r: Babysitting) -> Verdict:
         else 1e-4 <= ratio <= 1e-2,
     }
     text = (
-        f"initial loss {r.initial_loss:.4f} vs log(10) = {r.expected_loss:.4f}; with L2 1e3: "
-        f"{r.loss_with_regularisation:.4g}; overfit: "
+        f"initial loss {fmt_number(r.initial_loss)} vs log(10) = {r.expected_loss:.4f}; with L2 "
+        f"1e3: {r.loss_with_regularisation:.4g}; overfit: "
         + (f"100% at step {r.overfit_steps}" if r.overfit_passed else "FAILED")
-        + f"; best learning rate {r.best_lr} (lowest validation loss) has median update ratio "
-        + ("n/a" if ratio is None else f"{ratio:.2g}")
+        + (
+            "; no best learning rate (every run diverged)"
+            if r.best_lr is None
+            else f"; best learning rate {r.best_lr:g} (lowest validation loss) has median "
+            "update ratio " + ("n/a" if ratio is None else f"{ratio:.2g}")
+        )
         + "."
     )
     claim = (
@@ -570,7 +588,7 @@ def babysitting_verdict(r: Babysitting) -> Verdict:
 def babysitting_table(r: Babysitting):
     columns = ["learning rate", "median update/weight ratio (layer 1)", "validation loss"]
     rows = [
-        [f"{lr:g}", f"{m:.3g}", "diverged" if not np.isfinite(f) else f"{f:.4f}"]
+        [f"{lr:g}", f"{m:.3g}", "diverged" if not np.isfinite(f) else fmt_number(f)]
         for lr, m, f in zip(r.learning_rates, r.median_ratio, r.final_loss, strict=True)
     ]
     return columns, rows
@@ -859,8 +877,8 @@ def ensembles_verdict(r: Ensembles) -> Verdict:
     text = (
         f"test accuracy: ensemble of {r.num_members} {r.ensemble_accuracy:.4f} vs members "
         f"{m_acc:.4f} on average (best {float(np.max(r.member_accuracy)):.4f}); test loss "
-        f"{r.ensemble_loss:.4f} vs {m_loss:.4f}. Polyak (decay {r.ema_decay}): accuracy "
-        f"{p_acc:.4f}, loss {p_loss:.4f}."
+        f"{fmt_number(r.ensemble_loss)} vs {fmt_number(m_loss)}. Polyak (decay {r.ema_decay}): "
+        f"accuracy {p_acc:.4f}, loss {fmt_number(p_loss)}."
     )
     claim = (
         "An ensemble of independently trained models improves on its members (typically ~2%); "
@@ -872,10 +890,10 @@ def ensembles_verdict(r: Ensembles) -> Verdict:
 def ensembles_table(r: Ensembles):
     columns = ["model", "test accuracy", "test loss", "Polyak accuracy", "Polyak loss"]
     rows = [
-        [f"member {i}", f"{a:.4f}", f"{lo:.4f}", f"{pa:.4f}", f"{pl:.4f}"]
+        [f"member {i}", f"{a:.4f}", fmt_number(lo), f"{pa:.4f}", fmt_number(pl)]
         for i, (a, lo, pa, pl) in enumerate(
             zip(r.member_accuracy, r.member_loss, r.polyak_accuracy, r.polyak_loss, strict=True)
         )
     ]
-    rows.append(["ensemble", f"{r.ensemble_accuracy:.4f}", f"{r.ensemble_loss:.4f}", "", ""])
+    rows.append(["ensemble", f"{r.ensemble_accuracy:.4f}", fmt_number(r.ensemble_loss), "", ""])
     return columns, rows
