@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
+import jaxnorm
 from jaxnorm import lab
 from jaxnorm.lab import _util, cli, report
 
@@ -528,3 +529,10 @@ def test_init_figure_text_does_not_overlap(quick_run):
         a = hists[i].get_xticklabels()[-1].get_window_extent(renderer)
         b = hists[i + 1].get_xticklabels()[0].get_window_extent(renderer)
         assert a.x1 <= b.x0, (i, a, b)
+
+
+def test_cli_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"jaxnorm {jaxnorm.__version__} (jax ")

@@ -22,11 +22,20 @@ import time
 from collections.abc import Sequence
 
 
+def _version() -> str:
+    import jax
+
+    import jaxnorm
+
+    return f"jaxnorm {jaxnorm.__version__} (jax {jax.__version__}, backend {jax.default_backend()})"
+
+
 def _parser(names: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(
         prog="jaxnorm",
         description="jaxnorm: Training Neural Networks, Part 1, as a JAX library.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     lab = commands.add_parser(
         "lab",
