@@ -558,6 +558,16 @@ def _leaf_ratio(p: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.where(pn > 0, un / safe, jnp.where(un > 0, jnp.inf, 0.0).astype(cdtype))
 
 
+def _check_same_structure(who: str, a: tuple[str, Any], b: tuple[str, Any]) -> None:
+    (a_name, a_tree), (b_name, b_tree) = a, b
+    a_def, b_def = jax.tree_util.tree_structure(a_tree), jax.tree_util.tree_structure(b_tree)
+    if a_def != b_def:
+        raise ValueError(
+            f"{who}: {a_name} and {b_name} must have the same tree structure, but {a_name} is "
+            f"{a_def} and {b_name} is {b_def}"
+        )
+
+
 def update_ratio(params: Any, updates: Any) -> Any:
     r"""Per-leaf ratio of the update's norm to the parameter's: :math:`\|u\|_2 / \|p\|_2`.
 
@@ -588,13 +598,7 @@ def update_ratio(params: Any, updates: Any) -> Any:
       >>> round(float(r["w"]), 6)
       0.001
     """
-    p_def = jax.tree_util.tree_structure(params)
-    u_def = jax.tree_util.tree_structure(updates)
-    if p_def != u_def:
-        raise ValueError(
-            "update_ratio: params and updates must have the same tree structure, but params is "
-            f"{p_def} and updates is {u_def}"
-        )
+    _check_same_structure("update_ratio", ("params", params), ("updates", updates))
     p_leaves = jax.tree_util.tree_leaves_with_path(params)
     u_leaves = jax.tree_util.tree_leaves(updates)
     for (path, p), u in zip(p_leaves, u_leaves, strict=True):
@@ -788,13 +792,7 @@ def check_update_ratios(
             )
         ndims = [min_ndim] * len(leaves)
     else:
-        r_def = jax.tree_util.tree_structure(ratios)
-        p_def = jax.tree_util.tree_structure(params)
-        if r_def != p_def:
-            raise ValueError(
-                "check_update_ratios: params must have the tree structure of ratios, but ratios "
-                f"is {r_def} and params is {p_def}"
-            )
+        _check_same_structure("check_update_ratios", ("ratios", ratios), ("params", params))
         ndims = [len(getattr(p, "shape", np.shape(p))) for p in jax.tree_util.tree_leaves(params)]
     flagged: dict[str, float] = {}
     not_judged: dict[str, float] = {}

@@ -310,7 +310,7 @@ def test_check_update_ratios_edge_cases():
     assert diagnostics.check_update_ratios({"w": 1e-3, "b": 0.5}, shapes).not_judged == {"b": 0.5}
     with pytest.raises(TypeError, match=r"check_update_ratios\(ratios, params\).*min_ndim=0"):
         diagnostics.check_update_ratios({"w": 1e-3})
-    with pytest.raises(ValueError, match="tree structure of ratios"):
+    with pytest.raises(ValueError, match="ratios and params must have the same tree structure"):
         diagnostics.check_update_ratios({"w": 1e-3}, {"v": jnp.ones((2, 2))})
     with pytest.raises(ValueError, match="low < high"):
         diagnostics.check_update_ratios({"w": 1.0}, params, low=1.0, high=0.5)
