@@ -501,9 +501,10 @@ def batch_norm(
     _checks.check_floating(x, "x")
     faxes = _checks.normalize_axes(axis, x.ndim, "axis")
     fshape = tuple(x.shape[a] for a in faxes)
-    _check_state(state, fshape, axis)
-    _check_param_shape(scale, fshape, "scale", f"x's feature shape on axis {_axis_str(axis)}")
-    _check_param_shape(bias, fshape, "bias", f"x's feature shape on axis {_axis_str(axis)}")
+    where = f"x's feature shape on axis {_axis_str(axis)}"
+    _check_state(state, fshape, where)
+    _check_param_shape(scale, fshape, "scale", where)
+    _check_param_shape(bias, fshape, "bias", where)
     _check_momentum(momentum, "momentum")
     if renorm:
         _check_renorm_bounds(r_max, d_max)
@@ -921,12 +922,11 @@ def _check_param_shape(p, fshape, name, what):
         raise ValueError(f"{name} has shape {pshape} but {what} is {tuple(fshape)}")
 
 
-def _check_state(state, fshape, axis):
+def _check_state(state, fshape, where):
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"state must be a BatchNormState (see init_state), got {type(state).__name__}"
         )
-    where = f"x's feature shape on axis {_axis_str(axis)}"
     _check_param_shape(state.mean, fshape, "state.mean", where)
     _check_param_shape(state.var, fshape, "state.var", where)
 
