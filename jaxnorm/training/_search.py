@@ -173,7 +173,8 @@ def _make_choice(options, static, who):
     if not isinstance(static, bool | np.bool_):
         raise TypeError(f"{who}: static must be True or False, got {static!r}")
     dist = Choice(tuple(options), bool(static))
-    return dist._replace(static=_is_static(dist))
+    # Options that are not numbers are always static; the flag is settled here, once.
+    return dist._replace(static=dist.static or not _is_numeric(dist))
 
 
 def _is_numeric(dist: Choice) -> bool:
@@ -181,10 +182,6 @@ def _is_numeric(dist: Choice) -> bool:
         isinstance(o, int | float | np.integer | np.floating) and not isinstance(o, bool)
         for o in dist.options
     )
-
-
-def _is_static(dist: Choice) -> bool:
-    return bool(dist.static) or not _is_numeric(dist)
 
 
 def _check_dist(dist, name, who):
@@ -658,7 +655,8 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
     if not callable(train_fn):
         raise TypeError(f"{who}: train_fn must be callable, got {train_fn!r}")
     keys, draws = _sample(space, num_trials, key)
-    static_names = [n for n, d in space.items() if isinstance(d, Choice) and _is_static(d)]
+    # The space comes from _check_space, whose choices have their static flag settled.
+    static_names = [n for n, d in space.items() if isinstance(d, Choice) and d.static]
     traced = {n: _traced_values(d, draws[n]) for n, d in space.items() if n not in static_names}
     # Group by option index, not value: options need not be hashable.
     groups: dict[tuple, list[int]] = {}
