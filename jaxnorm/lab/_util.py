@@ -108,6 +108,11 @@ INIT_LABELS = {
 }
 
 
+def init_label(name: str) -> str:
+    """The lab's label of the jaxnorm initializer ``name`` (itself when it has none)."""
+    return INIT_LABELS.get(name, name)
+
+
 def finite_or_none(value: Any) -> float | None:
     """``float(value)``, or None when it is NaN or infinite (JSON has no NaN)."""
     if value is None:

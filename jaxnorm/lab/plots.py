@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxnorm.lab._util import INIT_LABELS
+from jaxnorm.lab._util import init_label
 
 
 def new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Any:
@@ -65,10 +65,6 @@ def plot_activation_curves(r) -> Any:
 _ACT_COLORS = {"relu": "C3", "tanh": "C1", "sigmoid": "C0"}
 
 
-def _init_label(name: str) -> str:
-    return INIT_LABELS.get(name, name)
-
-
 def plot_relu_convergence(r) -> Any:
     """Training accuracy per epoch for each activation (each seed thin, the mean bold)."""
     fig = new_figure(11, 4.0)
@@ -78,7 +74,7 @@ def plot_relu_convergence(r) -> Any:
         c = _ACT_COLORS.get(name)
         for seed in acc:
             ax.plot(epochs, seed, color=c, lw=0.6, alpha=0.4)
-        ax.plot(epochs, acc.mean(axis=0), color=c, lw=2.2, label=f"{name}, {_init_label(init)}")
+        ax.plot(epochs, acc.mean(axis=0), color=c, lw=2.2, label=f"{name}, {init_label(init)}")
     ax.axhline(r.target, color="k", ls="--", lw=0.8, label=f"target {r.target:.0%}")
     ax.set(xlabel="epoch", ylabel="training accuracy", title="same MLP on digits, SGD")
     ax.grid(alpha=0.3)

@@ -26,13 +26,13 @@ import optax
 
 from jaxnorm import diagnostics, preprocessing, training
 from jaxnorm.lab._util import (
-    INIT_LABELS,
     Stopwatch,
     Verdict,
     as_key,
     block,
     compile_all,
     fmt_number,
+    init_label,
     jit,
     verdict_from_checks,
 )
@@ -254,7 +254,7 @@ def relu_convergence_table(r: Convergence):
     rows = [
         [
             a,
-            INIT_LABELS.get(i, i),
+            init_label(i),
             f"{float(np.mean(acc[:, -1])):.3f}",
             fmt(e),
             fmt(er, ".3g"),
