@@ -11,21 +11,26 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_quickstart_runs():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _run_script(script, cwd):
+    """Run a Python file in a fresh interpreter on the CPU, as a user runs it; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-        cwd=ROOT,
-        env=env,
+        [sys.executable, str(script)],
+        cwd=cwd,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_runs():
+    stdout = _run_script(ROOT / "examples" / "quickstart.py", ROOT)
     # Its last section trains a model and prints the test accuracy of every epoch.
-    last = [line for line in proc.stdout.splitlines() if "test accuracy" in line][-1]
-    assert float(last.rsplit(" ", 1)[1]) > 0.9, proc.stdout[-2000:]
+    last = [line for line in stdout.splitlines() if "test accuracy" in line][-1]
+    assert float(last.rsplit(" ", 1)[1]) > 0.9, stdout[-2000:]
 
 
 def test_readme_tour_runs(tmp_path):
@@ -35,14 +40,5 @@ def test_readme_tour_runs(tmp_path):
     assert tour is not None, "README.md has no '## A short tour' python block"
     script = tmp_path / "tour.py"
     script.write_text(tour.group(1))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ok" in proc.stdout  # the gradient-check table it prints
+    stdout = _run_script(script, tmp_path)
+    assert "ok" in stdout  # the gradient-check table it prints
