@@ -20,6 +20,18 @@ def _close_trees(a, b, **kw):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **kw), a, b)
 
 
+def _member_alone(model, opt, data, **kw):
+    """``key -> (params, history)``: one ensemble member trained by itself (compiled once), from
+    its key split as train_ensemble splits it."""
+    fit = jax.jit(lambda p, k: training.fit(model, p, opt, data, key=k, **kw))
+
+    def run(key):
+        k_init, k_train = jax.random.split(key)
+        return fit(model.init(k_init)[0], k_train)
+
+    return run
+
+
 def test_identical_keys_give_one_model_and_vmap_equals_sequential(digits_tiny):
     (xtr, ytr), _ = digits_tiny
     model = training.mlp([64, 16, 10])
@@ -40,10 +52,7 @@ def test_identical_keys_give_one_model_and_vmap_equals_sequential(digits_tiny):
     keys = jax.random.split(jax.random.key(6), 3)
     params, hist = training.train_ensemble(model, model.init, opt, (xtr, ytr), keys, **kw)
     assert not np.allclose(params[0]["w"][0], params[0]["w"][1])
-    k_init, k_train = jax.random.split(keys[2])
-    p2, _ = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))(
-        model.init(k_init)[0], k_train
-    )
+    p2, _ = _member_alone(model, opt, (xtr, ytr), **kw)(keys[2])
     _close_trees(jax.tree.map(lambda a: a[2], params), p2, rtol=1e-4, atol=1e-5)
 
 
@@ -54,10 +63,9 @@ def test_shared_data_key_equals_sequential_fits(digits_tiny):
     kw = dict(num_steps=12, batch_size=32, data_key=jax.random.key(7))
     keys = jax.random.split(jax.random.key(6), 3)
     params, hist = training.train_ensemble(model, model.init, opt, (xtr, ytr), keys, **kw)
-    one = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))
+    alone = _member_alone(model, opt, (xtr, ytr), **kw)
     for m in range(3):
-        k_init, k_train = jax.random.split(keys[m])
-        pm, hm = one(model.init(k_init)[0], k_train)
+        pm, hm = alone(keys[m])
         _close_trees(jax.tree.map(lambda a, m=m: a[m], params), pm, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(hist.loss[m], hm.loss, rtol=1e-5)
     # Without data_key the members' orders differ, and so do their trained weights.
@@ -220,10 +228,7 @@ def test_params_only_init_fn_for_a_model_without_state(digits_tiny, widths):
     _close_trees(only, full, rtol=0, atol=0)
     np.testing.assert_array_equal(h_only.loss, h_full.loss)
     # Reference: member 1 trained alone from its own initial params.
-    k_init, k_train = jax.random.split(keys[1])
-    p1, _ = jax.jit(lambda p, k: training.fit(model, p, opt, (xtr, ytr), key=k, **kw))(
-        model.init(k_init)[0], k_train
-    )
+    p1, _ = _member_alone(model, opt, (xtr, ytr), **kw)(keys[1])
     _close_trees(jax.tree.map(lambda a: a[1], only), p1, rtol=1e-5, atol=1e-6)
 
 
