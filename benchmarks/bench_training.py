@@ -23,11 +23,13 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from benchmarks import harness
 from jaxnorm import data as jdata
 from jaxnorm import training
+from jaxnorm.training import _parallel
 
 # Per size, the MLPs timed: a lecture-sized one whose steps are dominated by per-step overhead
 # on CPU, and a wider one whose steps are dominated by the matmuls.
@@ -86,39 +88,49 @@ def _mb(n):
 
 def _search_rows(cfg):
     _, _, train_fn, space = _problem(cfg)
-    n = cfg["trials"]
-    key = jax.random.key(0)
-    hp = {
-        "learning_rate": 10.0 ** jax.random.uniform(jax.random.key(1), (n,), minval=-3, maxval=0),
-        "momentum": jax.random.uniform(jax.random.key(2), (n,), minval=0.5, maxval=0.95),
-    }
-    keys = jax.random.split(key, n)
     # The same train_fn with one data_key for every trial (common random numbers).
     shared_fn = _problem(cfg, data_key=jax.random.key(4))[2]
+    n = cfg["trials"]
+    key = jax.random.key(0)
+    # random_search's own trials (the first call compiles), and the keys it documents, so the
+    # loop trains the same configurations.
+    first = training.random_search(train_fn, space, n, key, border=0.0)
+    hp = {name: jnp.asarray([t.params[name] for t in first.trials], jnp.float32) for name in space}
+    keys = jax.random.split(jax.random.split(key)[1], n)
     fns = {}
     for name, fn in (("own", train_fn), ("shared", shared_fn)):
         single = jax.jit(fn)
-        # Compiled as random_search compiles its program (on CPU, at XLA backend optimisation
-        # level 1); the sequential loop is the user's plain jax.jit.
+        fns[f"search {name}"] = lambda hp, keys, fn=fn: training.random_search(
+            fn, space, n, key, border=0.0
+        )
+        # One call of the vmapped program over every trial, compiled as random_search compiles
+        # it (on CPU, at XLA backend optimisation level 1).
         fns[f"vmap {name}"] = jax.jit(jax.vmap(fn), compiler_options=_search_options())
         fns[f"loop {name}"] = lambda hp, keys, single=single: [
             single({k: v[i] for k, v in hp.items()}, keys[i]) for i in range(n)
         ]
     vmapped = fns["vmap own"]
-    t = harness.interleaved(fns, hp, keys, warmup=1, reps=3)
-    rows = [
-        harness.Row(
-            "training",
-            f"search {n} trials, MLP {cfg['widths']}, {cfg['steps']} steps (compiled), "
-            + ("each trial its own minibatch order" if name == "own" else "one data_key"),
-            t[f"vmap {name}"],
-            f"{n} sequential jit calls",
-            t[f"loop {name}"],
-            None,
-            f"{t[f'loop {name}'] / t[f'vmap {name}']:.1f}x faster",
-        )
-        for name in ("own", "shared")
-    ]
+    workers = _parallel.cpu_workers()
+    t = harness.interleaved(fns, hp, keys, warmup=1, reps=5)
+    order = {"own": "each trial its own minibatch order", "shared": "one data_key"}
+    rows = []
+    for name in ("own", "shared"):
+        for kind, what in (
+            ("search", f"random_search, compiled ({workers} per-core group(s) at once)"),
+            ("vmap", "one jax.jit(jax.vmap) call"),
+        ):
+            rows.append(
+                harness.Row(
+                    "training",
+                    f"search {n} trials, MLP {cfg['widths']}, {cfg['steps']} steps, {what}, "
+                    + order[name],
+                    t[f"{kind} {name}"],
+                    f"{n} sequential jit calls",
+                    t[f"loop {name}"],
+                    None,
+                    f"{t[f'loop {name}'] / t[f'{kind} {name}']:.1f}x faster",
+                )
+            )
 
     # End to end: random_search (sampling, compile, run, table) vs the loop with its compile.
     t0 = time.perf_counter()
@@ -176,12 +188,11 @@ def _ensemble_rows(cfg):
 
     fns = {}
     for name, data_key in (("own", None), ("shared", jax.random.key(4))):
-
-        @jax.jit
-        def vmapped(keys, data_key=data_key):
-            return training.train_ensemble(
-                model, model.init, opt, data, keys, data_key=data_key, **kw
-            )
+        # Called eagerly, as users call it: train_ensemble compiles its program and, on a
+        # multi-core CPU, trains one group of members per core at once.
+        fns[f"vmap {name}"] = lambda keys, data_key=data_key: training.train_ensemble(
+            model, model.init, opt, data, keys, data_key=data_key, **kw
+        )
 
         @jax.jit
         def one(key, data_key=data_key):
@@ -189,14 +200,15 @@ def _ensemble_rows(cfg):
             params = model.init(k_init)[0]
             return training.fit(model, params, opt, data, key=k_train, data_key=data_key, **kw)
 
-        fns[f"vmap {name}"] = vmapped
         fns[f"loop {name}"] = lambda keys, one=one: [one(keys[i]) for i in range(k)]
 
-    t = harness.interleaved(fns, keys, warmup=1, reps=3)
+    t = harness.interleaved(fns, keys, warmup=1, reps=15)
+    workers = min(_parallel.cpu_workers(), k)
     return [
         harness.Row(
             "training",
-            f"ensemble of {k}, MLP {cfg['widths']}, {cfg['steps']} steps, "
+            f"ensemble of {k}, MLP {cfg['widths']}, {cfg['steps']} steps, train_ensemble "
+            f"({workers} per-core group(s) at once), "
             + ("each member its own minibatch order" if name == "own" else "one data_key"),
             t[f"vmap {name}"],
             f"{k} sequential jit calls",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 import optax
 
 from jaxnorm import _checks
-from jaxnorm.training import _loop
+from jaxnorm.training import _loop, _parallel
 from jaxnorm.training._loop import History, fit
 from jaxnorm.training._model import Model
 
@@ -36,7 +37,13 @@ def train_ensemble(
     where ``k_init, k_train = jax.random.split(keys[k])``. Members differ only through their keys,
     the lecture's "same model, different initialisations"; identical keys give identical members.
     With ``data_key`` every member sees the same minibatch order and they differ by their
-    initialisation alone; on CPU that trains faster, as the members' first-layer matmuls merge.
+    initialisation alone.
+
+    Inside ``jit``, ``vmap`` or ``grad`` this is one pure ``vmap``. Called eagerly it compiles
+    its program itself (cached per model, ``init_fn``, optimizer and plan) and, on a CPU with
+    several cores, trains the members in one group per core, the groups at once (XLA:CPU runs a
+    program's operations one after another, and a small model's matmuls use one core); the
+    members are the same either way.
 
     Args:
       loss_fn: as in :func:`fit` (a :class:`Model`, or a stateless ``loss_fn(params, batch, key)``).
@@ -83,6 +90,25 @@ def train_ensemble(
             f"got an array of shape {keys.shape}"
         )
 
+    static = dict(
+        loss_fn=loss_fn,
+        init_fn=init_fn,
+        optimizer=optimizer,
+        num_steps=num_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        ema_decay=ema_decay,
+    )
+    if _parallel.at_top_level(data, keys, data_key):
+        # Called eagerly: compiled here, the members in one group per CPU core (one on GPU).
+        workers = min(_parallel.cpu_workers(), keys.shape[0])
+        return _members_in_groups(static, data, keys, data_key, workers)
+    return _members(keys, data, data_key, **static)
+
+
+def _members(keys, data, data_key, *, loss_fn, init_fn, optimizer, ema_decay, **plan):
+    """``fit`` vmapped over the members' keys: the ensemble as one pure function."""
+
     def member(key):
         k_init, k_train = jax.random.split(key)
         init = init_fn(k_init)
@@ -96,15 +122,46 @@ def train_ensemble(
             optimizer,
             data,
             key=k_train,
-            num_steps=num_steps,
-            epochs=epochs,
-            batch_size=batch_size,
             data_key=data_key,
             state=state,
             ema_decay=ema_decay,
+            **plan,
         )
 
     return jax.vmap(member)(keys)
+
+
+def _group(keys, group, data, data_key, *, size, **static):
+    """Group ``group`` of the members: keys ``[group * size, (group + 1) * size)``, the ones past
+    the end repeating the last key (padding, dropped afterwards)."""
+    idx = jnp.minimum(group * size + jnp.arange(size), keys.shape[0] - 1)
+    return _members(keys[idx], data, data_key, **static)
+
+
+_STATIC = ("loss_fn", "init_fn", "optimizer", "num_steps", "epochs", "batch_size", "ema_decay")
+# Compiled once per (model, init_fn, optimizer, plan, group size): calling train_ensemble again
+# with the same objects reuses the program, as a jitted function would.
+_group_program = jax.jit(_group, static_argnames=("size", *_STATIC))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _concat(parts, k):
+    return jax.tree.map(lambda *p: jnp.concatenate(p)[:k], *parts)
+
+
+def _members_in_groups(static, data, keys, data_key, workers):
+    """The members in ``workers`` equal groups, one compiled program, the groups run at once."""
+    k = keys.shape[0]
+    size = -(-k // workers)
+    calls = [(keys, np.int32(g), data, data_key) for g in range(workers)]
+    try:
+        hash(tuple(static.values()))
+    except TypeError:  # unhashable options (an array ema_decay...): compiled for this call only
+        program = jax.jit(functools.partial(_group, size=size, **static))
+        outs = _parallel.run(program, calls, workers)
+    else:
+        outs = _parallel.run(_group_program, calls, workers, size=size, **static)
+    return outs[0] if workers == 1 else _concat(outs, k)
 
 
 def _shapes(tree: Any) -> tuple:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxnorm.training import _parallel
 from jaxnorm.training._loop import DivergenceWarning, History, _check_key
 
 
@@ -582,6 +583,8 @@ def _group_program(train_fn, hp, static, keys, chunk_size, devices, metric, who)
     _, program = _programs(train_fn, tuple(static.items()), metric, who, on_cpu)
     nd = len(devices)
     chunk = n if chunk_size is None else min(chunk_size, n)
+    # On one CPU device the chunk_size trials in flight are split over the cores.
+    chunk = -(-chunk // _parallel.cpu_workers(devices))
     chunk = -(-chunk // nd) * nd  # a multiple of the device count, so the trial axis divides
     sharding = None
     if nd > 1:
@@ -601,12 +604,14 @@ def _group_program(train_fn, hp, static, keys, chunk_size, devices, metric, who)
     return program, chunks
 
 
-def _run_chunks(program, chunks):
-    """Every chunk through the program; the outputs as NumPy arrays, the padding dropped."""
-    outs = []
-    for args, size in chunks:
-        res = jax.tree.map(np.asarray, program(*args))
-        outs.append({k: v[:size] for k, v in res.items()})
+def _run_chunks(program, chunks, workers=1):
+    """Every chunk through the program, up to ``workers`` at once; the outputs as NumPy arrays,
+    the padding dropped."""
+    outs = _parallel.run(program, [args for args, _ in chunks], workers)
+    sizes = [size for _, size in chunks]
+    outs = [
+        {k: np.asarray(v)[:size] for k, v in o.items()} for o, size in zip(outs, sizes, strict=True)
+    ]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -684,7 +689,7 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
         jax.eval_shape(program, *chunks[0][0])
     results: dict[int, dict] = {}
     for members, program, chunks in plans:
-        out = _run_chunks(program, chunks)
+        out = _run_chunks(program, chunks, _parallel.cpu_workers(devices))
         for j, i in enumerate(members):
             results[i] = {k: v[j] for k, v in out.items()}
     trials = []
@@ -750,6 +755,9 @@ def random_search(
     (chunks bound the memory; the last chunk is padded so one program serves all). With several
     devices the trial axis is sharded over them (a ``NamedSharding`` over a 1-D mesh), the same
     program partitioned by XLA; the chunk size is rounded up to a multiple of the device count.
+    On one CPU device with several cores, the trials in flight are split into one chunk per core
+    and the chunks run at once, calls of the one compiled program from as many threads (XLA:CPU
+    runs a program's operations one after another, and small matmuls use one core).
 
     ``train_fn(hparams, key)`` receives a dict with one scalar per hyperparameter: a traced
     float32 for ``log_uniform``/``uniform``, a traced int32/float32 for numeric ``choice``, and
@@ -775,7 +783,8 @@ def random_search(
       space: ``{name: log_uniform(lo, hi) | uniform(lo, hi) | choice(*options)}``.
       num_trials: number of configurations (>= 1).
       key: PRNG key (``jax.random.key(0)``).
-      chunk_size: trials per vmapped call (default all of a group at once).
+      chunk_size: trials in flight at once (default all of a group): bounds the memory. On a
+        multi-core CPU they are split into one vmapped call per core.
       metric: the output to rank by.
       mode: ``"max"`` or ``"min"``.
       devices: devices to shard the trials over (default ``jax.devices()``).
