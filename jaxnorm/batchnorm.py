@@ -812,9 +812,54 @@ def _tangent(
         return None
     if cfg.activation is not None:
         # The same expression as the forward, so the activation's kinks fall on the same side.
-        pre = (xc - mean) * (inv_std * gain) + shift
-        d_pre = jax.jvp(cfg.activation, (pre,), (d_pre,))[1]
+        # The barrier keeps the per-feature terms separate small arrays that the fusions take
+        # as operands; recomputed inside them, x - mean was written out as a temporary on CPU.
+        mb, ab, sb = jax.lax.optimization_barrier((mean, inv_std * gain, shift))
+        pre = (xc - mb) * ab + sb
+        d_pre = _activation_jvp(cfg.activation, pre, d_pre)
     return d_pre.astype(out_dtype)
+
+
+def _rectifier_slope(activation) -> float | None:
+    """The negative slope of a rectifier (relu: 0, leaky_relu: s), None for other activations."""
+    from jaxnorm import activations
+
+    if activation in (activations.relu, jax.nn.relu):
+        return 0.0
+    if activation is activations.leaky_relu:
+        return 0.01
+    if (
+        isinstance(activation, functools.partial)
+        and activation.func is activations.leaky_relu
+        and not activation.args
+        and set(activation.keywords) == {"negative_slope"}
+        and isinstance(activation.keywords["negative_slope"], int | float)
+    ):
+        return float(activation.keywords["negative_slope"])
+    return None
+
+
+def _activation_jvp(activation, pre, t):
+    """The activation's tangent at ``pre``: ``activation'(pre) * t``.
+
+    For relu and leaky_relu the derivative (1 above 0; 0, or the slope s, at and below 0) is
+    written with max/min and products instead of a comparison: XLA:CPU fuses the backward
+    reductions (sum(dy), sum(dy * xhat)) into library kernels that take arithmetic but not
+    select, so ``where(pre > 0, dy, 0)`` was a separate fusion, with x - mean written out for
+    it. ``max(pre, 0) * 2**126`` (``1 / tiny`` in general) is at least 1 for every normal
+    pre > 0, so clipped to 1 it is exactly the select's step (subnormal pre, which XLA:CPU
+    flushes to 0, aside).
+    """
+    slope = _rectifier_slope(activation)
+    if slope is None:
+        return jax.jvp(activation, (pre,), (t,))[1]
+    big = jnp.asarray(1.0 / np.finfo(pre.dtype).tiny, pre.dtype)  # 2**126 in float32
+    step = jnp.minimum(jnp.maximum(pre, 0) * big, jnp.ones((), pre.dtype))
+    if slope == 0.0:
+        return t * step
+    # s * (1 - step) + step: exactly 1 above 0 and s below, with no rounding of s + (1 - s).
+    s = jnp.asarray(slope, pre.dtype)
+    return t * (s * (1 - step) + step)
 
 
 def _update_state(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax import ad_checkpoint
 
+from jaxnorm import activations
 from jaxnorm import batchnorm as bn
 from tests.helpers import to_f64, tol
 
@@ -449,6 +450,57 @@ def test_relu_fused_gradient_matches_unfused():
     for a, b in zip(vjp1(dy), vjp2(dy), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(y1) >= 0, True)
+
+
+@pytest.mark.parametrize(
+    "fused, unfused",
+    [
+        ("relu", activations.relu),
+        (jax.nn.relu, jax.nn.relu),
+        ("leaky_relu", activations.leaky_relu),
+        (
+            functools.partial(activations.leaky_relu, negative_slope=0.25),
+            functools.partial(activations.leaky_relu, negative_slope=0.25),
+        ),
+    ],
+    ids=["relu", "jax.nn.relu", "leaky_relu", "leaky_relu-0.25"],
+)
+def test_rectifier_kinks_match_the_unfused_activation(fused, unfused):
+    # Column values symmetric about 0: the middle row is exactly the mean, so its pre-activation
+    # is exactly the bias, 0 (relu'(0) = 0, leaky_relu'(0) = s); tiny positive pre too.
+    x = np.array([[-2.0, -1.0], [-1.0, -3.0], [0.0, 0.0], [1.0, 3.0], [2.0, 1.0]], np.float32)
+    scale = jnp.array([1.0, 2.0])
+    dy = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+    state = bn.init_state(2)
+    for bias in (jnp.zeros(2), jnp.array([1e-30, -1e-30])):
+        f1 = lambda x, s, b: bn.batch_norm(x, s, b, state, train=True, activation=fused)[0]
+        f2 = lambda x, s, b: unfused(bn.batch_norm(x, s, b, state, train=True)[0])
+        (y1, vjp1), (y2, vjp2) = jax.vjp(f1, x, scale, bias), jax.vjp(f2, x, scale, bias)
+        np.testing.assert_array_equal(y1, y2)
+        for a, b in zip(vjp1(dy), vjp2(dy), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu"])
+def test_fused_activation_adds_no_x_sized_temporary(activation):
+    # Compiled, a training step with the activation fused holds no more x-sized temporaries
+    # than batch norm alone (the masked dy and x - mean were written out on CPU before).
+    x = _x((256, 32)).astype(np.float32)
+
+    def step(act):
+        def f(x, dy, s, b):
+            g = lambda x, s, b: bn.batch_norm(
+                x, s, b, bn.init_state(32), train=True, activation=act
+            )
+            y, vjp, _ = jax.vjp(g, x, s, b, has_aux=True)
+            return y, vjp(dy)
+
+        mem = jax.jit(f).lower(x, x, jnp.ones(32), jnp.zeros(32)).compile().memory_analysis()
+        if mem is None:
+            pytest.skip("this backend reports no memory analysis")
+        return mem.temp_size_in_bytes
+
+    assert step(activation) < step(None) + x.nbytes // 2
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
