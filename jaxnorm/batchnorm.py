@@ -813,9 +813,11 @@ def _tangent(
     if cfg.activation is not None:
         # The same expression as the forward, so the activation's kinks fall on the same side.
         # The barrier keeps the per-feature terms separate small arrays that the fusions take
-        # as operands; recomputed inside them, x - mean was written out as a temporary on CPU.
-        mb, ab, sb = jax.lax.optimization_barrier((mean, inv_std * gain, shift))
-        pre = (xc - mb) * ab + sb
+        # as operands (recomputed inside them, x - mean was written out as a temporary on CPU),
+        # and this conversion of a low-precision x apart from xhat's (shared, it was written
+        # out as an x-sized float32 array).
+        xp, (mb, ab, sb) = jax.lax.optimization_barrier((x, (mean, inv_std * gain, shift)))
+        pre = (xp.astype(cdt) - mb) * ab + sb
         d_pre = _activation_jvp(cfg.activation, pre, d_pre)
     return d_pre.astype(out_dtype)
 

@@ -481,11 +481,13 @@ def test_rectifier_kinks_match_the_unfused_activation(fused, unfused):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu"])
-def test_fused_activation_adds_no_x_sized_temporary(activation):
+def test_fused_activation_adds_no_x_sized_temporary(activation, dtype):
     # Compiled, a training step with the activation fused holds no more x-sized temporaries
-    # than batch norm alone (the masked dy and x - mean were written out on CPU before).
-    x = _x((256, 32)).astype(np.float32)
+    # than batch norm alone (on CPU the masked dy and x - mean, and for bfloat16 x converted
+    # to float32, were written out before).
+    x = jnp.asarray(_x((256, 32)), dtype)
 
     def step(act):
         def f(x, dy, s, b):
