@@ -99,7 +99,7 @@ def train_ensemble(
         batch_size=batch_size,
         ema_decay=ema_decay,
     )
-    if _parallel.at_top_level(data, keys, data_key):
+    if _parallel.at_top_level():
         # Called eagerly: compiled here, the members in one group per CPU core (one on GPU).
         workers = min(_parallel.cpu_workers(), keys.shape[0])
         return _members_in_groups(static, data, keys, data_key, workers)

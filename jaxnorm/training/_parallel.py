@@ -30,14 +30,12 @@ def cpu_workers(devices: Sequence[jax.Device] | None = None) -> int:
         return os.cpu_count() or 1
 
 
-def at_top_level(*trees: Any) -> bool:
-    """True when nothing is being traced: no jit, vmap or grad around the caller, no tracers.
+def at_top_level() -> bool:
+    """True when nothing is being traced: no jit, vmap or grad around the caller.
 
     JAX has no public test for an enclosing transformation, so the private one is used when it
     exists; without it (another JAX version) the answer is False and the caller stays pure.
     """
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees)):
-        return False
     try:
         from jax._src import core
     except ImportError:  # pragma: no cover - another JAX layout

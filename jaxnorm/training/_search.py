@@ -576,15 +576,18 @@ def _programs(train_fn, static_items, metric, who, on_cpu):
         return _make_programs(train_fn, static_items, metric, who, on_cpu)
 
 
-def _group_program(train_fn, hp, static, keys, chunk_size, devices, metric, who):
-    """The vmapped program of one group (same static values) and the arguments of its chunks."""
+def _group_program(train_fn, hp, static, keys, chunk_size, devices, workers, metric, who):
+    """The vmapped program of one group (same static values) and the arguments of its chunks.
+
+    ``workers`` chunks run at once (one per core on a single CPU device, see _parallel).
+    """
     n = len(keys)
     on_cpu = all(d.platform == "cpu" for d in devices)
     _, program = _programs(train_fn, tuple(static.items()), metric, who, on_cpu)
     nd = len(devices)
     chunk = n if chunk_size is None else min(chunk_size, n)
     # On one CPU device the chunk_size trials in flight are split over the cores.
-    chunk = -(-chunk // _parallel.cpu_workers(devices))
+    chunk = -(-chunk // workers)
     chunk = -(-chunk // nd) * nd  # a multiple of the device count, so the trial axis divides
     sharding = None
     if nd > 1:
@@ -604,7 +607,7 @@ def _group_program(train_fn, hp, static, keys, chunk_size, devices, metric, who)
     return program, chunks
 
 
-def _run_chunks(program, chunks, workers=1):
+def _run_chunks(program, chunks, workers):
     """Every chunk through the program, up to ``workers`` at once; the outputs as NumPy arrays,
     the padding dropped."""
     outs = _parallel.run(program, [args for args, _ in chunks], workers)
@@ -668,6 +671,7 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
     for i in range(num_trials):
         groups.setdefault(tuple(int(draws[n][i]) for n in static_names), []).append(i)
     devices = _devices(devices)
+    workers = _parallel.cpu_workers(devices)
     plans = []
     for combo, members in groups.items():
         idx = np.asarray(members)
@@ -678,6 +682,7 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
             keys if len(groups) == 1 else keys[idx],  # (indexing keys compiles a gather)
             chunk_size,
             devices,
+            workers,
             metric,
             who,
         )
@@ -689,7 +694,7 @@ def _search(train_fn, space, num_trials, key, chunk_size, metric, mode, devices,
         jax.eval_shape(program, *chunks[0][0])
     results: dict[int, dict] = {}
     for members, program, chunks in plans:
-        out = _run_chunks(program, chunks, _parallel.cpu_workers(devices))
+        out = _run_chunks(program, chunks, workers)
         for j, i in enumerate(members):
             results[i] = {k: v[j] for k, v in out.items()}
     trials = []
