@@ -381,7 +381,6 @@ def moments(
     x: ArrayLike,
     feature_axes: int | Sequence[int] = -1,
     full_covariance: bool = False,
-    *,
     mask: ArrayLike | None = None,
     axis_name: Any = None,
 ) -> Moments:
@@ -1278,9 +1277,9 @@ def _progress(total):
 def fit_stream(
     transform: Transform,
     batches: Iterable[ArrayLike],
+    progress: bool = True,
     *,
     feature_axes: int | Sequence[int] = -1,
-    progress: bool = True,
 ):
     """Fit ``transform`` on a stream of batches, merging their moments (constant memory).
 
@@ -1301,8 +1300,8 @@ def fit_stream(
       transform: a :class:`Transform`.
       batches: an iterable of arrays (NumPy or JAX) with the same feature shape, e.g.
         ``(x[i:i + b] for i in range(0, len(x), b))``.
-      feature_axes: the (trailing) feature axes of each batch.
       progress: show a progress bar: tqdm when installed, else a counter on stderr.
+      feature_axes: the (trailing) feature axes of each batch.
 
     Returns:
       The fitted state.

@@ -106,6 +106,19 @@ def test_moments_mask_ignores_nan_padding():
     np.testing.assert_allclose(m.m2, ref.m2, rtol=1e-5, atol=1e-4)
 
 
+def test_signatures_take_the_issue_positional_order():
+    # moments(x, feature_axes, full_covariance, mask, axis_name); fit_stream(t, batches, progress)
+    x = _data(40, 3, offset=2.0)
+    mask = np.arange(40) < 25
+    pos = pp.moments(x, -1, True, mask)
+    kw = pp.moments(x, feature_axes=-1, full_covariance=True, mask=mask)
+    for a, b in zip(pos, kw, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(pos.mean, x[:25].mean(0), rtol=1e-6)
+    streamed = pp.fit_stream(pp.zero_center(), [x[:25], x[25:]], False)
+    np.testing.assert_allclose(streamed.mean, x.astype(np.float64).mean(0), rtol=1e-6)
+
+
 def test_moments_empty_mask_is_merge_identity():
     x = _data(20, 3)
     empty = pp.moments(x, mask=np.zeros(20, bool))
