@@ -56,7 +56,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -112,6 +112,17 @@ class Moments(NamedTuple):
 
 
 def _feature_axes(feature_axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    def is_int(a):
+        return isinstance(a, int | np.integer) and not isinstance(a, bool)
+
+    if not (
+        is_int(feature_axes)
+        or (isinstance(feature_axes, tuple | list) and all(is_int(a) for a in feature_axes))
+    ):
+        raise TypeError(
+            "feature_axes must be an int or a tuple of ints (negative ones count from the end), "
+            f"but got {_describe(feature_axes)}"
+        )
     return _checks.normalize_axes(feature_axes, ndim, "feature_axes")
 
 
@@ -417,7 +428,8 @@ def moments(
       ``Moments(count, mean, m2)``.
 
     Raises:
-      TypeError: x is not floating.
+      TypeError: x is not a floating array (a dict, int data); full_covariance is not a bool;
+        mask is not boolean (0.5 is no truth value).
       ValueError: bad ``feature_axes`` or ``mask`` shape; x has no example axis (a 1-D x with
         ``feature_axes=-1``: pass ``x[:, None]`` for one feature, ``x[None]`` for one example);
         x has NaN or Inf, or sums that overflow (checked only outside ``jit``, where values are
@@ -434,7 +446,11 @@ def moments(
       >>> m.count, m.mean, m.m2
       (Array(2., dtype=float32), Array([2., 4.], dtype=float32), Array([2., 8.], dtype=float32))
     """
-    x = jnp.asarray(x)
+    if not isinstance(full_covariance, bool | np.bool_):
+        raise TypeError(
+            f"moments expects full_covariance as a bool, but got {_describe(full_covariance)}"
+        )
+    x = _as_array(x, "x", "moments")
     _checks.check_floating(x)
     if x.ndim == 0:
         raise ValueError("moments expects x with at least one axis, but x is a scalar")
@@ -446,13 +462,7 @@ def moments(
     example_shape = tuple(x.shape[a] for a in example_axes)
     w = None
     if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.shape != example_shape:
-            raise ValueError(
-                f"mask must have x's example shape {example_shape} (x.shape {x.shape} without "
-                f"feature_axes {axes}), but it has shape {mask.shape}"
-            )
-        w = mask.astype(bool)
+        w = _check_mask(mask, example_shape, x.shape, axes, "moments")
     if axis_name is None:
         m, n_bad = _local_moments_jit(x, w, axes, bool(full_covariance))
     else:
@@ -464,7 +474,10 @@ def moments(
 
 
 def _check_same_kind(a: Moments, b: Moments) -> None:
-    if a.mean.shape != b.mean.shape or a.m2.shape != b.m2.shape:
+    for name, m in (("a", a), ("b", b)):
+        _check_state(m, Moments, "merge", name)
+        _check_moments_values(m, "merge", name)
+    if jnp.shape(a.mean) != jnp.shape(b.mean) or jnp.shape(a.m2) != jnp.shape(b.m2):
         raise ValueError(
             "merge needs moments of the same features: got mean shapes "
             f"{a.mean.shape} and {b.mean.shape}, m2 shapes {a.m2.shape} and {b.m2.shape} "
@@ -499,7 +512,12 @@ def merge(a: Moments, b: Moments) -> Moments:
       ``Moments`` of the union.
 
     Raises:
-      ValueError: the two have different feature shapes or kinds.
+      TypeError: a or b is not a :class:`Moments` (None, a plain tuple, a transform's state), or
+        has fields that are not arrays of a real dtype.
+      ValueError: the two have different feature shapes or kinds (diagonal or full); a count
+        that is not a scalar; with concrete values, a count that is negative or not finite, or
+        an m2 with negative or NaN (diagonal) entries. Traced values (under ``jit``) cannot be
+        read when the function is traced, so they are not checked there.
 
     References:
       Chan, Golub & LeVeque 1983, "Algorithms for computing the sample variance".
@@ -639,6 +657,166 @@ class ZCAState(NamedTuple):
     explained_variance_ratio: jax.Array
 
 
+# Which function makes each state: apply, inverse, merge and load name it when a state is refused.
+_MADE_BY = {
+    Moments: ("moments",),
+    ZeroCenterState: ("zero_center",),
+    NormalizeState: ("normalize",),
+    PCAState: ("pca", "pca_whiten"),  # one state, one apply: they differ in fit only
+    ZCAState: ("zca_whiten",),
+}
+
+
+def _describe(v) -> str:
+    """What came, for an error message: the type, and the shape and dtype of an array."""
+    if v is None:
+        return "None"
+    if isinstance(v, jax.Array | np.ndarray | np.generic):
+        return f"an array of shape {tuple(v.shape)} and dtype {v.dtype}"
+    if isinstance(v, tuple) and hasattr(v, "_fields"):
+        made_by = " or ".join(_MADE_BY.get(type(v), ()))
+        return f"a {type(v).__name__}" + (f" (the state of {made_by})" if made_by else "")
+    if isinstance(v, tuple | list):
+        return f"a plain {type(v).__name__} of {len(v)} item(s)"
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _as_array(x, what: str, who: str) -> jax.Array:
+    """``jnp.asarray(x)``; a dict, a string, None and the like are a TypeError naming ``what``."""
+    if isinstance(x, jax.Array | np.ndarray | np.generic):
+        return jnp.asarray(x)
+    expected = f"{who} expects {what} as an array (NumPy or JAX, or a nested list of numbers)"
+    if x is None or isinstance(x, Mapping | str | bytes):
+        raise TypeError(f"{expected}, but got {_describe(x)}")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{expected}, but got {_describe(x)}, which is not one ({e})") from None
+
+
+def _check_mask(mask, example_shape: tuple, x_shape: tuple, axes: tuple, who: str) -> jax.Array:
+    """The mask as a boolean array of x's example shape (0.5 is no truth value: refused)."""
+    mask = _as_array(mask, "mask", who)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(
+            f"{who} expects mask with dtype bool (True for the examples that count), but it has "
+            f"dtype {mask.dtype}; pass a comparison such as `weights > 0`, or mask.astype(bool) "
+            "if every nonzero value means True"
+        )
+    if mask.shape != example_shape:
+        raise ValueError(
+            f"mask must have x's example shape {example_shape} (x.shape {x_shape} without "
+            f"feature_axes {axes}), but it has shape {mask.shape}"
+        )
+    return mask
+
+
+def _field(state, f: str, what: str, who: str, *, floating: bool = True):
+    """Field f of a state NamedTuple: an array (or a Python number), of a real dtype."""
+    v = getattr(state, f)
+    # A hand-built Moments may carry its count as a Python number; every other field is an array.
+    ok_number = f == "count" and isinstance(v, int | float) and not isinstance(v, bool)
+    if not (ok_number or isinstance(v, jax.Array | np.ndarray | np.generic)):
+        raise TypeError(f"{who} expects {what}.{f} to be an array, but got {_describe(v)}")
+    dtype = jnp.result_type(v)
+    real = jnp.issubdtype(dtype, jnp.floating) or (
+        not floating and jnp.issubdtype(dtype, jnp.integer)
+    )
+    if not real:
+        want = "a floating" if floating else "an integer or floating"
+        raise TypeError(f"{who} expects {what}.{f} with {want} dtype, but it has dtype {dtype}")
+    return v
+
+
+def _check_state(state, cls, who: str, what: str = "state"):
+    """Raise unless ``state`` is a ``cls`` whose fields are arrays of matching shapes.
+
+    The type is the transform's identity: a NormalizeState given to zero_center's apply (which
+    would only centre), a Moments, None or a plain tuple is a TypeError naming what came. All
+    checks read static shapes and dtypes, so they run at trace time under ``jit``.
+    """
+    if not isinstance(state, cls):
+        if cls is Moments:
+            origin = "moments(x) or merge"
+            fix = "pass the Moments that moments() returned (or build Moments(count, mean, m2))"
+        else:
+            origin = " or ".join(f"{n}().fit" for n in _MADE_BY[cls])
+            fix = "apply a state with the transform that fitted it"
+        raise TypeError(
+            f"{who} expects {what} to be a {cls.__name__} (from {origin}), but got "
+            f"{_describe(state)}; {fix}"
+        )
+    shapes = {f: jnp.shape(_field(state, f, what, who, floating=f != "count")) for f in cls._fields}
+    mean = shapes["mean"]
+    d = math.prod(mean)
+
+    def require(f, want, meaning):
+        if shapes[f] != want:
+            raise ValueError(
+                f"{who}: {what}.{f} must have shape {want} ({meaning}), but it has shape "
+                f"{shapes[f]}; the state's fields do not fit together"
+            )
+
+    if cls is Moments:
+        require("count", (), "a scalar: the number of examples")
+        if shapes["m2"] != mean:
+            require("m2", (d, d), f"mean's shape {mean}, or [D, D] with D = {d} features")
+    elif cls is NormalizeState:
+        require("var", mean, "mean's shape")
+        require("scale", mean, "mean's shape")
+    elif cls is PCAState:
+        comp = shapes["components"]
+        if len(comp) != 2 or comp[1] != d:
+            raise ValueError(
+                f"{who}: {what}.components must have shape [k, {d}] (one component a row, over "
+                f"the {d} features of mean's shape {mean}), but it has shape {comp}"
+            )
+        for f in ("scale", "explained_variance", "explained_variance_ratio"):
+            require(f, (comp[0],), "one entry per component")
+    elif cls is ZCAState:
+        for f in ("whitening", "coloring"):
+            require(f, (d, d), f"[D, D] with D = {d} features")
+        for f in ("explained_variance", "explained_variance_ratio"):
+            require(f, (d,), f"one entry per feature, D = {d}")
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _m2_invalid(m2, full: bool):
+    # The diagonal of m2 holds sums of squares: negative or NaN entries are no moments. `~(v >= 0)`
+    # counts NaN too.
+    diag = jnp.diagonal(m2) if full else m2
+    return jnp.sum(~(diag >= 0))
+
+
+def _check_moments_values(m: Moments, who: str, what: str, *, nonempty: bool = False) -> None:
+    """Concrete Moments only: count finite and >= 0 (> 0 with ``nonempty``), m2's diagonal >= 0.
+
+    Traced values cannot be read at trace time; under ``jit`` they are not checked.
+    """
+    if _checks.is_tracer(m.count) or _checks.is_tracer(m.m2):
+        return
+    count = float(np.asarray(m.count))
+    if not (math.isfinite(count) and count >= 0):
+        raise ValueError(
+            f"{who}: {what}.count must be a finite number >= 0 (the number of examples), but it "
+            f"is {count}"
+        )
+    if nonempty and count == 0:
+        raise ValueError(
+            f"{who} needs at least one example, but {what}.count is 0 (x had no rows, or its "
+            "mask no True entry); statistics of no data fit nothing"
+        )
+    n_bad = int(_m2_invalid(jnp.asarray(m.m2), _is_full(m)))
+    if n_bad:
+        kind = "diagonal entries" if _is_full(m) else "entries"
+        raise ValueError(
+            f"{who}: {what}.m2 has {n_bad} negative or NaN {kind}, but m2 holds sums of squared "
+            "deviations (>= 0); these are not moments of any data"
+        )
+
+
 def _trailing_feature_axes(x, feature_axes, name: str, what: str = "x") -> tuple[int, ...]:
     axes = _feature_axes(feature_axes, x.ndim)
     if len(axes) == x.ndim:
@@ -655,9 +833,10 @@ def _trailing_feature_axes(x, feature_axes, name: str, what: str = "x") -> tuple
 
 def _make_fit(fit_moments, full_covariance: bool, name: str):
     def fit(x, *, feature_axes=-1, mask=None, axis_name=None):
-        x = jnp.asarray(x)
+        x = _as_array(x, "x", f"{name}.fit")
         _checks.check_floating(x)
         axes = _trailing_feature_axes(x, feature_axes, f"{name}.fit")
+        _check_has_examples(x, axes, axis_name, f"{name}.fit")
         m = moments(x, axes, full_covariance=full_covariance, mask=mask, axis_name=axis_name)
         return fit_moments(m)
 
@@ -667,9 +846,21 @@ def _make_fit(fit_moments, full_covariance: bool, name: str):
     return fit
 
 
+def _check_has_examples(x, axes, axis_name, who: str) -> None:
+    # A transform fitted on no data is no transform (scikit-learn refuses 0 samples too). The
+    # shape is static, so this holds under jit; a shard of an axis_name fit may be empty.
+    n = math.prod(x.shape[a] for a in range(x.ndim) if a not in axes)
+    if n == 0 and axis_name is None:
+        raise ValueError(
+            f"{who} needs at least one example, but x of shape {x.shape} has none (feature axes "
+            f"{axes}); statistics of no data fit nothing"
+        )
+
+
 def _check_moments(m: Moments, full: bool, name: str) -> None:
-    if not isinstance(m, Moments):
-        raise TypeError(f"{name}.fit_moments expects a Moments, but got {type(m).__name__}")
+    who = f"{name}.fit_moments"
+    _check_state(m, Moments, who, "m")
+    _check_moments_values(m, who, "m", nonempty=True)
     if full and not _is_full(m):
         raise ValueError(
             f"{name} needs the full scatter matrix, but the moments have m2 of shape "
@@ -683,7 +874,7 @@ def _diag_m2(m: Moments):
 
 
 def _check_input(x, feature_shape, name: str, what: str = "x"):
-    x = jnp.asarray(x)
+    x = _as_array(x, what, name)
     _checks.check_floating(x, what)
     k = len(feature_shape)
     if x.ndim < k or tuple(x.shape[x.ndim - k :]) != tuple(feature_shape):
@@ -736,11 +927,13 @@ def zero_center() -> Transform:
         return ZeroCenterState(m.mean)
 
     def apply(state, x):
+        _check_state(state, ZeroCenterState, "zero_center.apply")
         x = _check_input(x, state.mean.shape, "zero_center.apply")
         dt = _checks.compute_dtype(x.dtype)
         return (x.astype(dt) - _bcast(state.mean, x, dt)).astype(x.dtype)
 
     def inverse(state, z):
+        _check_state(state, ZeroCenterState, "zero_center.inverse")
         z = _check_input(z, state.mean.shape, "zero_center.inverse", "z")
         dt = _checks.compute_dtype(z.dtype)
         return (z.astype(dt) + _bcast(state.mean, z, dt)).astype(z.dtype)
@@ -812,12 +1005,14 @@ def normalize(eps: float = 0.0) -> Transform:
         return NormalizeState(m.mean, var, scale)
 
     def apply(state, x):
+        _check_state(state, NormalizeState, "normalize.apply")
         x = _check_input(x, state.mean.shape, "normalize.apply")
         dt = _checks.compute_dtype(x.dtype)
         y = (x.astype(dt) - _bcast(state.mean, x, dt)) / _bcast(state.scale, x, dt)
         return y.astype(x.dtype)
 
     def inverse(state, z):
+        _check_state(state, NormalizeState, "normalize.inverse")
         z = _check_input(z, state.mean.shape, "normalize.inverse", "z")
         dt = _checks.compute_dtype(z.dtype)
         y = z.astype(dt) * _bcast(state.scale, z, dt) + _bcast(state.mean, z, dt)
@@ -891,23 +1086,29 @@ def _check_eps_mode(eps_mode, name: str) -> None:
 
 
 def _check_num_components(num_components, name):
+    """None, a Python int >= 1 or a Python float in (0, 1) (NumPy and concrete JAX scalars too)."""
     if num_components is None:
-        return
+        return None
+    if isinstance(num_components, jax.Array | np.ndarray) and not _checks.is_tracer(num_components):
+        if num_components.ndim == 0 and num_components.dtype.kind in "iuf":
+            num_components = num_components.item()
     if isinstance(num_components, bool) or not isinstance(
         num_components, int | float | np.integer | np.floating
     ):
         raise TypeError(
             f"{name}: num_components must be None, an int (number of components) or a float in "
-            f"(0, 1) (fraction of variance to keep), but got {num_components!r}"
+            f"(0, 1) (fraction of variance to keep), but got {_describe(num_components)}"
         )
     if isinstance(num_components, int | np.integer):
         if num_components < 1:
             raise ValueError(f"{name}: num_components must be >= 1, but got {num_components}")
-    elif not 0 < num_components < 1:
+        return int(num_components)
+    if not 0 < num_components < 1:
         raise ValueError(
             f"{name}: a float num_components is a fraction of variance and must be in (0, 1), "
             f"but got {num_components}"
         )
+    return float(num_components)
 
 
 def _resolve_k(num_components, ratio, d, name):
@@ -960,7 +1161,7 @@ _pca_state_jit = jax.jit(_pca_state, static_argnums=(5, 6, 7, 8))
 
 
 def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Transform:
-    _check_num_components(num_components, name)
+    num_components = _check_num_components(num_components, name)
 
     def fit_moments(m):
         _check_moments(m, True, name)
@@ -973,6 +1174,7 @@ def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Tr
         return state
 
     def apply(state, x):
+        _check_state(state, PCAState, f"{name}.apply")
         fs = state.mean.shape
         x = _check_input(x, fs, f"{name}.apply")
         dt = _checks.compute_dtype(x.dtype)
@@ -982,7 +1184,7 @@ def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Tr
         return _matmul(xc, w).astype(x.dtype)
 
     def inverse(state, z):
-        z = jnp.asarray(z)
+        _check_state(state, PCAState, f"{name}.inverse")
         k = state.components.shape[0]
         z = _check_input(z, (k,), f"{name}.inverse", "z")
         dt = _checks.compute_dtype(z.dtype)
@@ -1125,7 +1327,9 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
         _warn_rank(ok, d, m.count, d, name)
         return state
 
-    def _map(state, x, mat, what, sign):
+    def _map(state, x, what, sign):
+        _check_state(state, ZCAState, f"{name}.{what}")
+        mat = state.whitening if sign > 0 else state.coloring
         fs = state.mean.shape
         x = _check_input(x, fs, f"{name}.{what}", "x" if sign > 0 else "z")
         dt = _checks.compute_dtype(x.dtype)
@@ -1136,10 +1340,10 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
         return (y + _bcast(state.mean, y, dt)).astype(x.dtype)
 
     def apply(state, x):
-        return _map(state, x, state.whitening, "apply", 1)
+        return _map(state, x, "apply", 1)
 
     def inverse(state, z):
-        return _map(state, z, state.coloring, "inverse", -1)
+        return _map(state, z, "inverse", -1)
 
     return _transform(_make_fit(fit_moments, True, name), apply, inverse, fit_moments, True)
 
@@ -1201,7 +1405,7 @@ def chain(*transforms: Transform) -> Transform:
     full = any(t.full_covariance for t in transforms)
 
     def fit(x, *, feature_axes=-1, mask=None, axis_name=None):
-        x = jnp.asarray(x)
+        x = _as_array(x, "x", "chain.fit")
         _checks.check_floating(x)
         axes = _trailing_feature_axes(x, feature_axes, "chain.fit")
         n_examples = x.ndim - len(axes)
@@ -1220,12 +1424,22 @@ def chain(*transforms: Transform) -> Transform:
                 m = _push_moments(states[-1], m)
         return tuple(states)
 
+    def check(state, who):
+        # chain's state is the plain tuple of its members' states (each checked by its member).
+        if type(state) is not tuple or len(state) != len(transforms):
+            raise TypeError(
+                f"{who} expects state to be a tuple of {len(transforms)} states (from this "
+                f"chain's fit), but got {_describe(state)}"
+            )
+
     def apply(state, x):
+        check(state, "chain.apply")
         for t, s in zip(transforms, state, strict=True):
             x = t.apply(s, x)
         return x
 
     def inverse(state, z):
+        check(state, "chain.inverse")
         for t, s in zip(reversed(transforms), reversed(state), strict=True):
             z = t.inverse(s, z)
         return z
@@ -1294,7 +1508,8 @@ def fit_stream(
     means are of the order of the spread, not of the offset; k is added to the mean once, at the
     end. Merging float32 means of data far from 0 (say at 1e6 with std 1) would otherwise lose
     their rounding error, ``|mean| * 6e-8``, to every merge; and a constant feature keeps
-    ``m2 == 0`` exactly. Empty batches are skipped.
+    ``m2 == 0`` exactly. Empty batches are skipped; a stream of only empty batches fits nothing
+    and is an error, as ``transform.fit(x[:0])`` is.
 
     Args:
       transform: a :class:`Transform`.
@@ -1307,9 +1522,11 @@ def fit_stream(
       The fitted state.
 
     Raises:
-      TypeError: transform is not a :class:`Transform`; a batch is not floating.
-      ValueError: no batches; a batch without an example axis (1-D with ``feature_axes=-1``);
-        batches with different feature shapes; non-finite values (the message names the batch).
+      TypeError: transform is not a :class:`Transform`; batches is not an iterable of arrays (a
+        dict, a string, None); a batch is not a floating array.
+      ValueError: no batches, or only empty ones; a batch without an example axis (1-D with
+        ``feature_axes=-1``); batches with different feature shapes; non-finite values (the
+        message names the batch).
 
     Example:
       >>> import jax.numpy as jnp
@@ -1320,6 +1537,15 @@ def fit_stream(
     """
     if not isinstance(transform, Transform):
         raise TypeError(f"fit_stream expects a Transform, but got {type(transform).__name__}")
+    if (
+        batches is None
+        or isinstance(batches, Mapping | str | bytes)
+        or not isinstance(batches, Iterable)
+    ):
+        raise TypeError(
+            "fit_stream expects batches as an iterable of arrays (a list, or a generator such as "
+            f"(x[i:i + b] for i in range(0, len(x), b))), but got {_describe(batches)}"
+        )
     full = transform.full_covariance
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = _progress(total) if progress else None
@@ -1328,7 +1554,7 @@ def fit_stream(
     pending = None  # the previous group's (non-finite flag, batches), checked one step late
     group = []  # consecutive batches, flattened to [rows, features], fitted together
     feature_shape = None
-    first_dtype = None
+    num_batches = 0
 
     def flush():
         nonlocal acc, shift, pending
@@ -1348,12 +1574,12 @@ def fit_stream(
 
     try:
         for i, batch in enumerate(batches):
-            x = jnp.asarray(batch)
+            x = _as_array(batch, f"batch {i}", "fit_stream")
             _checks.check_floating(x, f"batch {i}")
             axes = _trailing_feature_axes(x, feature_axes, "fit_stream", f"batch {i}")
             fs = tuple(x.shape[a] for a in axes)
             if feature_shape is None:
-                feature_shape, first_dtype = fs, x.dtype
+                feature_shape = fs
             elif fs != feature_shape:
                 raise ValueError(
                     f"fit_stream: batch {i} has feature shape {fs}, but the earlier batches have "
@@ -1361,6 +1587,7 @@ def fit_stream(
                 )
             if x.ndim != 2:
                 x = x.reshape(-1, math.prod(fs))
+            num_batches += 1
             if bar is not None:
                 bar.update(1)
             if x.shape[0] == 0:  # nothing to merge (and no pivot to take)
@@ -1378,12 +1605,10 @@ def fit_stream(
             bar.close()
     if feature_shape is None:
         raise ValueError("fit_stream got no batches; pass a non-empty iterable of arrays")
-    if acc is None:  # only empty batches: the moments of no examples, as t.fit(x[:0])
-        dt = _checks.compute_dtype(first_dtype)
-        d = math.prod(feature_shape)
-        zeros = jnp.zeros((d, d) if full else feature_shape, dt)
-        return transform.fit_moments(
-            Moments(jnp.zeros((), dt), jnp.zeros(feature_shape, dt), zeros)
+    if acc is None:  # as t.fit(x[:0]): a transform fitted on no data is no transform
+        raise ValueError(
+            f"fit_stream got {num_batches} batch(es) of feature shape {feature_shape}, all empty "
+            "(0 examples); statistics of no data fit nothing"
         )
     mean = shift.astype(acc.mean.dtype) + acc.mean
     m2 = acc.m2 if full else acc.m2.reshape(feature_shape)
