@@ -49,13 +49,17 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
 import sys
 import time
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -1639,67 +1643,338 @@ def _merge_batch_jit(acc, x, shift, axes, full):
 # --------------------------------------------------------------------------------------------------
 # Save and load (npz, no pickle)
 
-_STATE_TYPES = {
-    cls.__name__: cls for cls in (Moments, ZeroCenterState, NormalizeState, PCAState, ZCAState)
-}
-_FORMAT = "jaxnorm.preprocessing/1"
+_STATE_TYPES = {cls.__name__: cls for cls in _MADE_BY}
+_FORMAT = "jaxnorm.preprocessing"
+# Version 2 records each array's dtype, shape and SHA-256 checksum, and each state's transform.
+_VERSION = 2
+_HEADER = "__jaxnorm__"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _encode(node, arrays: dict) -> dict:
-    if isinstance(node, tuple) and type(node).__name__ in _STATE_TYPES:
+# What zipfile raises on a cut or damaged archive: OSError for a seek to a damaged offset,
+# RuntimeError for a damaged flag that marks a member encrypted.
+_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, OSError, RuntimeError, zlib.error, NotImplementedError)
+
+
+class _Malformed(Exception):
+    """A header that does not describe a state (load reports it as a ValueError naming the file)."""
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    # bfloat16 and the other ml_dtypes have no .npy name: their bits are stored as unsigned ints.
+    if dtype.kind == "V" or dtype.name not in np.sctypeDict:
+        return np.dtype(f"u{dtype.itemsize}")
+    return dtype
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _path_text(path: tuple) -> str:
+    return "state" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
+def _describe_saved(state) -> str:
+    if type(state) is tuple:
+        kinds = ", ".join(type(s).__name__ for s in state)
+        return f"the state of a chain of {len(state)} transform(s) ({kinds})"
+    return _describe(state)
+
+
+def _encode(node, arrays: dict, path: tuple) -> dict:
+    """The JSON description of a state; its arrays go into ``arrays`` under their member names."""
+    if type(node) in _MADE_BY:
+        _check_state(node, type(node), "save", _path_text(path))
         return {
             "type": type(node).__name__,
-            "fields": {f: _encode(getattr(node, f), arrays) for f in node._fields},
+            "transform": " or ".join(_MADE_BY[type(node)]),
+            "fields": {f: _encode_leaf(getattr(node, f), arrays, (*path, f)) for f in node._fields},
         }
-    if isinstance(node, tuple | list) and not hasattr(node, "_fields"):
-        return {"type": "tuple", "items": [_encode(v, arrays) for v in node]}
-    if isinstance(node, jax.Array | np.ndarray | np.generic):
-        a = np.asarray(node)
-        key = f"leaf_{len(arrays)}"
-        dtype = a.dtype
-        if dtype.kind == "V" or dtype.name not in np.sctypeDict:
-            # bfloat16 and other ml_dtypes: store the bits, since np.load cannot name the dtype.
-            a = a.view(f"u{dtype.itemsize}")
-        arrays[key] = a
-        return {"leaf": key, "dtype": dtype.name}
+    if type(node) is tuple:  # chain's state: the tuple of its members' states
+        items = [_encode(v, arrays, (*path, i)) for i, v in enumerate(node)]
+        return {"type": "chain", "items": items}
     raise TypeError(
-        f"save expects a preprocessing state (a NamedTuple of arrays such as PCAState, or a tuple "
-        f"of them from chain), but found {type(node).__name__}"
+        "save expects a preprocessing state (a NamedTuple of arrays such as PCAState or Moments, "
+        f"or a tuple of them from chain), but {_path_text(path)} is {_describe(node)}"
     )
 
 
-def _decode(node, arrays):
-    t = node.get("type")
-    if t == "tuple":
-        return tuple(_decode(v, arrays) for v in node["items"])
-    if t is not None:
-        cls = _STATE_TYPES.get(t)
-        if cls is None:
-            raise ValueError(f"load: unknown state type {t!r}; known: {sorted(_STATE_TYPES)}")
-        if list(node["fields"]) != list(cls._fields):
+def _encode_leaf(v, arrays: dict, path: tuple) -> dict:
+    if _checks.is_tracer(v):
+        raise TypeError(
+            f"save needs concrete arrays, but {_path_text(path)} is a traced value; call save "
+            "outside jit"
+        )
+    if not isinstance(v, jax.Array | np.ndarray | np.generic):
+        raise TypeError(
+            f"save stores arrays, but {_path_text(path)} is {_describe(v)}; pass an array, e.g. "
+            "jnp.asarray(...) of it"
+        )
+    a = np.asarray(v)
+    stored = a.view(_storage_dtype(a.dtype))
+    member = ".".join(map(str, path))
+    arrays[member] = stored
+    return {
+        "member": member,
+        "dtype": a.dtype.name,
+        "shape": list(a.shape),
+        "sha256": _digest(stored),
+    }
+
+
+def _decode(node, leaf):
+    """The state a header describes; ``leaf(spec)`` gives each array. Raises _Malformed."""
+    if not isinstance(node, dict):
+        raise _Malformed(f"expected a state description, found {node!r:.80}")
+    kind = node["type"]
+    if kind == "chain":
+        if not isinstance(node["items"], list):
+            raise _Malformed("a chain's items must be a list")
+        return tuple(_decode(v, leaf) for v in node["items"])
+    cls = _STATE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise _Malformed(f"unknown state type {kind!r:.80}; known: {['chain', *_STATE_TYPES]}")
+    made_by = " or ".join(_MADE_BY[cls])
+    if node["transform"] != made_by:
+        raise _Malformed(
+            f"a {kind} is recorded as the state of {node['transform']!r:.80}, but it is the state "
+            f"of {made_by}"
+        )
+    fields = node["fields"]
+    if not isinstance(fields, dict) or list(fields) != list(cls._fields):
+        raise _Malformed(
+            f"the saved {kind} has fields {list(fields) if isinstance(fields, dict) else fields}, "
+            f"but a {kind} has {list(cls._fields)}"
+        )
+    return cls(*(leaf(fields[f]) for f in cls._fields))
+
+
+def _leaf_spec(spec) -> dict:
+    if not isinstance(spec, dict) or set(spec) != {"member", "dtype", "shape", "sha256"}:
+        raise _Malformed(
+            f"expected member, dtype, shape and sha256 for an array, found {spec!r:.80}"
+        )
+    member, dtype, shape, digest = spec["member"], spec["dtype"], spec["shape"], spec["sha256"]
+    ok_shape = isinstance(shape, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    )
+    if not (isinstance(member, str) and member and isinstance(digest, str) and ok_shape):
+        raise _Malformed(f"malformed array description {spec!r:.80}")
+    try:
+        dt = jnp.dtype(dtype) if isinstance(dtype, str) else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.hasobject or dt.kind in "OSUaMm":
+        raise _Malformed(f"member {member!r} has dtype {dtype!r:.40}, which is no numeric dtype")
+    return spec
+
+
+def _read_member(zf: zipfile.ZipFile, member: str, where: str, check=None) -> np.ndarray:
+    """The array in ``member``.npy; ``check(dtype, shape)`` vets its .npy header before the data
+    is read (an edited shape allocates nothing)."""
+    fmt = np.lib.format
+    try:
+        with zf.open(member + ".npy") as f:
+            try:
+                version = fmt.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format version {version} is not one np.savez writes")
+                read_header = (
+                    fmt.read_array_header_1_0 if version == (1, 0) else (fmt.read_array_header_2_0)
+                )
+                shape, fortran_order, dtype = read_header(f)
+            except Exception as e:  # NumPy parses the header with Python's tokenizer
+                raise ValueError(
+                    f"{where}: its member {member!r} is not a valid .npy array ({e})"
+                ) from None
+            if dtype.hasobject:
+                raise ValueError(
+                    f"{where}: its member {member!r} holds Python objects, which only pickle "
+                    "could load: the file was not written by preprocessing.save"
+                )
+            if check is not None:
+                check(dtype, shape)
+            size = math.prod(shape) * dtype.itemsize
+            data = bytearray(f.read(size + 1))
+    except _ZIP_ERRORS as e:
+        raise ValueError(
+            f"{where} is corrupted: its member {member!r} cannot be read ({e})"
+        ) from None
+    if len(data) != size:
+        raise ValueError(
+            f"{where} is corrupted: its member {member!r} holds {len(data)} bytes of data where "
+            f"its .npy header describes {size}"
+        )
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def _read_leaf(zf: zipfile.ZipFile, spec: dict, where: str, saved_as: dict) -> np.ndarray:
+    member = spec["member"]
+    dtype = jnp.dtype(spec["dtype"])
+    stored = _storage_dtype(dtype)
+    edited = "the file was edited or is corrupted (nothing is reinterpreted)"
+
+    def check(file_dtype, shape):
+        if file_dtype.name != stored.name or file_dtype.itemsize != stored.itemsize:
+            as_stored = f" (stored as {stored.name})" if stored != dtype else ""
             raise ValueError(
-                f"load: saved {t} has fields {list(node['fields'])}, but this version of jaxnorm "
-                f"expects {list(cls._fields)}"
+                f"{where}: its member {member!r} holds {file_dtype.name} data, but the header "
+                f"records {dtype.name}{as_stored}: {edited}"
             )
-        return cls(**{f: _decode(v, arrays) for f, v in node["fields"].items()})
-    a = arrays[node["leaf"]]
-    dtype = jnp.dtype(node["dtype"])
-    return a.view(dtype) if a.dtype != dtype else a
+        if shape != tuple(spec["shape"]):
+            raise ValueError(
+                f"{where}: its member {member!r} has shape {shape}, but the header records "
+                f"{tuple(spec['shape'])}: {edited}"
+            )
+
+    a = _read_member(zf, member, where, check)
+    digest = _digest(a)
+    if digest != spec["sha256"]:
+        other = saved_as.get(digest)
+        why = (
+            f"it holds the data saved as {other!r}: members were renamed or swapped"
+            if other
+            else "the file was edited or is corrupted"
+        )
+        raise ValueError(
+            f"{where}: its member {member!r} does not hold the data saved under that name (its "
+            f"SHA-256 checksum differs from the header's); {why}"
+        )
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a.view(dtype) if stored != dtype else a
+
+
+def _read_state(zf: zipfile.ZipFile, where: str):
+    names = zf.namelist()
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where} is corrupted: member(s) {repeated} appear more than once")
+    header_file = _HEADER + ".npy"
+    if header_file not in names:
+        raise ValueError(
+            f"{where} was not written by preprocessing.save: it has no {_HEADER!r} header "
+            f"(its members: {sorted(names)[:10]})"
+        )
+    raw = _read_member(zf, _HEADER, where)
+    if raw.dtype.kind != "U" or raw.shape != ():
+        raise ValueError(f"{where} has a malformed header: not a JSON string")
+    try:
+        header = json.loads(str(raw[()]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} has a malformed header (not JSON: {e})") from None
+    fmt = header.get("format") if isinstance(header, dict) else None
+    prefix = _FORMAT + "/"
+    if not (isinstance(fmt, str) and fmt.startswith(prefix) and fmt[len(prefix) :].isdigit()):
+        raise ValueError(
+            f"{where} was not written by preprocessing.save: its header's format is {fmt!r:.80}, "
+            f"expected {prefix}{_VERSION}"
+        )
+    version = int(fmt[len(prefix) :])
+    if version > _VERSION:
+        raise ValueError(
+            f"{where} was written by a newer jaxnorm, in file format version {version}; this "
+            f"version reads version {_VERSION}: upgrade jaxnorm to load it"
+        )
+    if version < _VERSION:
+        raise ValueError(
+            f"{where} is in file format version {version}, from an earlier jaxnorm, which "
+            "recorded no shapes or checksums, so its contents cannot be verified; load it with "
+            "that version and save it again with this one"
+        )
+    specs: list = []
+    try:
+        _decode(header["state"], lambda spec: specs.append(_leaf_spec(spec)))
+        members = [s["member"] for s in specs]
+        if len(set(members)) != len(members):
+            raise _Malformed("an array member is listed twice")
+    except (_Malformed, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where} has a malformed header ({e})") from None
+    expected = {m + ".npy" for m in members}
+    missing = sorted(expected - set(names))
+    if missing:
+        raise ValueError(
+            f"{where} lacks the member(s) {missing} that its header lists: the file was edited, "
+            "or is incomplete"
+        )
+    extra = sorted(set(names) - expected - {header_file})
+    if extra:
+        raise ValueError(
+            f"{where} has member(s) {extra} that its header does not list: the file was edited "
+            "(or was not written by preprocessing.save)"
+        )
+    saved_as = {s["sha256"]: s["member"] for s in specs}
+    state = _decode(header["state"], lambda spec: _read_leaf(zf, spec, where, saved_as))
+    _check_loaded(state, where)
+    return state
+
+
+def _check_loaded(state, where: str, path: tuple = ()) -> None:
+    # The fields fit together (a header edited consistently with its members is caught here).
+    if type(state) is tuple:
+        for i, s in enumerate(state):
+            _check_loaded(s, where, (*path, i))
+        return
+    try:
+        _check_state(state, type(state), "load", _path_text(path))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _feature_shape(state) -> tuple:
+    if type(state) is tuple:
+        return _feature_shape(state[0]) if state else ()
+    return tuple(state.mean.shape)
+
+
+def _check_fits(state, transform, where: str) -> None:
+    """Raise a ValueError naming the file unless ``transform`` (or the state class) takes state."""
+    if isinstance(transform, type) and transform in _MADE_BY:
+        if type(state) is not transform:
+            raise ValueError(
+                f"{where} holds {_describe_saved(state)}, but a {transform.__name__} was expected"
+            )
+        return
+    if not isinstance(transform, Transform):
+        raise TypeError(
+            "load expects transform as a Transform (such as preprocessing.normalize()) or a state "
+            f"class (such as preprocessing.Moments), but got {_describe(transform)}"
+        )
+    if isinstance(state, Moments):
+        raise ValueError(
+            f"{where} holds Moments, not a fitted state; load it without transform= and pass it "
+            "to transform.fit_moments"
+        )
+    # Tracing apply on zero rows runs every check of the state (its type, chain's length, the
+    # fields' shapes) and computes nothing.
+    x = jax.ShapeDtypeStruct((0, *_feature_shape(state)), jnp.float32)
+    try:
+        jax.eval_shape(transform.apply, state, x)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{where} holds {_describe_saved(state)}, which the given transform does not apply: {e}"
+        ) from None
 
 
 def save(path: str | os.PathLike, state) -> None:
     """Save a preprocessing state to an ``.npz`` file, without pickle.
 
-    The arrays are stored as they are (bit for bit, bfloat16 included); the pytree structure (the
-    NamedTuple type names and field names, tuples for :func:`chain`) is stored as JSON beside
-    them.
+    The arrays are stored as they are (bit for bit, bfloat16 included). A JSON header beside them
+    records the file format's version and the state's structure: each NamedTuple's type, the
+    transform that makes it and its field names, tuples for :func:`chain`, and for each array its
+    dtype, shape and SHA-256 checksum, which :func:`load` verifies. The file is written under a
+    temporary name and renamed, so an interrupted save leaves no partial file under ``path``.
 
     Args:
-      path: file name; NumPy appends ``.npz`` when it has no such suffix.
-      state: a state returned by a transform's fit (or :class:`Moments`).
+      path: file name; ``.npz`` is appended when it has no such suffix (as ``np.savez`` does).
+      state: a state returned by a transform's fit (a tuple of them for :func:`chain`), or
+        :class:`Moments`.
 
     Raises:
-      TypeError: state holds something other than known NamedTuples, tuples and arrays.
+      TypeError: state holds something other than the preprocessing NamedTuples, tuples and
+        arrays (None, a dict, a Python number, a traced value under ``jit``).
+      ValueError: a NamedTuple's fields do not fit together (see each transform's ``apply``).
 
     Example:
       >>> import os, tempfile, jax.numpy as jnp
@@ -1707,38 +1982,93 @@ def save(path: str | os.PathLike, state) -> None:
       >>> state = preprocessing.zero_center().fit(jnp.ones((4, 3)))
       >>> path = os.path.join(tempfile.mkdtemp(), "state.npz")
       >>> preprocessing.save(path, state)
-      >>> preprocessing.load(path)
+      >>> preprocessing.load(path, preprocessing.zero_center())
       ZeroCenterState(mean=array([1., 1., 1.], dtype=float32))
     """
     arrays: dict = {}
-    tree = _encode(state, arrays)
-    header = json.dumps({"format": _FORMAT, "tree": tree})
-    np.savez(path, __jaxnorm__=np.array(header), **arrays)
+    tree = _encode(state, arrays, ())
+    header = json.dumps({"format": f"{_FORMAT}/{_VERSION}", "state": tree})
+    target = os.fsdecode(path)
+    if not target.endswith(".npz"):
+        target += ".npz"
+    tmp = f"{target}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, allow_pickle=False, **{_HEADER: np.array(header)}, **arrays)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
-def load(path: str | os.PathLike):
-    """Load a state written by :func:`save` (``allow_pickle=False``).
+def load(path: str | os.PathLike, transform: Transform | type | None = None):
+    """Load a state written by :func:`save`, verified; nothing is reinterpreted, nothing unpickled.
 
     ``path`` is the name given to :func:`save`: when it has no ``.npz`` suffix and no such file
-    exists, the ``.npz`` file that ``save`` wrote is read.
+    exists, the ``.npz`` file that ``save`` wrote is read. Every array must have the dtype, the
+    shape and the SHA-256 checksum that the header records, every member the header lists must
+    be there and no other, and the fields of each state must fit together; anything else is a
+    ``ValueError`` naming the file and what is wrong.
+
+    Pass ``transform`` to also check that the state is that transform's: ``load(path,
+    preprocessing.zero_center())`` refuses a file holding a NormalizeState (which zero_center's
+    ``apply`` would read as a mean alone). Without it the state comes back with its own type, and
+    each transform's ``apply`` refuses another transform's state (a ``TypeError``). ``pca`` and
+    ``pca_whiten`` share :class:`PCAState` and one ``apply``, so either takes either's state.
+
+    Args:
+      path: the file name given to :func:`save`.
+      transform: optional: the :class:`Transform` the state is for (a :func:`chain` for a chain's
+        state), or a state class such as :class:`Moments`.
 
     Returns:
       The state with NumPy array leaves (bit-identical to what was saved); ``jax.device_put`` it
       to place it on a device, or pass it to ``apply`` as it is.
 
     Raises:
-      ValueError: the file was not written by :func:`save`, or holds an unknown state type.
+      FileNotFoundError: there is no such file.
+      TypeError: transform is neither a Transform nor a state class.
+      ValueError: the file is empty, not an ``.npz`` archive, truncated or corrupted; was not
+        written by :func:`save`, or by a newer jaxnorm (a newer file format version); an array's
+        dtype, shape or checksum differs from the header's (an edited header, renamed or swapped
+        members); members missing or extra; the state is not ``transform``'s.
+
+    Example:
+      >>> import os, tempfile, jax.numpy as jnp
+      >>> from jaxnorm import preprocessing
+      >>> path = os.path.join(tempfile.mkdtemp(), "scaler.npz")
+      >>> preprocessing.save(path, preprocessing.normalize().fit(jnp.ones((4, 2))))
+      >>> preprocessing.load(path, preprocessing.normalize()).scale
+      array([1., 1.], dtype=float32)
+      >>> preprocessing.load(path, preprocessing.zero_center())  # doctest: +IGNORE_EXCEPTION_DETAIL
+      Traceback (most recent call last):
+      ValueError: preprocessing.load: '...' holds a NormalizeState (the state of normalize), ...
     """
-    if not os.path.exists(path) and os.path.exists(os.fspath(path) + ".npz"):
-        path = os.fspath(path) + ".npz"  # save(path) appended the suffix, as np.savez does
-    with np.load(path, allow_pickle=False) as f:
-        if "__jaxnorm__" not in f.files:
-            raise ValueError(f"load: {os.fspath(path)!r} was not written by preprocessing.save")
-        header = json.loads(str(f["__jaxnorm__"]))
-        if header.get("format") != _FORMAT:
+    name = os.fsdecode(path)
+    if not os.path.exists(name) and os.path.exists(name + ".npz"):
+        name += ".npz"  # save(path) appended the suffix, as np.savez does
+    where = f"preprocessing.load: {name!r}"
+    with open(name, "rb") as f:
+        start = f.read(len(_ZIP_MAGIC))
+        if not start:
             raise ValueError(
-                f"load: {os.fspath(path)!r} has format {header.get('format')!r}, "
-                f"expected {_FORMAT!r}"
+                f"{where} is empty (0 bytes): it is not a file written by preprocessing.save, or "
+                "its writing was cut short"
             )
-        arrays = {k: f[k] for k in f.files if k != "__jaxnorm__"}
-    return _decode(header["tree"], arrays)
+        if start != _ZIP_MAGIC:
+            raise ValueError(
+                f"{where} is not a file written by preprocessing.save: it is not an .npz (zip) "
+                f"archive (it starts with {start!r})"
+            )
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as zf:
+                state = _read_state(zf, where)
+        except _ZIP_ERRORS as e:
+            raise ValueError(
+                f"{where} is truncated or corrupted (not a complete .npz archive: {e}); save the "
+                "state again"
+            ) from None
+    if transform is not None:
+        _check_fits(state, transform, where)
+    return state

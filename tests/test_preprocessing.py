@@ -1,7 +1,10 @@
 """Tests for jaxnorm.preprocessing against NumPy float64 and scikit-learn."""
 
+import io
 import itertools
+import json
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -685,32 +688,74 @@ def test_transform_is_four_functions_with_full_covariance_property():
 # save / load
 
 
-def test_save_load_round_trip_is_bit_exact(tmp_path):
-    x = _data(80, 4, offset=3.0)
+def _all_states(x):
+    """One state of every kind save takes: each transform, chains (nested too), Moments."""
+    img = x[:, :4].reshape(-1, 2, 2)
     states = {
         "zero_center": pp.zero_center().fit(x),
-        "normalize": pp.normalize().fit(x),
+        "normalize": pp.normalize(eps=1e-3).fit(x),
         "pca": pp.pca(2).fit(x),
-        "zca": pp.zca_whiten().fit(x),
+        "pca_whiten": pp.pca_whiten(3).fit(x),
+        "zca_whiten": pp.zca_whiten().fit(x),
+        "pca_image": pp.pca(3).fit(img, feature_axes=(1, 2)),
         "chain": pp.chain(pp.normalize(), pp.pca_whiten(3)).fit(x),
+        "nested_chain": pp.chain(pp.chain(pp.zero_center(), pp.normalize()), pp.zca_whiten()).fit(
+            x
+        ),
+        "moments": pp.moments(x),
+        "moments_full": pp.moments(x, full_covariance=True),
         "moments_bf16": jax.tree.map(
             lambda a: a.astype(jnp.bfloat16), pp.moments(x, full_covariance=True)
         ),
+        "normalize_f16": jax.tree.map(lambda a: a.astype(jnp.float16), pp.normalize().fit(x)),
+        "moments_numpy_f64": pp.Moments(
+            np.float64(len(x)), x.mean(0, dtype=np.float64), x.var(0, dtype=np.float64)
+        ),
     }
-    for name, state in states.items():
+    return states
+
+
+def _assert_bit_identical(loaded, state):
+    assert jax.tree.structure(loaded) == jax.tree.structure(state)
+    assert type(loaded) is type(state)
+    if type(state) is tuple:
+        for a, b in zip(loaded, state, strict=True):
+            assert type(a) is type(b)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state), strict=True):
+        b = np.asarray(b)
+        assert isinstance(a, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    x = _data(80, 4, offset=3.0)
+    makers = {
+        "zero_center": pp.zero_center(),
+        "normalize": pp.normalize(),
+        "pca": pp.pca(),
+        "pca_whiten": pp.pca_whiten(),
+        "zca_whiten": pp.zca_whiten(),
+        "pca_image": pp.pca(),
+        "chain": pp.chain(pp.normalize(), pp.pca_whiten(3)),
+        "nested_chain": pp.chain(pp.chain(pp.zero_center(), pp.normalize()), pp.zca_whiten()),
+        "normalize_f16": pp.normalize(),
+    }
+    for name, state in _all_states(x).items():
         path = tmp_path / f"{name}.npz"
         pp.save(path, state)
-        loaded = pp.load(path)
-        assert jax.tree.structure(loaded) == jax.tree.structure(state)
-        assert type(loaded).__name__ == type(state).__name__
-        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state), strict=True):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            np.testing.assert_array_equal(
-                np.asarray(a).reshape(-1).view(np.uint8), np.asarray(b).reshape(-1).view(np.uint8)
-            )
+        _assert_bit_identical(pp.load(path), state)
+        if name in makers:
+            _assert_bit_identical(pp.load(path, makers[name]), state)
+        if isinstance(state, pp.Moments):
+            _assert_bit_identical(pp.load(path, pp.Moments), state)
+    with jax.enable_x64(True):
+        state = pp.zca_whiten().fit(x.astype(np.float64))
+        pp.save(tmp_path / "f64.npz", state)
+        _assert_bit_identical(pp.load(tmp_path / "f64.npz", pp.zca_whiten()), state)
     t = pp.chain(pp.normalize(), pp.pca_whiten(3))
-    loaded = pp.load(tmp_path / "chain.npz")
-    np.testing.assert_array_equal(t.apply(loaded, x), t.apply(states["chain"], x))
+    loaded = pp.load(tmp_path / "chain.npz", t)
+    np.testing.assert_array_equal(t.apply(loaded, x), t.apply(t.fit(x), x))
+    assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
 
 
 def test_load_takes_the_name_given_to_save(tmp_path):
@@ -722,6 +767,166 @@ def test_load_takes_the_name_given_to_save(tmp_path):
     np.testing.assert_array_equal(loaded.scale, state.scale)
     with pytest.raises(FileNotFoundError):
         pp.load(tmp_path / "missing")
+
+
+def _members(path):
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _write_members(path, members):
+    """Rewrite an .npz with these members; zipfile computes fresh CRCs, so only load's own checks
+    can notice an edit."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, b in members.items():
+            zf.writestr(n, b)
+
+
+def _header(members):
+    return json.loads(str(np.load(io.BytesIO(members["__jaxnorm__.npy"]))))
+
+
+def _with_header(members, header):
+    buf = io.BytesIO()
+    np.save(buf, np.array(json.dumps(header)))
+    return {**members, "__jaxnorm__.npy": buf.getvalue()}
+
+
+@pytest.fixture
+def saved_normalize(tmp_path):
+    """(path, state, x): a NormalizeState saved to path."""
+    x = _data(40, 3, offset=2.0)
+    state = pp.normalize().fit(x)
+    path = tmp_path / "scaler.npz"
+    pp.save(path, state)
+    return path, state, x
+
+
+def _load_error(path, match, *args):
+    with pytest.raises(ValueError, match=match) as e:
+        pp.load(path, *args)
+    assert str(path) in str(e.value)  # the message names the file
+    return str(e.value)
+
+
+def test_load_refuses_junk_empty_and_truncated_files(tmp_path, saved_normalize):
+    path, _, _ = saved_normalize
+    data = path.read_bytes()
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"these bytes are no preprocessing state\n" * 4)
+    message = _load_error(junk, r"not an \.npz \(zip\) archive")
+    assert "pickle" not in message  # np.load's "pickled data" error said nothing useful
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    _load_error(empty, r"is empty \(0 bytes\)")
+    npy = tmp_path / "plain.npy"
+    np.save(npy, np.zeros(3))
+    _load_error(npy, r"not an \.npz")
+    cut = tmp_path / "cut.npz"
+    for n in (2, 4, 30, len(data) // 3, len(data) // 2, len(data) - 23, len(data) - 1):
+        cut.write_bytes(data[:n])
+        _load_error(cut, r"truncated or corrupted|not an \.npz|is corrupted")
+
+
+def test_load_refuses_an_edited_dtype(saved_normalize):
+    path, _, _ = saved_normalize
+    members = _members(path)
+    # The .npy header of an array member says int32 where float32 was saved: same item size, so
+    # NumPy reads the same bytes as integers.
+    name = next(n for n in members if n != "__jaxnorm__.npy")
+    assert b"'descr': '<f4'" in members[name]
+    edited = {**members, name: members[name].replace(b"'descr': '<f4'", b"'descr': '<i4'")}
+    _write_members(path, edited)
+    _load_error(path, r"holds int32 data, but the header records float32")
+    # The JSON header says int32 for a float32 member: refused, not viewed as integers.
+    header = _header(members)
+    header["state"]["fields"]["var"]["dtype"] = "int32"
+    _write_members(path, _with_header(members, header))
+    _load_error(path, r"holds float32 data, but the header records int32")
+    # An edited shape in the .npy header (same number of bytes) is refused before any read.
+    edited = {**members, name: members[name].replace(b"'shape': (3,)", b"'shape': (1,)")}
+    _write_members(path, edited)
+    _load_error(path, r"has shape \(1,\), but the header records \(3,\)|bytes of data")
+
+
+def test_load_refuses_swapped_members(saved_normalize):
+    path, _, _ = saved_normalize
+    members = _members(path)
+    a, b = [n for n in members if n != "__jaxnorm__.npy"][:2]
+    swapped = {**members, a: members[b], b: members[a]}
+    _write_members(path, swapped)
+    message = _load_error(path, r"does not hold the data saved under that name")
+    assert "swapped" in message
+
+
+def test_load_refuses_missing_and_extra_members(saved_normalize, tmp_path):
+    path, _, _ = saved_normalize
+    members = _members(path)
+    name = next(n for n in members if n != "__jaxnorm__.npy")
+    _write_members(path, {k: v for k, v in members.items() if k != name})
+    _load_error(path, r"lacks the member\(s\)")
+    _write_members(path, {**members, "extra.npy": members[name]})
+    _load_error(path, r"member\(s\) \['extra\.npy'\] that its header does not list")
+    _write_members(path, {k: v for k, v in members.items() if k != "__jaxnorm__.npy"})
+    _load_error(path, r"not written by preprocessing\.save")
+
+
+def test_load_refuses_other_format_versions_and_malformed_headers(saved_normalize):
+    path, _, _ = saved_normalize
+    members = _members(path)
+    header = _header(members)
+    assert header["format"] == "jaxnorm.preprocessing/2"
+    _write_members(path, _with_header(members, {**header, "format": "jaxnorm.preprocessing/99"}))
+    _load_error(path, r"written by a newer jaxnorm, in file format version 99")
+    _write_members(path, _with_header(members, {**header, "format": "jaxnorm.preprocessing/1"}))
+    _load_error(path, r"file format version 1, from an earlier jaxnorm")
+    _write_members(path, _with_header(members, {**header, "format": "something else"}))
+    _load_error(path, r"not written by preprocessing\.save")
+    bad_type = json.loads(json.dumps(header))
+    bad_type["state"]["type"] = "WhiteningState"
+    _write_members(path, _with_header(members, bad_type))
+    _load_error(path, r"malformed header .*unknown state type 'WhiteningState'")
+    _write_members(path, _with_header(members, {"format": header["format"]}))
+    _load_error(path, r"malformed header")
+    buf = io.BytesIO()
+    np.save(buf, np.array("{not json"))
+    _write_members(path, {**members, "__jaxnorm__.npy": buf.getvalue()})
+    _load_error(path, r"malformed header \(not JSON")
+
+
+def test_load_refuses_another_transforms_state(saved_normalize, tmp_path):
+    path, state, x = saved_normalize
+    # zero_center's apply would read a NormalizeState's mean and silently only centre.
+    _load_error(path, r"holds a NormalizeState .*zero_center\.apply expects", pp.zero_center())
+    _load_error(path, r"holds a NormalizeState", pp.pca())
+    _load_error(path, r"tuple of 2 states", pp.chain(pp.zero_center(), pp.normalize()))
+    _load_error(path, r"holds a NormalizeState .* but a Moments was expected", pp.Moments)
+    np.testing.assert_array_equal(
+        pp.normalize().apply(pp.load(path, pp.normalize()), x), pp.normalize().apply(state, x)
+    )
+    with pytest.raises(TypeError, match=r"zero_center\.apply expects state to be a ZeroCenterS"):
+        pp.zero_center().apply(pp.load(path), x)
+    with pytest.raises(TypeError, match=r"load expects transform as a Transform .* got str"):
+        pp.load(path, "normalize")
+    pp.save(tmp_path / "m.npz", pp.moments(x))
+    _load_error(tmp_path / "m.npz", r"holds Moments, not a fitted state", pp.normalize())
+
+
+def test_save_refuses_what_it_cannot_store(tmp_path):
+    x = _data(20, 3)
+    for bad, match in [
+        (None, r"state is None"),
+        ({"mean": x}, r"state is dict"),
+        ((pp.zero_center().fit(x), [1.0]), r"state\[1\] is a plain list"),
+        (pp.Moments(20.0, x.mean(0), x.var(0)), r"state\.count is float 20\.0"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            pp.save(tmp_path / "bad.npz", bad)
+    with pytest.raises(ValueError, match=r"state\.var must have shape \(3,\)"):
+        pp.save(tmp_path / "bad.npz", pp.NormalizeState(x.mean(0), x.var(0)[:2], x.std(0)))
+    with pytest.raises(TypeError, match=r"traced value; call save outside jit"):
+        jax.jit(lambda m: pp.save(tmp_path / "bad.npz", pp.ZeroCenterState(m)))(x.mean(0))
+    assert not list(tmp_path.iterdir())
 
 
 # -------------------------------------------------------------------------------------------------
