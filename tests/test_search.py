@@ -1,5 +1,6 @@
 """jaxnorm.training's random search: samplers, vmapped trials, divergence, borders, CSV, errors."""
 
+import json
 import math
 import warnings
 
@@ -271,7 +272,10 @@ def test_static_choices_are_grouped_and_csv_round_trip(tmp_path):
         assert t.params == u.params and t.metrics == u.metrics
     assert back.best.index == result.best.index
     text = path.read_text().splitlines()
-    assert text[0] == "trial,round,status,diverged_step,lr,act,width,val_accuracy,extra"
+    assert text[0] == (
+        "trial,round,status,diverged_step,param:lr,param:act,param:width,"
+        "metric(max):val_accuracy,metric:extra"
+    )
 
 
 def test_choice_params_are_the_option_objects():
@@ -549,3 +553,197 @@ def test_eight_devices_equal_one():
     proc = run_on_8_cpu_devices("_search_multidevice_script.py", timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout, proc.stdout
+
+
+# -------------------------------------------------------------------------------------------------
+# CSV and JSON: exact round trips
+
+
+def _same(a, b):
+    """Same type and value, recursively; floats bit for bit (NaN equal to NaN)."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, float | np.floating):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes() or (np.isnan(a) and np.isnan(b))
+    elif isinstance(a, tuple | list):
+        assert len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            _same(u, v)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    else:
+        assert a == b
+
+
+def _same_trials(back, result):
+    assert len(back.trials) == len(result.trials)
+    for t, u in zip(result.trials, back.trials, strict=True):
+        assert (t.index, t.round, t.status, t.diverged_step) == (
+            u.index,
+            u.round,
+            u.status,
+            u.diverged_step,
+        )
+        _same(u.params, t.params)
+        _same(u.metrics, t.metrics)
+    assert (back.metric, back.mode) == (result.metric, result.mode)
+
+
+# Every kind of value a hyperparameter may take: the float edge cases, ints beyond float64,
+# bool, None, strings CSV must quote, tuples, nested containers, NumPy scalars.
+VALUES = [
+    0.1,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    5e-324,  # the smallest subnormal
+    -0.0,
+    1.0,
+    2**70 + 1,
+    -3,
+    True,
+    False,
+    None,
+    "relu",
+    'a, "quoted"\nline',
+    "",
+    (16, 32),
+    (),
+    ((1, 2.5), [None, "a"], {"k": (1,), 2: float("nan")}),
+    [1, 2],
+    np.float32(0.1),
+    np.float32("nan"),
+    np.int64(-7),
+    np.True_,
+]
+
+
+def _hand_made_result():
+    trials = [
+        training.Trial(
+            index=i,
+            params={"v": v, "lr": 10.0 ** -(i % 5)} if i % 3 else {"v": v},
+            metrics={"score": [0.5, float("nan"), 1e-310, -0.0][i % 4], "loss": i / 7},
+            status="ok" if i % 4 != 1 else "diverged",
+            diverged_step=None if i % 4 != 1 else i,
+            round=i % 2,
+        )
+        for i, v in enumerate(VALUES)
+    ]
+    space = {
+        "lr": training.log_uniform(1e-4, 1.0),
+        "v": training.choice(*VALUES),
+        "width": training.choice(16, 32, static=True),
+    }
+    return training.SearchResult(
+        trials=trials,
+        metric="score",
+        mode="min",
+        space=space,
+        at_border={"lr": "high"},
+        spaces=[space, {"lr": training.uniform(0.0, 1.0)}],
+    )
+
+
+def test_csv_and_json_round_trip_every_kind_of_value_exactly(tmp_path):
+    result = _hand_made_result()
+    result.to_csv(tmp_path / "r.csv")
+    _same_trials(training.SearchResult.from_csv(tmp_path / "r.csv", metric="score"), result)
+    result.to_json(tmp_path / "r.json")
+    back = training.SearchResult.from_json(tmp_path / "r.json")
+    _same_trials(back, result)
+    for a, b in [(back.space, result.space), *zip(back.spaces, result.spaces, strict=True)]:
+        assert list(a) == list(b)
+        for name in a:
+            assert type(a[name]) is type(b[name])
+            _same(tuple(a[name]), tuple(b[name]))
+    assert back.at_border == result.at_border
+    assert back.best.index == result.best.index
+
+
+def test_csv_round_trip_keeps_best_params_of_bool_none_and_tuple_choices(tmp_path):
+    def train_fn(hp, key):
+        bonus = (0.5 if hp["flag"] else 0.0) + (0.25 if hp["opt"] is None else 0.0)
+        return {"score": bonus + 0.1 * hp["shape"][0] * hp["x"], "other": hp["x"]}
+
+    space = {
+        "x": training.uniform(0.0, 1.0),
+        "flag": training.choice(True, False),
+        "opt": training.choice(None, "adam"),
+        "shape": training.choice((1, 2), (3, 4)),
+    }
+    result = training.random_search(train_fn, space, 8, jax.random.key(0), metric="score", border=0)
+    result.to_csv(tmp_path / "r.csv")
+    back = training.SearchResult.from_csv(tmp_path / "r.csv", metric="score", mode="max")
+    _same_trials(back, result)
+    assert back.best_params == result.best_params
+    _same(back.best_params, result.best_params)
+    assert type(back.best_params["flag"]) is bool and type(back.best_params["shape"]) is tuple
+
+
+def test_from_csv_with_a_wrong_metric_name_names_the_file_and_columns(tmp_path):
+    result = _hand_made_result()
+    path = tmp_path / "r.csv"
+    result.to_csv(path)
+    for wrong in ("val_accuracy", "v", "lr"):
+        with pytest.raises(ValueError, match=r"has no metric column") as e:
+            training.SearchResult.from_csv(path, metric=wrong)
+        message = str(e.value)
+        assert str(path) in message
+        assert "hyperparameters ['v', 'lr']" in message and "metrics ['score', 'loss']" in message
+    # Another metric of the file: the columns keep their roles (the ranked metric is not read
+    # as a hyperparameter), and the direction must be said.
+    with pytest.raises(ValueError, match=r"ranked by 'score' \(min\); to rank by 'loss'.*mode="):
+        training.SearchResult.from_csv(path, metric="loss")
+    back = training.SearchResult.from_csv(path, metric="loss", mode="max")
+    assert back.metric == "loss" and back.mode == "max"
+    _same([t.params for t in back.trials], [t.params for t in result.trials])
+    _same([t.metrics for t in back.trials], [t.metrics for t in result.trials])
+    assert back.best.index == len(VALUES) - 1  # the largest loss, i / 7, of an ok trial
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min'"):
+        training.SearchResult.from_csv(path, mode="up")
+
+
+def test_csv_and_json_refuse_values_they_cannot_hold_exactly(tmp_path):
+    result = training.SearchResult(
+        trials=[training.Trial(0, {"act": jax.nn.relu}, {"score": 1.0}, "ok")],
+        metric="score",
+        mode="max",
+    )
+    with pytest.raises(TypeError, match=r"trial 0's param 'act' is .* does not read back"):
+        result.to_csv(tmp_path / "r.csv")
+    with pytest.raises(TypeError, match=r"trial 0's 'act' holds .* JSON cannot hold exactly"):
+        result.to_json(tmp_path / "r.json")
+
+
+def test_from_csv_and_from_json_refuse_files_they_did_not_write(tmp_path):
+    path = tmp_path / "r.csv"
+    # The header of the earlier to_csv: no roles, so a metric could be read as a hyperparameter.
+    path.write_text("trial,round,status,diverged_step,lr,score,extra\n0,0,ok,,0.1,0.5,1.0\n")
+    with pytest.raises(ValueError, match=r"r\.csv.*column 'lr' has no role"):
+        training.SearchResult.from_csv(path, metric="score")
+    _hand_made_result().to_csv(path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1] + ",1"]) + "\n")
+    with pytest.raises(ValueError, match=r"r\.csv', line 2: \d+ cells where the header has"):
+        training.SearchResult.from_csv(path)
+    path.write_text(lines[0] + "\n0,0,ok,,os.system('x'),0.1,0.5,1.0\n")
+    with pytest.raises(ValueError, match=r"line 2: the param 'v' cell .* is no literal"):
+        training.SearchResult.from_csv(path)
+    path.write_text(lines[0] + "\n0,0,ok,,1,0.1,'high',1.0\n")
+    with pytest.raises(ValueError, match=r"line 2: the metric 'score' cell .* is not a number"):
+        training.SearchResult.from_csv(path)
+    json_path = tmp_path / "r.json"
+    json_path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"r\.json' is not JSON"):
+        training.SearchResult.from_json(json_path)
+    _hand_made_result().to_json(json_path)
+    doc = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps({**doc, "format": "jaxnorm.SearchResult/9"}))
+    with pytest.raises(ValueError, match=r"written by a newer jaxnorm"):
+        training.SearchResult.from_json(json_path)
+    doc["trials"][0]["status"] = "fine"
+    json_path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"r\.json' is malformed .*status must be"):
+        training.SearchResult.from_json(json_path)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
+import re
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -354,7 +357,7 @@ class SearchResult:
 
     def _columns(self):
         params = list(dict.fromkeys(k for t in self.trials for k in t.params))
-        # The ranked metric first: from_csv reads the columns before it as hyperparameters.
+        # The ranked metric first: to_csv marks it, with the mode, as the ranked column.
         metrics = list(dict.fromkeys([self.metric, *(k for t in self.trials for k in t.metrics)]))
         return params, metrics
 
@@ -391,47 +394,200 @@ class SearchResult:
         return self.table()
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """Write every trial to ``path``: trial, round, status, diverged_step, the hyperparameters,
-        then the ranked metric and the other metrics."""
+        """Write every trial to a CSV file that :meth:`from_csv` reads back exactly.
+
+        Columns: ``trial, round, status, diverged_step``, then one ``param:<name>`` column per
+        hyperparameter, then one per metric, the ranked one first as ``metric(max):<name>`` (or
+        ``min``), the others as ``metric:<name>``. A cell holds the value's ``repr``, a Python
+        literal (``0.1``, ``'relu'``, ``True``, ``None``, ``(16, 32)``, ``nan``), which reads
+        back as the same type and value, floats bit for bit; an empty cell means the trial has no
+        such entry. Values whose ``repr`` does not read back exactly (a function, an object) are
+        refused rather than written as text: use :meth:`to_json` for the space too, and give
+        such options names (``choice("relu", "tanh")``).
+
+        Raises:
+          TypeError: a hyperparameter value that a CSV cell cannot hold exactly.
+        """
         params, metrics = self._columns()
+        header = [*_FIXED_COLUMNS, *(f"param:{p}" for p in params)]
+        header += [f"metric({self.mode}):{metrics[0]}", *(f"metric:{m}" for m in metrics[1:])]
+        rows = []
+        for t in self.trials:
+            row = [t.index, t.round, t.status, "" if t.diverged_step is None else t.diverged_step]
+            for kind, names, values in (
+                ("param", params, t.params),
+                ("metric", metrics, t.metrics),
+            ):
+                row += [_cell(values[n], t.index, kind, n) if n in values else "" for n in names]
+            rows.append(row)
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["trial", "round", "status", "diverged_step", *params, *metrics])
-            for t in self.trials:
-                w.writerow(
-                    [t.index, t.round, t.status, "" if t.diverged_step is None else t.diverged_step]
-                    + [repr(t.params[p]) if p in t.params else "" for p in params]
-                    + [repr(t.metrics[m]) if m in t.metrics else "" for m in metrics]
-                )
+            w.writerow(header)
+            w.writerows(rows)
 
     @classmethod
     def from_csv(
-        cls, path: str | os.PathLike, *, metric: str = "val_accuracy", mode: str = "max"
+        cls, path: str | os.PathLike, *, metric: str | None = None, mode: str | None = None
     ) -> SearchResult:
-        """Read trials written by :meth:`to_csv` (same ``metric``): the columns before ``metric``
-        are hyperparameters, read back as int, float or str; the rest are metrics.
+        """Read the trials written by :meth:`to_csv`, exactly as they were.
+
+        The header says which columns are hyperparameters and which are metrics, and which
+        metric the search ranked by and how (see :meth:`to_csv`); each cell reads back as the
+        value written (type included: ``True`` stays a bool, ``None`` None, ``(16, 32)`` a
+        tuple), so ``best_params`` is what it was. The space is not in the CSV (``space`` is
+        None); :meth:`to_json` keeps it.
+
+        Args:
+          path: the file.
+          metric: rank by this metric column (default: the one the search ranked by).
+          mode: ``"max"`` or ``"min"`` (default: the search's, when ranking by its metric; needed
+            for another metric).
+
+        Raises:
+          ValueError: ``metric`` is not one of the file's metric columns (the message names the
+            file and its columns); another metric without ``mode``; the file was not written by
+            :meth:`to_csv` (no column roles) or has a malformed row or cell.
         """
+        where = f"from_csv: {os.fsdecode(path)!r}"
         with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        header, rows = rows[0], rows[1:]
-        if metric not in header:
-            raise ValueError(f"from_csv: {path} has no column {metric!r}; columns: {header}")
-        first_metric = header.index(metric)
-        names = header[4:]
-        trials = []
-        for r in rows:
-            values = {n: _parse(v) for n, v in zip(names, r[4:], strict=True) if v != ""}
-            trials.append(
-                Trial(
-                    index=int(r[0]),
-                    round=int(r[1]),
-                    status=r[2],
-                    diverged_step=None if r[3] == "" else int(r[3]),
-                    params={n: values[n] for n in header[4:first_metric] if n in values},
-                    metrics={n: float(values[n]) for n in header[first_metric:] if n in values},
-                )
+            try:
+                lines = list(csv.reader(f))
+            except csv.Error as e:
+                raise ValueError(f"{where} is not a readable CSV file ({e})") from None
+        if not lines:
+            raise ValueError(f"{where} is empty; expected the header that to_csv writes")
+        header, lines = lines[0], lines[1:]
+        roles = _column_roles(header, where)
+        params = [n for role, n, _ in roles if role == "param"]
+        found = [n for role, n, _ in roles if role == "metric"]
+        ranked = next((n, m) for role, n, m in roles if role == "metric" and m is not None)
+        if metric is None:
+            metric = ranked[0]
+        if metric not in found:
+            raise ValueError(
+                f"{where} has no metric column {metric!r}; its columns are: hyperparameters "
+                f"{params}, metrics {found} (the search ranked by {ranked[0]!r})"
             )
-        return cls(trials=trials, metric=metric, mode=_check_mode(mode, "from_csv"))
+        if mode is None:
+            if metric != ranked[0]:
+                raise ValueError(
+                    f"{where} was ranked by {ranked[0]!r} ({ranked[1]}); to rank by {metric!r}, "
+                    "say whether it is maximised or minimised: mode='max' or mode='min'"
+                )
+            mode = ranked[1]
+        mode = _check_mode(mode, "from_csv")
+        trials = []
+        for line_no, r in enumerate(lines, start=2):
+            if len(r) != len(header):
+                raise ValueError(
+                    f"{where}, line {line_no}: {len(r)} cells where the header has {len(header)}"
+                )
+            fixed = _fixed_cells(r[:4], f"{where}, line {line_no}")
+            values = {"param": {}, "metric": {}}
+            for (role, name, _), text in zip(roles, r[4:], strict=True):
+                if text != "":
+                    values[role][name] = _read_cell(text, role, f"{where}, line {line_no}", name)
+            trials.append(Trial(**fixed, params=values["param"], metrics=values["metric"]))
+        return cls(trials=trials, metric=metric, mode=mode)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write the whole result to a JSON file that :meth:`from_json` reads back exactly.
+
+        The trials (hyperparameters and metrics with their types: a tuple stays a tuple, a
+        NumPy scalar keeps its dtype, non-finite floats are tagged), the metric and mode, the
+        space of every round and the border check. Finite floats are JSON numbers, written as
+        Python's shortest round-tripping ``repr``, so they read back bit for bit.
+
+        Raises:
+          TypeError: a value JSON cannot hold exactly (a function, an object): give such
+            options names (``choice("relu", "tanh")``).
+        """
+        doc = {
+            "format": f"{_JSON_FORMAT}/{_JSON_VERSION}",
+            "metric": self.metric,
+            "mode": self.mode,
+            "trials": [
+                {
+                    "index": t.index,
+                    "round": t.round,
+                    "status": t.status,
+                    "diverged_step": t.diverged_step,
+                    "params": {
+                        n: _json_value(v, f"trial {t.index}'s {n!r}") for n, v in t.params.items()
+                    },
+                    "metrics": {
+                        n: _json_value(v, f"trial {t.index}'s metric {n!r}")
+                        for n, v in t.metrics.items()
+                    },
+                }
+                for t in self.trials
+            ],
+            "space": None if self.space is None else _json_space(self.space),
+            "spaces": [_json_space(s) for s in self.spaces],
+            "at_border": dict(self.at_border),
+        }
+        text = json.dumps(doc, indent=1, allow_nan=False)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> SearchResult:
+        """Read a result written by :meth:`to_json`: equal to the one written, types and all.
+
+        Raises:
+          ValueError: the file is not JSON, was not written by :meth:`to_json` (or by a newer
+            jaxnorm), or is malformed (the message names the file).
+        """
+        where = f"from_json: {os.fsdecode(path)!r}"
+        with open(path) as f:
+            try:
+                doc = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not JSON ({e})") from None
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        prefix = _JSON_FORMAT + "/"
+        if not (isinstance(fmt, str) and fmt.startswith(prefix) and fmt[len(prefix) :].isdigit()):
+            raise ValueError(
+                f"{where} was not written by SearchResult.to_json (format {fmt!r:.60}, expected "
+                f"{prefix}{_JSON_VERSION})"
+            )
+        if int(fmt[len(prefix) :]) > _JSON_VERSION:
+            raise ValueError(
+                f"{where} was written by a newer jaxnorm (format {fmt}; this version reads "
+                f"{prefix}{_JSON_VERSION}): upgrade jaxnorm to read it"
+            )
+        try:
+            trials = [
+                Trial(
+                    index=_json_int(t["index"]),
+                    round=_json_int(t["round"]),
+                    status=_json_status(t["status"]),
+                    diverged_step=None
+                    if t["diverged_step"] is None
+                    else _json_int(t["diverged_step"]),
+                    params={_json_name(n): _from_json(v) for n, v in t["params"].items()},
+                    metrics={_json_name(n): _json_metric(v) for n, v in t["metrics"].items()},
+                )
+                for t in doc["trials"]
+            ]
+            space = None if doc["space"] is None else _space_from_json(doc["space"])
+            result = cls(
+                trials=trials,
+                metric=_json_name(doc["metric"]),
+                mode=_check_mode(doc["mode"], "from_json"),
+                space=space,
+                at_border={_json_name(k): _json_side(v) for k, v in doc["at_border"].items()},
+                spaces=[_space_from_json(s) for s in doc["spaces"]],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{where} is malformed ({type(e).__name__}: {e})") from None
+        return result
+
+
+_FIXED_COLUMNS = ("trial", "round", "status", "diverged_step")
+_ROLE = re.compile(r"(param|metric)(?:\((max|min)\))?:(.+)", re.DOTALL)
+_JSON_FORMAT = "jaxnorm.SearchResult"
+_JSON_VERSION = 1
 
 
 def _fmt(v) -> str:
@@ -442,15 +598,276 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _parse(s: str):
-    for conv in (int, float):
-        try:
-            return conv(s)
-        except ValueError:
-            pass
-    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
-        return s[1:-1]
-    return s
+def _identical(a, b) -> bool:
+    """Same type and value, recursively; floats bit for bit up to the NaN payload."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float | np.floating):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return bool(a == b) and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(map(_identical, a, b))
+    if isinstance(a, dict):
+        return len(a) == len(b) and all(
+            _identical(ka, kb) and _identical(a[ka], b[kb]) for ka, kb in zip(a, b, strict=True)
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # pragma: no cover - exotic values
+        return False
+
+
+# NumPy scalar types a repr may name (NumPy 2 writes np.float32(0.1), np.True_).
+_NUMPY_SCALARS = {
+    t.__name__: t
+    for t in (
+        np.float16,
+        np.float32,
+        np.float64,
+        np.int8,
+        np.int16,
+        np.int32,
+        np.int64,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+        np.bool_,
+    )
+}
+
+
+def _literal(text: str):
+    """The value of a Python literal, as ``ast.literal_eval``, plus nan, inf and NumPy scalars."""
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool, bytes):
+            return node.value
+        if isinstance(node, ast.Constant) and node.value is None:
+            return None
+        if isinstance(node, ast.Name) and node.id in ("nan", "inf"):
+            return float(node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            v = ev(node.operand)
+            if type(v) not in (int, float):
+                raise ValueError("a sign before something that is not a number")
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.Tuple):
+            return tuple(ev(e) for e in node.elts)
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Dict) and None not in node.keys:
+            return {ev(k): ev(v) for k, v in zip(node.keys, node.values, strict=True)}
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in ("np", "numpy")
+            and node.attr in ("True_", "False_")
+        ):
+            return np.True_ if node.attr == "True_" else np.False_
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in ("np", "numpy")
+            and node.func.attr in _NUMPY_SCALARS
+            and len(node.args) == 1
+            and not node.keywords
+        ):
+            return _NUMPY_SCALARS[node.func.attr](ev(node.args[0]))
+        raise ValueError(f"{ast.dump(node)[:60]} is not a literal")
+
+    return ev(ast.parse(text.strip(), mode="eval").body)
+
+
+def _cell(v, index, kind, name) -> str:
+    """``repr(v)``, after checking that it reads back as v (type and value)."""
+    text = "?"
+    try:
+        text = repr(v)
+        ok = _identical(_literal(text), v)
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"to_csv: trial {index}'s {kind} {name!r} is {type(v).__name__} {text[:60]}, whose "
+            "text does not read back as the same value; a CSV cell holds numbers, str, bool, "
+            "None, NumPy scalars and tuples, lists and dicts of them. Give such options names, "
+            "e.g. choice('relu', 'tanh') instead of functions"
+        )
+    return text
+
+
+def _column_roles(header, where):
+    if tuple(header[:4]) != _FIXED_COLUMNS:
+        raise ValueError(
+            f"{where} was not written by SearchResult.to_csv: its header begins {header[:4]}, "
+            f"expected {list(_FIXED_COLUMNS)}"
+        )
+    roles, seen = [], set()
+    for col in header[4:]:
+        m = _ROLE.fullmatch(col)
+        if m is None:
+            raise ValueError(
+                f"{where}: column {col!r} has no role (param:<name> or metric:<name>); the file "
+                "was not written by this jaxnorm's SearchResult.to_csv, which records each "
+                "column's role so that no metric is read as a hyperparameter"
+            )
+        role, ranked, name = m.groups()
+        if ranked is not None and role != "metric":
+            raise ValueError(f"{where}: column {col!r}: only a metric is ranked")
+        if (role, name) in seen:
+            raise ValueError(f"{where}: column {col!r} appears twice")
+        seen.add((role, name))
+        roles.append((role, name, ranked))
+    if sum(r is not None for _, _, r in roles) != 1:
+        raise ValueError(
+            f"{where}: expected exactly one ranked metric column, metric(max):<name> or "
+            f"metric(min):<name>; its columns: {header[4:]}"
+        )
+    return roles
+
+
+def _fixed_cells(cells, where) -> dict:
+    index, round_, status, step = cells
+    try:
+        out = {
+            "index": int(index),
+            "round": int(round_),
+            "status": status,
+            "diverged_step": None if step == "" else int(step),
+        }
+    except ValueError as e:
+        raise ValueError(
+            f"{where}: trial, round and diverged_step must be integers ({e})"
+        ) from None
+    if status not in ("ok", "diverged"):
+        raise ValueError(f"{where}: status must be 'ok' or 'diverged', got {status!r}")
+    return out
+
+
+def _read_cell(text, role, where, name):
+    try:
+        v = _literal(text)
+    except (SyntaxError, ValueError, TypeError, RecursionError) as e:
+        raise ValueError(
+            f"{where}: the {role} {name!r} cell {text[:60]!r} is no literal ({e})"
+        ) from None
+    if role == "metric":
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{where}: the metric {name!r} cell {text[:60]!r} is not a number")
+        v = float(v)
+    return v
+
+
+def _json_value(v, what: str):
+    """v as JSON that :func:`_from_json` reads back identically (TypeError otherwise)."""
+
+    def enc(v):
+        if v is None or type(v) in (bool, str, int):
+            return v
+        if type(v) is float:
+            return v if math.isfinite(v) else {"float": repr(v)}
+        if type(v) is list:
+            return [enc(e) for e in v]
+        if type(v) is tuple:
+            return {"tuple": [enc(e) for e in v]}
+        if type(v) is dict:
+            return {"dict": [[enc(k), enc(e)] for k, e in v.items()]}
+        if type(v) in _NUMPY_SCALARS.values():
+            return {"numpy": np.dtype(type(v)).name, "value": enc(v.item())}
+        raise TypeError(
+            f"to_json: {what} holds {type(v).__name__} {repr(v)[:60]}, which JSON cannot hold "
+            "exactly (numbers, str, bool, None, NumPy scalars and lists, tuples and dicts of "
+            "them); give such options names, e.g. choice('relu', 'tanh')"
+        )
+
+    out = enc(v)
+    if not _identical(_from_json(out), v):  # pragma: no cover - a guard on enc itself
+        raise TypeError(f"to_json: {what} ({repr(v)[:60]}) would not read back exactly")
+    return out
+
+
+def _from_json(j):
+    if j is None or type(j) in (bool, str, int, float):
+        return j
+    if type(j) is list:
+        return [_from_json(e) for e in j]
+    if type(j) is dict and len(j) == 1:
+        ((tag, body),) = j.items()
+        if tag == "float" and body in ("nan", "inf", "-inf"):
+            return float(body)
+        if tag == "tuple" and type(body) is list:
+            return tuple(_from_json(e) for e in body)
+        if tag == "dict" and type(body) is list:
+            return {_from_json(k): _from_json(e) for k, e in body}
+    if (
+        type(j) is dict
+        and set(j) == {"numpy", "value"}
+        and j["numpy"] in {np.dtype(t).name for t in _NUMPY_SCALARS.values()}
+    ):
+        return np.dtype(j["numpy"]).type(_from_json(j["value"]))
+    raise ValueError(f"{json.dumps(j)[:60]} is no encoded value")
+
+
+def _json_space(space):
+    out = {}
+    for name, d in space.items():
+        if isinstance(d, LogUniform | Uniform):
+            kind = "log_uniform" if isinstance(d, LogUniform) else "uniform"
+            out[name] = {kind: [_json_value(d.lo, name), _json_value(d.hi, name)]}
+        else:
+            out[name] = {
+                "choice": [_json_value(o, f"space[{name!r}]") for o in d.options],
+                "static": bool(d.static),
+            }
+    return out
+
+
+def _space_from_json(j):
+    space = {}
+    for name, d in j.items():
+        if set(d) == {"log_uniform"}:
+            space[name] = LogUniform(*map(_from_json, d["log_uniform"]))
+        elif set(d) == {"uniform"}:
+            space[name] = Uniform(*map(_from_json, d["uniform"]))
+        elif set(d) == {"choice", "static"} and type(d["static"]) is bool:
+            space[name] = Choice(tuple(_from_json(o) for o in d["choice"]), d["static"])
+        else:
+            raise ValueError(f"space[{name!r}] = {json.dumps(d)[:60]} is no distribution")
+    return space
+
+
+def _json_int(v):
+    if type(v) is not int:
+        raise ValueError(f"expected an integer, found {v!r:.40}")
+    return v
+
+
+def _json_name(v):
+    if type(v) is not str:
+        raise ValueError(f"expected a name, found {v!r:.40}")
+    return v
+
+
+def _json_status(v):
+    if v not in ("ok", "diverged"):
+        raise ValueError(f"status must be 'ok' or 'diverged', found {v!r:.40}")
+    return v
+
+
+def _json_side(v):
+    if v not in ("low", "high"):
+        raise ValueError(f"a border side must be 'low' or 'high', found {v!r:.40}")
+    return v
+
+
+def _json_metric(v):
+    v = _from_json(v)
+    if type(v) is not float:
+        raise ValueError(f"a metric must be a float, found {v!r:.40}")
+    return v
 
 
 def _check_mode(mode, who):
@@ -798,7 +1215,8 @@ def random_search(
 
     Returns:
       A :class:`SearchResult`: ``.trials``, ``.best``, ``.best_params``, ``.table()``,
-      ``.to_csv(path)``, ``.at_border``.
+      ``.to_csv(path)`` / ``SearchResult.from_csv(path)`` and ``.to_json(path)`` /
+      ``SearchResult.from_json(path)`` (both exact), ``.at_border``.
 
     Raises:
       TypeError: a space that is not a dict of distributions, a key that is not a PRNG key, a
