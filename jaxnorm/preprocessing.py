@@ -575,6 +575,11 @@ class Transform(NamedTuple):
         when no component is dropped.
       fit_moments: ``fit_moments(m: Moments) -> state``, for streamed or sharded statistics.
 
+    ``apply`` and ``inverse`` take only their own transform's state: another transform's state,
+    :class:`Moments`, None or a plain tuple is a ``TypeError``, and fields whose shapes do not fit
+    together a ``ValueError``, raised when the function is traced (so under ``jit`` too).
+    ``fit`` and ``fit_moments`` refuse data of no examples (a ``ValueError``).
+
     ``t.full_covariance`` (a read-only property, not a field) says whether ``fit_moments`` needs
     the full scatter matrix (``moments(..., full_covariance=True)``); :func:`fit_stream` and
     :func:`chain` read it. It is the ``full_covariance`` attribute of the ``fit_moments``
