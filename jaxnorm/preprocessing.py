@@ -578,7 +578,9 @@ class Transform(NamedTuple):
     ``apply`` and ``inverse`` take only their own transform's state: another transform's state,
     :class:`Moments`, None or a plain tuple is a ``TypeError``, and fields whose shapes do not fit
     together a ``ValueError``, raised when the function is traced (so under ``jit`` too).
-    ``fit`` and ``fit_moments`` refuse data of no examples (a ``ValueError``).
+    ``fit`` and ``fit_moments`` refuse data of no examples (a ``ValueError``): ``x[:0]`` at trace
+    time; an all-False mask, or moments with a negative count or m2, only when the values are
+    concrete (under ``jit`` they are unknown when the function is traced, and not checked).
 
     ``t.full_covariance`` (a read-only property, not a field) says whether ``fit_moments`` needs
     the full scatter matrix (``moments(..., full_covariance=True)``); :func:`fit_stream` and
