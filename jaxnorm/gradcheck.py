@@ -22,6 +22,8 @@ both passes, since their default dtype follows the x64 flag.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -340,27 +342,154 @@ def _upcast(tree):
     return jax.tree_util.tree_map(one, tree)
 
 
-# Compiled gradients, keyed by the printed jaxpr of jax.grad(f) (constants passed as arguments).
+# --------------------------------------------------------------------------------------------------
+# Compiled programs, reused only for the same function
+#
+# A jaxpr's printed text is not the function it computes: it leaves out the arrays that an inner
+# ``jax.jit`` closes over (constants of the inner program) and prints a custom rule by its name
+# only. So compiled programs are keyed by a full description of the jaxpr instead: every equation
+# with its primitive, inputs, outputs and parameters, every literal and every constant at any depth
+# (by a SHA-256 digest of its bytes, with dtype and shape). A program holding an opaque callable
+# (``pure_callback``, a user primitive's parameter) has no such description and is never cached.
+# The rules of ``custom_jvp_call``/``custom_vjp_call`` are the one exception: the programs cached
+# here evaluate jaxprs without differentiating them, so those rules are never called (a cached
+# gradient program already holds the traced backward pass as ordinary equations).
+
+_RULE_PARAMS = frozenset("jvp_jaxpr_fun jvp_jaxpr_thunk fwd_jaxpr_thunk fwd bwd out_trees".split())
+_RULE_PRIMITIVES = frozenset(("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"))
+_MAX_PROGRAMS = 32
+
+
+class _Uncacheable(Exception):
+    """A program whose description would not determine the function it computes."""
+
+
+def _fingerprint(x):
+    if _is_key(x):
+        return ("key", str(x.dtype), _fingerprint(jax.random.key_data(x)))
+    a = np.asarray(x)
+    if a.dtype == object:
+        raise _Uncacheable
+    digest = hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).digest()
+    return (a.dtype.str, a.dtype.name, a.shape, digest)
+
+
+def _aval_key(aval):
+    shape = getattr(aval, "shape", None)
+    dtype = getattr(aval, "dtype", None)
+    if shape is None or dtype is None:
+        return repr(aval)
+    return (tuple(str(d) for d in shape), str(dtype), bool(getattr(aval, "weak_type", False)))
+
+
+_PLAIN = (type(None), bool, int, str, bytes, np.dtype, enum.Enum)
+
+
+def _describe_value(v, memo):
+    if isinstance(v, jax.extend.core.ClosedJaxpr):
+        return ("closed", _describe_jaxpr(v.jaxpr, memo), tuple(_fingerprint(c) for c in v.consts))
+    if isinstance(v, jax.extend.core.Jaxpr):
+        return ("jaxpr", _describe_jaxpr(v, memo))
+    if isinstance(v, float | complex):
+        return (type(v).__name__, repr(v))  # repr tells -0.0 from 0.0 and keeps every digit
+    if isinstance(v, _PLAIN):
+        return (type(v).__name__, v)
+    if isinstance(v, np.generic | np.ndarray | jax.Array):
+        return ("array", _fingerprint(v))
+    if isinstance(v, type):
+        return ("type", v.__module__, v.__qualname__)
+    if isinstance(v, tuple | list | frozenset | set):
+        items = [_describe_value(x, memo) for x in v]
+        if isinstance(v, frozenset | set):
+            items = sorted(items, key=repr)
+        return (type(v).__qualname__, tuple(items))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted(((repr(k), _describe_value(x, memo)) for k, x in v.items()))))
+    module = type(v).__module__ or ""
+    if module.split(".")[0] in ("jax", "jaxlib", "ml_dtypes"):
+        # Shardings, meshes, layouts, avals: data whose repr says what they are. A callable among
+        # them may wrap user code (a pure_callback's function) and is not described by its repr.
+        if not callable(v) or isinstance(v, jax.sharding.Mesh | jax.sharding.AbstractMesh):
+            return (module, type(v).__qualname__, repr(v))
+    raise _Uncacheable
+
+
+def _describe_jaxpr(jaxpr, memo):
+    if id(jaxpr) in memo:
+        return memo[id(jaxpr)][1]
+    ids = {}
+
+    def define(v):
+        if isinstance(v, jax.extend.core.DropVar):
+            return ("drop", _aval_key(v.aval))
+        ids[v] = len(ids)
+        return (ids[v], _aval_key(v.aval))
+
+    def use(v):
+        if isinstance(v, jax.extend.core.Literal):
+            return ("literal", _aval_key(v.aval), _fingerprint(v.val))
+        return ids[v]
+
+    head = (tuple(map(define, jaxpr.constvars)), tuple(map(define, jaxpr.invars)))
+    eqns = []
+    for e in jaxpr.eqns:
+        params = []
+        for name in sorted(e.params):
+            if e.primitive.name in _RULE_PRIMITIVES and name in _RULE_PARAMS:
+                continue
+            params.append((name, _describe_value(e.params[name], memo)))
+        ins = tuple(map(use, e.invars))
+        # The primitive itself, not its name: two primitives may share a name.
+        eqns.append((e.primitive, ins, tuple(map(define, e.outvars)), tuple(params)))
+    out = (head, tuple(eqns), tuple(map(use, jaxpr.outvars)), repr(jaxpr.effects))
+    memo[id(jaxpr)] = (jaxpr, out)  # holds the jaxpr so that its id is not reused meanwhile
+    return out
+
+
+def _program_key(closed):
+    """A hashable key equal only for jaxprs that compute the same function, or None.
+
+    The top-level constants of ``closed`` are not part of the key: the cached programs take them as
+    arguments. Everything else that decides the values is: constants of inner jaxprs, literals and
+    parameters at any depth.
+    """
+    try:
+        return _describe_jaxpr(closed.jaxpr, {})
+    except _Uncacheable:
+        return None
+
+
+def _cached(cache: dict, key, build):
+    """``cache[key]``, built by ``build()`` if absent; never stored when ``key`` is None."""
+    if key is None:
+        return build()
+    run = cache.get(key)
+    if run is None:
+        run = build()
+        if len(cache) >= _MAX_PROGRAMS:
+            cache.pop(next(iter(cache)))
+        cache[key] = run
+    return run
+
+
+# Compiled gradients, by the description of jax.grad(f)'s jaxpr (constants passed as arguments).
 _GRADS: dict = {}
 
 
 def _analytic_grad(prob: _Problem, diff_leaves) -> list:
-    """``jax.grad`` of f at the caller's arrays, compiled once per program.
+    """``jax.grad`` of f at the caller's arrays, compiled once per function.
 
-    f is traced afresh on every call and the compiled gradient is looked up by the jaxpr it
-    traces to, with its array constants passed as arguments: checking the same model again
-    reuses the compilation, while a closure whose captured values changed (a Python scalar is a
-    literal in the jaxpr, an array a constant) is differentiated as it is now. Keying by f itself
-    would return a stale gradient after such a change, and fail for unhashable callables.
+    f is traced afresh on every call and the compiled gradient is looked up by a full description
+    of the jaxpr it traces to (:func:`_program_key`), with its top-level array constants passed as
+    arguments: checking the same model again reuses the compilation, while a closure whose captured
+    values changed, at any depth (a Python scalar, an array, an array inside an inner ``jax.jit``
+    or a custom rule), is differentiated as it is now. Keying by f itself would return a stale
+    gradient after such a change, and fail for unhashable callables.
     """
     closed = jax.make_jaxpr(jax.grad(prob.call))(diff_leaves)
-    key = str(closed.jaxpr)
-    run = _GRADS.get(key)
-    if run is None:
-        run = jax.jit(partial(jax.core.eval_jaxpr, closed.jaxpr))
-        if len(_GRADS) >= _MAX_EVALUATORS:
-            _GRADS.pop(next(iter(_GRADS)))
-        _GRADS[key] = run
+    run = _cached(
+        _GRADS, _program_key(closed), lambda: jax.jit(partial(jax.core.eval_jaxpr, closed.jaxpr))
+    )
     return run(closed.consts, *jax.tree_util.tree_leaves(diff_leaves))
 
 
@@ -405,9 +534,8 @@ _CALLS = frozenset(
 
 
 class _Const:
-    def __init__(self, val, captured=False):
-        self.val = val
-        self.captured = captured  # a constant array of an inlined call, baked into the program
+    def __init__(self, val):
+        self.val = val  # a literal, or a constant of an inlined call (baked into the program)
 
 
 def _inline(jaxpr, in_refs, const_refs, eqns, counter):
@@ -420,7 +548,7 @@ def _inline(jaxpr, in_refs, const_refs, eqns, counter):
         sub = e.params.get("jaxpr", e.params.get("call_jaxpr"))
         if e.primitive.name in _CALLS and sub is not None:
             if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                sub, consts = sub.jaxpr, [_Const(c, captured=True) for c in sub.consts]
+                sub, consts = sub.jaxpr, [_Const(c) for c in sub.consts]
             else:
                 consts = []
             if len(sub.invars) == len(ins) and len(sub.outvars) == len(e.outvars):
@@ -493,24 +621,27 @@ def _sparse_rule(prim, params, ins, vals, base_outs, k, idx, v):
     return None
 
 
-# Compiled sparse evaluators, keyed by the printed jaxpr (its structure, not its constants, which
+# Compiled sparse evaluators, by the description of the jaxpr (_program_key; its top-level constants
 # are passed as arguments): re-checking the same model reuses the executable, as jax.jit would.
 _EVALUATORS: dict = {}
-_MAX_EVALUATORS = 32
 
 
 def _sparse_evaluator(closed, chunks):
     """A jitted ``run(leaves, consts, idx, values)`` for the (leaf, chunk size) pairs ``chunks``."""
-    key = (str(closed.jaxpr), chunks)
-    if key in _EVALUATORS:
-        return _EVALUATORS[key]
+    key = _program_key(closed)
+    return _cached(
+        _EVALUATORS,
+        None if key is None else (key, chunks),
+        lambda: _build_evaluator(closed, chunks),
+    )
+
+
+def _build_evaluator(closed, chunks):
     eqns = []
     counter = iter(range(1, 1 << 62))
     const_keys = [next(counter) for _ in closed.jaxpr.constvars]
     in_keys = [next(counter) for _ in closed.jaxpr.invars]
     outs = _inline(closed.jaxpr, in_keys, const_keys, eqns, counter)
-    # Constants baked into the program can differ between calls with equal jaxprs: no caching.
-    cacheable = not any(isinstance(r, _Const) and r.captured for e in eqns for r in e[1])
     read = lambda env, r: r.val if isinstance(r, _Const) else env[r]
 
     def run(flat_leaves, consts, idx, values):
@@ -556,12 +687,7 @@ def _sparse_evaluator(closed, chunks):
             results.append(mapped((i, v)))
         return read(base, outs[0]), results
 
-    if not cacheable:
-        return jax.jit(run)
-    if len(_EVALUATORS) >= _MAX_EVALUATORS:
-        _EVALUATORS.pop(next(iter(_EVALUATORS)))
-    _EVALUATORS[key] = jax.jit(run)
-    return _EVALUATORS[key]
+    return jax.jit(run)
 
 
 def _sparse_values(fn, leaves64, requests):

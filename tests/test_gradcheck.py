@@ -366,6 +366,137 @@ def test_check_grad_sees_the_closure_as_it_is_now():
     assert gradcheck.check_grad(loss2, w).passed
 
 
+def _fresh_caches():
+    gradcheck._GRADS.clear()
+    gradcheck._EVALUATORS.clear()
+
+
+def _inner_jit_loss(x):
+    # x is closed over inside jax.jit: a constant of the inner program, not of the outer one.
+    return jax.jit(lambda w: jnp.sum(jnp.tanh(x @ w) ** 2))
+
+
+@pytest.mark.parametrize("as_numpy", [True, False])
+@pytest.mark.parametrize("nested", [False, True])
+def test_check_grad_inner_jit_closure_new_data_is_checked_as_it_is(as_numpy, nested):
+    # Issue 16: the cache returned X1's gradient for X2 (a correct loss failed, as X2's data
+    # differs). Both orders, so that neither program's gradient can stand in for the other's.
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2)]
+    if not as_numpy:
+        xs = [jnp.asarray(x) for x in xs]
+    w = jnp.ones(4)
+    make = (lambda x: jax.jit(lambda w: _inner_jit_loss(x)(w) * 2.0)) if nested else _inner_jit_loss
+    for order in (xs, xs[::-1]):
+        _fresh_caches()
+        for x in order:
+            report = gradcheck.check_grad(make(x), w)
+            assert report.passed, str(report)
+            expect = (
+                2
+                * to_f64(x).T
+                @ (np.tanh(to_f64(x) @ np.ones(4)) / np.cosh(to_f64(x) @ np.ones(4)) ** 2)
+            )
+            analytic = {c.index: c.analytic for c in report["arg0"].worst}
+            for i, a in analytic.items():
+                np.testing.assert_allclose(a, (2.0 if nested else 1.0) * expect[i], rtol=1e-4)
+
+
+def _scaled_sin_vjp(c):
+    c = np.full(4, c, np.float32)
+
+    @jax.custom_vjp
+    def g(v):
+        return jnp.sum(jnp.sin(v))
+
+    g.defvjp(lambda v: (g(v), v), lambda v, ct: (ct * jnp.cos(v) * c,))
+    return jax.jit(g)
+
+
+def _scaled_sin_jvp(c):
+    c = jnp.full(4, c, jnp.float32)
+
+    @jax.custom_jvp
+    def g(v):
+        return jnp.sum(jnp.sin(v))
+
+    g.defjvp(lambda p, t: (g(p[0]), jnp.sum(jnp.cos(p[0]) * c * t[0])))
+    return jax.jit(g)
+
+
+@pytest.mark.parametrize("make", [_scaled_sin_vjp, _scaled_sin_jvp])
+def test_check_grad_custom_rule_closure_wrong_backward_fails(make):
+    # Issue 16: a 5%-wrong backward pass closed over data was accepted after a correct one with the
+    # same printed program (the data lives in the rule's closure, baked into the inner program).
+    w = jnp.linspace(-1.0, 1.0, 4)
+    _fresh_caches()
+    assert gradcheck.check_grad(make(1.0), w).passed
+    bad = gradcheck.check_grad(make(1.05), w)
+    assert not bad.passed and bad["arg0"].num_failed == 4
+    _fresh_caches()
+    assert not gradcheck.check_grad(make(1.05), w).passed
+    assert gradcheck.check_grad(make(1.0), w).passed
+
+
+@pytest.mark.loose_promotion
+def test_check_grad_flax_apply_closure_over_data_and_variables():
+    nn = pytest.importorskip("flax.linen")
+    model = nn.Dense(3)
+    rng = np.random.default_rng(1)
+    xs = [jnp.asarray(rng.normal(size=(5, 4)), jnp.float32) for _ in range(2)]
+    variables = model.init(jax.random.key(0), xs[0])
+    _fresh_caches()
+    for x in xs:
+        loss = jax.jit(lambda v, x=x: jnp.sum(jnp.tanh(model.apply(v, x)) ** 2))
+        report = gradcheck.check_grad(loss, variables)
+        assert report.passed, str(report)
+    # Variables closed over, the input checked: two different models, same printed program.
+    other = jax.tree_util.tree_map(lambda a: 1.5 * a + 0.1, variables)
+    for v in (variables, other):
+        loss = jax.jit(lambda x, v=v: jnp.sum(jnp.sin(model.apply(v, x))))
+        report = gradcheck.check_grad(loss, xs[0])
+        assert report.passed, str(report)
+
+
+def test_check_grad_reuses_the_compiled_programs_of_the_same_function():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    w = jnp.ones(4)
+    _fresh_caches()
+    assert gradcheck.check_grad(_inner_jit_loss(x), w).passed
+    grads, evaluators = dict(gradcheck._GRADS), dict(gradcheck._EVALUATORS)
+    assert len(grads) == 1 and len(evaluators) == 1
+    # A new closure over equal data is the same function: the same compiled programs.
+    assert gradcheck.check_grad(_inner_jit_loss(x.copy()), w).passed
+    assert gradcheck._GRADS == grads and gradcheck._EVALUATORS == evaluators
+    # Other data: new programs beside the old ones.
+    assert gradcheck.check_grad(_inner_jit_loss(x + 1.0), w).passed
+    assert len(gradcheck._GRADS) == 2 and len(gradcheck._EVALUATORS) == 2
+
+
+def test_check_grad_does_not_cache_opaque_callbacks():
+    # A pure_callback's function is opaque: the program is never reused for another one.
+    def loss(scale):
+        def f(v):
+            y = jax.pure_callback(
+                lambda a: np.sin(a) * scale,
+                jax.ShapeDtypeStruct(v.shape, v.dtype),
+                v,
+                vmap_method="sequential",
+            )
+            return jnp.sum(y)
+
+        f = jax.custom_jvp(f)
+        f.defjvp(lambda p, t: (f(p[0]), jnp.sum(jnp.cos(p[0]) * t[0])))
+        return f
+
+    w = jnp.array([0.1, -0.5, 0.9])
+    _fresh_caches()
+    assert gradcheck.check_grad(loss(1.0), w).passed
+    assert not gradcheck.check_grad(loss(1.05), w).passed
+    assert not gradcheck._EVALUATORS
+
+
 def test_check_grad_unhashable_callable():
     class Loss:
         __hash__ = None
