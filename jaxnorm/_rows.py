@@ -8,6 +8,8 @@ statistics with one collective whose result is the same on every device.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,39 @@ def gather_by_psum(v, axis_name, groups=None):
     slots = jnp.arange(size) == index
     onehot = jnp.where(slots.reshape((size,) + (1,) * v.ndim), v[None], jnp.zeros((), v.dtype))
     return jax.lax.psum(onehot, axis_name, axis_index_groups=groups)
+
+
+def sample_rows(x, raxes: tuple[int, ...], size: int):
+    """``(rows, axis)``: ``size`` examples of x spread evenly over the examples, one small gather.
+
+    Examples are numbered in row-major order over ``raxes``; the sample takes numbers
+    ``floor((2j + 1) R / (2 size))`` for ``j < size``, the middles of ``size`` equal runs (R the
+    number of examples; all of them when R <= size). A flat stride that is usually not a
+    multiple of an image's width or height keeps the sample from seeing only one phase of a
+    periodic feature map.
+
+    Returns:
+      The gathered values, with the sampled examples on one axis (``axis``) and x's other axes
+      (the features) in their order, and that axis: ``raxes[0]`` when ``raxes`` are adjacent,
+      else 0 (NumPy's rule for advanced indices).
+    """
+    sizes = tuple(x.shape[a] for a in raxes)
+    total = math.prod(sizes)
+    size = max(1, min(size, total))
+    flat = ((2 * np.arange(size, dtype=np.int64) + 1) * total) // (2 * size)
+    index = np.unravel_index(flat, sizes) if total else tuple(np.zeros((0,), int) for _ in sizes)
+    at = tuple(
+        jnp.asarray(index[raxes.index(a)], jnp.int32) if a in raxes else slice(None)
+        for a in range(x.ndim)
+    )
+    adjacent = raxes == tuple(range(raxes[0], raxes[0] + len(raxes)))
+    axis = raxes[0] if adjacent else 0
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = tuple(getattr(sharding, "spec", ()) or ())
+    if any(a < len(spec) and spec[a] is not None for a in raxes):
+        # Explicitly sharded example axes: a gather with a replicated sample axis (see first_row).
+        rest = [spec[a] if a < len(spec) else None for a in range(x.ndim) if a not in raxes]
+        out_spec = jax.sharding.PartitionSpec(*rest[:axis], None, *rest[axis:])
+        out = jax.sharding.NamedSharding(sharding.mesh, out_spec)
+        return x.at[at].get(out_sharding=out), axis
+    return x[at], axis

@@ -607,20 +607,42 @@ def _const(v, dtype):
     return jax.lax.stop_gradient(jnp.asarray(v).astype(dtype))
 
 
+# The pivot is the mean of this many examples spread over the batch (see _pivot).
+_PIVOT_SAMPLE = 64
+# The one-pass variance about a pivot k is kept when (mean - k)^2 <= _MAX_SHIFT * var: its
+# rounding error is then at most about 1 + c + 2 sqrt(c (1 + c)) <= 4.9 times that of the sums
+# of a two-pass variance (c = (mean - k)^2 / var, see _moments). Otherwise a pass about the mean
+# recomputes it.
+_MAX_SHIFT = 1.0
+# Passes about the mean at most (each divides c by about 1 / (n eps)^2; one is enough for any
+# pivot within the data's range, the others guard against a pivot far outside it).
+_MAX_REFINE = 3
+# Squares of deviations that overflowed are summed scaled by this power of two (exact): the
+# sum of n scaled squares is below n * var * 2**-64, finite for any float32 var and n < 2**64.
+_OVERFLOW_SCALE = 2.0**-32
+
+
 def _moments(cfg: _Config, x, xc, mask):
     """Per-feature (mean, biased var, count) over cfg.raxes (keepdims), global over devices.
 
-    One pass: sums of (x - k) and (x - k)^2 about a pivot k, a valid value of each feature.
-    With k within a few standard deviations of the mean, E[(x-k)^2] - E[x-k]^2 has no catastrophic
-    cancellation (the textbook E[x^2] - E[x]^2 loses everything when |mean| >> std).
+    One pass: sums of (x - k) and (x - k)^2 about a pivot k (:func:`_pivot`: the mean of a
+    sample of the batch), so that E[(x-k)^2] - E[x-k]^2 has no catastrophic cancellation (the
+    textbook E[x^2] - E[x]^2 loses everything when |mean| >> std). Its rounding error is that
+    of the sums times at most 1 + c + 2 sqrt(c (1 + c)), c = (mean - k)^2 / var: for
+    ``c <= _MAX_SHIFT`` it is within a small factor of a two-pass variance's. The statistics
+    themselves measure c (when cancellation ruins the variance, c comes out large, not small),
+    so a feature whose c is larger, or whose squares overflowed, is recomputed by
+    :func:`_refine` about the mean, under a ``lax.cond`` that costs nothing when no feature of
+    the batch (of any device, of any vmapped member) needs it.
     ``x`` is the input, ``xc`` the same values in the compute dtype.
     """
     cdt = xc.dtype
+    xin = x
     # The pivot and each sum read x through their own _apart view of it (see there).
     if x.dtype != cdt:
         x = jax.lax.optimization_barrier(x)
         xc = None
-    k = jax.lax.stop_gradient(_pivot(x, mask, cfg.raxes, cfg.ghost).astype(cdt))
+    k = jax.lax.stop_gradient(_pivot(x, mask, cfg.raxes, cdt, cfg.ghost))
     if xc is None:
         xc, k = _apart(x, cdt, k)
     xs = xc - k
@@ -643,19 +665,92 @@ def _moments(cfg: _Config, x, xc, mask):
     shift = s1 / jnp.maximum(n, one)
     mean = k + shift
     m2 = jnp.maximum(s2 - s1 * shift, jnp.zeros((), xc.dtype))
+    lost = _lost(shift, m2, n)
     if cfg.axis_name is not None:
         # One collective: every device's (count, mean, M2) lands in its own slot of a psum (an
         # all-gather whose result is the same on every device), then the triples are merged
         # exactly (Chan et al.): M2 = sum M2_i + sum n_i (mean_i - mean)^2, no shared pivot needed.
+        # Each device's precision flag rides along, so that all of them agree on a refinement.
         n = jnp.broadcast_to(n, mean.shape)
-        g = _rows.gather_by_psum(jnp.stack([n, mean, m2]), cfg.axis_name, cfg.groups)
+        g = _rows.gather_by_psum(
+            jnp.stack([n, mean, m2, lost.astype(cdt)]), cfg.axis_name, cfg.groups
+        )
         ns, means, m2s = g[:, 0], g[:, 1], g[:, 2]
         n = jnp.sum(ns, axis=0)
         mean = jnp.sum(ns * means, axis=0) / jnp.maximum(n, one)
         dev = means - mean[None]
         m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * dev * dev, axis=0)
+        lost = jnp.any(g[:, 3] > 0, axis=0)
     var = m2 / jnp.maximum(n, one)
+    mean, var = _refine(cfg, xin, mask, mean, var, n, lost, _MAX_REFINE)
     return mean, var, n
+
+
+def _lost(shift, m2, n):
+    """True where the variance about a pivot ``mean - shift`` may have lost precision.
+
+    That is where ``shift^2 > _MAX_SHIFT * var`` (``m2 = n var``) or the squares overflowed
+    (m2 infinite). A non-finite shift means non-finite data (finite data whose variance is a
+    float has finite sums of x - k): nothing to refine, the NaN propagates.
+    """
+    bound = jnp.asarray(_MAX_SHIFT, m2.dtype) * m2
+    precise = (shift * shift * n <= bound) & jnp.isfinite(m2)
+    return jnp.isfinite(shift) & ~precise
+
+
+def _refine(cfg, x, mask, mean, var, n, lost, passes):
+    """(mean, var) recomputed about ``mean`` where ``lost``: a corrected two-pass.
+
+    With d = x - mean (scaled by _OVERFLOW_SCALE where the squares overflowed), the sums of d
+    and d^2 give mean + sum(d)/n and (sum(d^2) - sum(d)^2/n)/n (Chan, Golub & LeVeque 1983),
+    the float32 two-pass variance with its first-order error removed. Features that are not
+    ``lost`` keep their values. Runs only when some feature is lost (a ``lax.cond`` whose
+    predicate is the same on every device and, through :func:`_any_unbatched`, unbatched under
+    ``vmap``), and again (up to ``passes`` times) while some feature is still off.
+    """
+    cdt = mean.dtype
+
+    def refine(operands):
+        x, mask, mean, var, lost = operands
+        one = jnp.ones((), cdt)
+        s = jnp.where(jnp.isfinite(var), one, jnp.asarray(_OVERFLOW_SCALE, cdt))
+        d = (x.astype(cdt) - mean) * s
+        if mask is not None:
+            d = jnp.where(mask, d, jnp.zeros((), cdt))
+        t1 = jnp.sum(d, axis=cfg.raxes, keepdims=True)
+        t2 = jnp.sum(d * d, axis=cfg.raxes, keepdims=True)
+        if cfg.axis_name is not None:
+            t1, t2 = jax.lax.psum(jnp.stack([t1, t2]), cfg.axis_name, axis_index_groups=cfg.groups)
+        shift = t1 / jnp.maximum(n, one)
+        m2 = jnp.maximum(t2 - t1 * shift, jnp.zeros((), cdt))
+        new_mean = mean + shift / s
+        new_var = m2 / jnp.maximum(n, one) / (s * s)
+        mean = jnp.where(lost, new_mean, mean)
+        var = jnp.where(lost, new_var, var)
+        lost = lost & _lost(shift, m2, n)
+        return _refine(cfg, x, mask, mean, var, n, lost, passes - 1)
+
+    if passes == 0:
+        return mean, var
+    return jax.lax.cond(
+        _any_unbatched(lost), refine, lambda ops: ops[2:4], (x, mask, mean, var, lost)
+    )
+
+
+@jax.custom_batching.custom_vmap
+def _any_unbatched(flags):
+    """``jnp.any(flags)``, which stays unbatched under ``vmap``: true if any member's is.
+
+    A ``lax.cond`` whose predicate is batched becomes a ``select`` that runs both branches, so
+    under ``vmap`` (an ensemble, a vmapped search) the refinement pass would always run.
+    """
+    return jnp.any(flags)
+
+
+@_any_unbatched.def_vmap
+def _any_unbatched_vmap(axis_size, in_batched, flags):
+    del axis_size, in_batched
+    return jnp.any(flags), False
 
 
 def _apart(x, dtype, tag):
@@ -672,21 +767,45 @@ def _apart(x, dtype, tag):
     return x.astype(dtype), tag
 
 
-def _pivot(xc, mask, raxes, ghost=False):
-    """Per-feature pivot (keepdims): x at the first valid row, one small gather.
+def _pivot(x, mask, raxes, cdt, ghost=False):
+    """Per-feature pivot (keepdims, compute dtype): the mean of a sample of valid examples.
 
-    Any valid value of the feature is within a few standard deviations of its mean, which is all
-    the one-pass variance needs (with no valid row any pivot will do). Ghost batches (an
-    unreduced, non-feature axis 0) get one each.
+    The sample is _PIVOT_SAMPLE examples spread over the batch (:func:`_rows.sample_rows`, one
+    small gather), averaged about its first valid value r0: ``k = r0 + mean(x_s - r0)``, so a
+    constant feature gets its constant exactly and the sum cannot overflow. For the one-pass
+    variance what matters is c = (mean - k)^2 / var: at most n / m for a sample of m examples
+    (Cauchy-Schwarz), about 1 / m for independent rows, where the first row's value (the pivot
+    before) had c = z^2, ~1 on average and as large as n for an outlier. Ghost batches (an
+    unreduced, non-feature axis 0) get one each. A feature with no valid example in the sample
+    takes its first valid example (:func:`_first_valid`).
     """
-    if ghost and mask is not None:
+    xs, sax = _rows.sample_rows(x, raxes, _PIVOT_SAMPLE)
+    xs = xs.astype(cdt)
+    keep = tuple(1 if a in raxes else d for a, d in enumerate(x.shape))
+    zero = jnp.zeros((), cdt)
+    if mask is None:
+        r0 = jax.lax.index_in_dim(xs, 0, sax, keepdims=True)
+        return (r0 + jnp.mean(xs - r0, axis=sax, keepdims=True)).reshape(keep)
+    ms = jnp.broadcast_to(_rows.sample_rows(mask, raxes, _PIVOT_SAMPLE)[0], xs.shape)
+    r0 = jnp.take_along_axis(xs, jnp.argmax(ms, axis=sax, keepdims=True), axis=sax)
+    count = jnp.sum(ms, axis=sax, keepdims=True, dtype=cdt)
+    # where, not a product: masked examples may hold NaN padding.
+    total = jnp.sum(jnp.where(ms, xs - r0, zero), axis=sax, keepdims=True)
+    k = (r0 + total / jnp.maximum(count, jnp.ones((), cdt))).reshape(keep)
+    return jnp.where(count.reshape(keep) > 0, k, _first_valid(x, mask, raxes, ghost, cdt))
+
+
+def _first_valid(x, mask, raxes, ghost, cdt):
+    """x at the first example valid for some feature, 0 where it is not valid for that one."""
+    if ghost:
         inner = tuple(a - 1 for a in raxes)
-        return jax.vmap(lambda xg, mg: _pivot(xg, mg, inner))(xc, mask)
-    valid = None
-    if mask is not None:
-        feat = tuple(a for a in range(xc.ndim) if a not in raxes)
-        valid = jnp.any(mask, axis=feat, keepdims=True) if feat else mask
-    return _rows.first_row(xc, valid, raxes)[0]
+        return jax.vmap(lambda xg, mg: _first_valid(xg, mg, inner, False, cdt))(x, mask)
+    feat = tuple(a for a in range(x.ndim) if a not in raxes)
+    valid = jnp.any(mask, axis=feat, keepdims=True) if feat else mask
+    row = _rows.first_row(x, valid, raxes)[0].astype(cdt)
+    # An elementwise mask may leave this feature invalid (NaN padding) in that example.
+    ok = _rows.first_row(mask, valid, raxes)[0]
+    return jnp.where(ok, row, jnp.zeros((), cdt))
 
 
 def _forward_parts(cfg, x, scale, bias, epsilon, ref_mean, masks, extras):
@@ -782,12 +901,12 @@ def _tangent(
         t = x_dot.astype(cdt)
         tm = t if mask is None else jnp.where(mask, t, jnp.zeros((), cdt))
         s1 = jnp.sum(tm, axis=cfg.raxes, keepdims=True)
-        # As in _moments: x - mean computed inside this sum, not shared with d_pre below; and
-        # inv_std multiplies the per-feature sum, not each term (it would be broadcast to x's
-        # size to feed the reduction).
-        xc2, mean2 = _apart(x, cdt, mean)
-        xm = xc2 - mean2
-        s2 = jnp.sum(tm * xm, axis=cfg.raxes, keepdims=True) * inv_std
+        # As in _moments: x - mean computed inside this sum, not shared with d_pre below. The
+        # sum is of t * xhat, not (sum of t * (x - mean)) * inv_std: its transpose then scales
+        # the cotangent by a_n once, where the other order made a_n * inv_std ~ 1 / var, which
+        # flushes to 0 for var near float32's largest (x ~ 1e19), and dx lost that term.
+        xc2, (mean2, inv2) = _apart(x, cdt, (mean, inv_std))
+        s2 = jnp.sum(tm * ((xc2 - mean2) * inv2), axis=cfg.raxes, keepdims=True)
         if cfg.axis_name is not None:
             # One collective for both sums (its transpose is again one collective).
             s1, s2 = jax.lax.psum(jnp.stack([s1, s2]), cfg.axis_name, axis_index_groups=cfg.groups)

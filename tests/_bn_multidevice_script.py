@@ -161,6 +161,50 @@ def main():
     ref = np.asarray(xo, np.float64)[np.asarray(mo)].var(0)
     np.testing.assert_allclose(np.asarray(s.var), ref, rtol=1e-3)
     print("ok large offset")
+
+    # 7. The refinement pass about the mean runs on every device at once (its predicate is
+    # merged with the statistics) and psums its sums: finite data near 1e19, whose squares
+    # overflow, with uneven masks and with axis_index_groups; and refinement forced
+    # (_MAX_SHIFT = 0) on ordinary data, gradients included.
+    xh = jnp.asarray(rng.choice([-1.0, 1.0], (64, 3)) * rng.uniform(1.2, 1.8, (64, 3)) * 1e19)
+    xh = xh.astype(jnp.float32)
+    mh = jnp.asarray(np.concatenate([np.arange(8) < i + 1 for i in range(8)]))
+    s = jax.jit(jax.shard_map(big, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P()))(
+        shard(xh), shard(mh)
+    )
+    x64 = np.asarray(xh, np.float64)[np.asarray(mh)]
+    np.testing.assert_allclose(np.asarray(s.var), x64.var(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(s.mean), x64.mean(0), rtol=1e-4, atol=1e-5 * 1e19)
+
+    def grouped_big(x):
+        return bn.batch_norm(
+            x,
+            None,
+            None,
+            bn.init_state(3),
+            train=True,
+            axis_name="b",
+            axis_index_groups=groups,
+            momentum=0.0,
+        )[1].var[None]
+
+    v = jax.jit(
+        jax.shard_map(grouped_big, mesh=mesh, in_specs=P("b"), out_specs=P("b"), check_vma=False)
+    )(shard(xh))
+    for g in range(2):
+        ref = np.asarray(xh, np.float64)[32 * g : 32 * g + 32].var(0)
+        for d in range(4 * g, 4 * g + 4):
+            np.testing.assert_allclose(np.asarray(v)[d], ref, rtol=1e-5)
+    print("ok refinement of squares that overflow")
+    max_shift, bn._MAX_SHIFT = bn._MAX_SHIFT, 0.0
+    try:
+        for name, mask in masks.items():
+            got = run_shard_map(x, jnp.asarray(mask), scale, bias, state, w)
+            want = run_single(x, jnp.asarray(mask), scale, bias, state, w)
+            close_tree(got, want, f"forced refinement {name}")
+    finally:
+        bn._MAX_SHIFT = max_shift
+    print("ok forced refinement")
     print("ALL OK")
 
 
