@@ -9,13 +9,27 @@ never promote the result.
 Numerics, fixed here once:
 
 - Values and gradients are finite for every finite input: no ``exp`` is ever evaluated on the
-  side of a ``jnp.where`` that is thrown away (the NaN-gradient trap of ``jnp.where``).
+  side of a ``jnp.where`` that is thrown away (the NaN-gradient trap of ``jnp.where``). At
+  +-inf the values are the limits (relu(-inf) = 0, sigmoid(+-inf) = 1 / 0, gelu(-inf) =
+  silu(-inf) = -0) and the derivatives finite (1 or 0 where the function saturates).
+- NaN propagates: every function returns NaN where x is NaN, and so do its first and second
+  derivatives (jvp and vjp) with respect to x and to its parameters (``negative_slope``,
+  ``alpha``); a NaN in a maxout group makes the group's output and derivatives NaN.
+  ``jax.nn.relu`` and ``torch.relu`` return NaN too, but their derivatives there are 0 or 1.
+- Subnormal x are numbers: the piecewise functions take the positive side for a positive
+  subnormal x (relu(1e-40) = 1e-40, relu'(1e-40) = 1, as in PyTorch), although XLA:CPU compares
+  floats with denormals taken as 0. Arithmetic on a subnormal x still sees 0 on XLA:CPU (and a
+  subnormal result is flushed to 0), so selu(1e-40) and leaky_relu(-1e-40) are 0 there, within
+  the slope times the smallest normal number of the exact value.
 - Gradients keep full relative accuracy in the tails. ``jax.nn`` forms sigmoid's derivative as
   ``y * (1 - y)`` and elu's as ``y + alpha``, which round to 0 long before the true value does
   (float64: sigmoid'(37.43) = 5.55e-17, elu'(-40) = 4.25e-18, both 0 in ``jax.nn``). Here the
   derivatives are written with ``jax.custom_jvp`` from ``e = exp(-|x|)``: sigmoid'(x) =
   sigmoid(x) * sigmoid(-x), tanh'(x) = 4 exp(-2|x|) / (1 + exp(-2|x|))**2, elu'(x) =
   alpha * exp(x) for x <= 0, softplus' = sigmoid, silu'(x) = sigmoid(x) * (1 + x * sigmoid(-x)).
+  In silu's far negative tail, where e^x is below the normal range but x e^x is not (float32:
+  -91.9 < x < -87.3; float64: -715 < x < -708.4), the value and the derivatives are formed from
+  e^(x + 64) and keep full accuracy (jax.nn and torch flush them to 0 there).
 
 Derivative at the kink x = 0. jaxnorm takes the derivative of the negative side, for every
 piecewise function, so ``relu`` is exactly ``leaky_relu`` with slope 0, gradients included:
@@ -45,6 +59,7 @@ Other divergences from neighbours: ``gelu`` is exact (erf) by default, as in PyT
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -110,12 +125,64 @@ _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
+# --- sign tests and NaN derivatives for the piecewise functions ----------------------------------
+
+_SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
+
+
+def _sign_clear_nonzero(x: jax.Array) -> jax.Array:
+    """True where x's sign bit is clear and x is not +0: x > 0, subnormals included, or +NaN.
+
+    Decided on the bits, not with ``x > 0``: XLA:CPU compares floats with denormals taken as zero,
+    so ``x > 0`` is False for a positive subnormal (1e-40 in float32, 5e-324 in float64) and the
+    piecewise functions took their negative side there (PyTorch takes the positive one). Read as a
+    signed integer of the same width, a float's bits are > 0 exactly when its sign bit is clear
+    and it is not +0.
+    """
+    return jax.lax.bitcast_convert_type(x, _SAME_WIDTH_INT[x.dtype.itemsize]) > 0
+
+
+def _is_positive(x: jax.Array) -> jax.Array:
+    """x > 0 with subnormals counted as the numbers they are; False for NaN."""
+    return _sign_clear_nonzero(x) & ~jnp.isnan(x)
+
+
+def _is_positive_or_nan(x: jax.Array) -> jax.Array:
+    """x > 0 (subnormals counted) or x is NaN (of either sign)."""
+    return _sign_clear_nonzero(x) | jnp.isnan(x)
+
+
+@jax.custom_jvp
+def _nan_derivative_at_nan(x):
+    """x itself, whose derivative is 1 where x is a number and NaN where x is NaN.
+
+    ``jnp.where(x > 0, x, s * x)`` sends NaN to one branch, whose slope (1 or s) is a number,
+    so its gradient at NaN would be finite. Written with this function in place of the branch's
+    x, the slope is multiplied by NaN there; finite x keep their derivatives bit for bit.
+    """
+    return x
+
+
+@_nan_derivative_at_nan.defjvp
+def _nan_derivative_at_nan_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    # t times 1, or times NaN where x is NaN: linear in t, so the rule transposes (vjp) too, and
+    # finite at x = +-inf (t * x there would be inf * 0 = NaN in the vjp). The NaN comes from
+    # this function again, so the second derivative at NaN is NaN too.
+    nan_or_one = jnp.where(jnp.isnan(x), _nan_derivative_at_nan(x), jnp.ones_like(x))
+    return x, t * nan_or_one
+
+
 # --- sigmoid family: everything from e = exp(-|x|), which never overflows -----------------------
 
 
-def _sigmoid_parts(x: jax.Array):
-    """sigmoid(x), sigmoid(-x) and the exponent's complement, each to full relative accuracy."""
-    e = jnp.exp(-jnp.abs(x))
+def _sigmoid_parts(x: jax.Array, e: jax.Array | None = None):
+    """sigmoid(x), sigmoid(-x) and e = exp(-|x|), each to full relative accuracy.
+
+    ``e`` may be passed in where it is already computed.
+    """
+    if e is None:
+        e = jnp.exp(-jnp.abs(x))
     r = 1 / (1 + e)  # sigmoid(|x|)
     q = e * r  # sigmoid(-|x|), accurate where 1 - sigmoid(|x|) would round to 0
     pos = x >= 0
@@ -147,17 +214,72 @@ def _softplus_jvp(primals, tangents):
     return jnp.maximum(x, 0) + jnp.log1p(e), t * s
 
 
+# silu's far negative tail. There sigmoid(x) = e^x to the last bit, and x e^x (the value) and
+# (1 + x) e^x (the derivative) are normal numbers down to x = -91.9 in float32 (-715 in
+# float64), past the point where e^x itself stops being one (-87.3, -708.4): XLA:CPU flushes
+# smaller results to 0, so x * sigmoid(x) gave 0 there. In the tail they are formed as
+# (x e^(x + 64)) e^-64: x + 64 is exact there, e^(x + 64) a normal number, and only the last
+# product leaves the normal range, where the true value does. Above the tail's start nothing
+# changes.
+_SILU_TAIL_START = {4: -87.0, 8: -708.0}  # by itemsize: float32 (and narrower, upcast), float64
+_SILU_SHIFT = 64.0
+_SILU_UNSHIFT = math.exp(-_SILU_SHIFT)
+
+
+def _silu_tail(x):
+    """(in the tail, x clipped to the tail, the exponent shared by the tail and the sigmoid).
+
+    The clip to [-1e4, start] keeps every branch finite for every x (x = -inf gives -0, not
+    -inf * 0), so that no NaN reaches a gradient through the branch a select throws away.
+    """
+    start = _SILU_TAIL_START[x.dtype.itemsize]
+    tail = x < start
+    xt = jnp.clip(x, -1e4, start)
+    return tail, xt, jnp.where(tail, xt + _SILU_SHIFT, -jnp.abs(x))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _silu_tail_term(x, e, k):
+    """(x + k) e^x in silu's tail, given e = e^(x + 64): ((x + k) e) e^-64.
+
+    k = 0 is the value, 1 the derivative, 2 the second derivative. The derivative of term k is
+    term k + 1, formed whole: as a product it would be the sum of two terms, one of them e^x
+    alone, which is below the normal range (flushed to 0) where the sum is not. The tangent is
+    taken through x alone, which is right as long as e = e^(x + 64): the caller reads the
+    result only where it is.
+    """
+    return (x + k) * e * _SILU_UNSHIFT
+
+
+@_silu_tail_term.defjvp
+def _silu_tail_term_jvp(k, primals, tangents):
+    (x, e), (t, _) = primals, tangents
+    return _silu_tail_term(x, e, k), t * _silu_tail_term(x, e, k + 1)
+
+
 @jax.custom_jvp
 def _silu(x):
-    return x * jax.lax.logistic(x)
+    tail, xt, w = _silu_tail(x)
+    e = jnp.exp(jnp.where(tail, w, -x))
+    # Outside the tail: x * (1 / (1 + exp(-x))), lax.logistic's own expansion.
+    return jnp.where(tail, _silu_tail_term(xt, e, 0), x * (1 / (1 + e)))
 
 
 @_silu.defjvp
 def _silu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    s, s_neg, _ = _sigmoid_parts(x)
-    # d/dx x*s(x) = s + x*s*(1-s), with 1-s taken as s(-x) so the tails keep their accuracy.
-    return x * s, t * (s * (1 + x * s_neg))
+    tail, xt, w = _silu_tail(x)
+    # One exp for both branches: e^(x + 64) in the tail, e^-|x| elsewhere.
+    s, s_neg, e = _sigmoid_parts(x, jnp.exp(w))
+    # x where it counts, finite where the other branch is taken; x * s(-x) is 0 beyond 1e4 and
+    # the clip keeps it from being inf * 0 at x = +inf.
+    xm = jnp.where(tail, xt, x)
+    xc = jnp.minimum(xm, 1e4)
+    value = jnp.where(tail, _silu_tail_term(xt, e, 0), xm * s)
+    # d/dx x*s(x) = s + x*s*(1-s), with 1-s taken as s(-x) so the tails keep their accuracy; in
+    # the far tail it is (1 + x) e^x.
+    slope = jnp.where(tail, _silu_tail_term(xt, e, 1), s * (1 + xc * s_neg))
+    return value, t * slope
 
 
 @jax.custom_jvp
@@ -196,31 +318,47 @@ def _expm1_nonpositive_jvp(primals, tangents):
 
 
 def _gelu_tanh_arg(x):
-    """2 sqrt(2/pi) (x + 0.044715 x^3) and its derivative, with x clipped to +-1e5.
+    """x clipped to +-1e5, z = 2 sqrt(2/pi) (x + 0.044715 x^3) of it, and z's derivative.
 
-    Beyond |x| = 1e5 the sigmoid of this is exactly 0 or 1 in every dtype; clipping keeps x**3
+    Beyond |x| = 1e5 the sigmoid of z is exactly 0 or 1 in every dtype; clipping keeps x**3
     from overflowing (and the gradient from becoming inf * 0 = NaN).
     """
     inside = jnp.abs(x) <= 1e5
     xs = jnp.clip(x, -1e5, 1e5)
     z = 2 * _SQRT_2_OVER_PI * (xs + 0.044715 * xs * xs * xs)
     dz = jnp.where(inside, 2 * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * xs * xs), 0)
-    return z, dz.astype(x.dtype)
+    return xs, z, dz.astype(x.dtype)
 
 
 @jax.custom_jvp
 def _gelu_tanh(x):
-    # x/2 (1 + tanh(z/2)) = x sigmoid(z): no cancellation in the negative tail.
-    return x * jax.lax.logistic(_gelu_tanh_arg(x)[0])
+    # x/2 (1 + tanh(z/2)) = x sigmoid(z): no cancellation in the negative tail. Below -1e5,
+    # sigmoid(z) is 0 and x * 0 is -0 for every finite x: max(x, -1e5) gives that -0 at
+    # x = -inf too, instead of -inf * 0 = NaN.
+    return jnp.maximum(x, -1e5) * jax.lax.logistic(_gelu_tanh_arg(x)[1])
 
 
 @_gelu_tanh.defjvp
 def _gelu_tanh_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    z, dz = _gelu_tanh_arg(x)
-    # One exp serves the value and the derivative s(z) + x s(z) s(-z) z'.
+    xs, z, dz = _gelu_tanh_arg(x)
+    # One exp serves the value and the derivative s(z) + x s(z) s(-z) z'. The clipped xs (equal
+    # to x where dz is not 0) keeps x * 0 finite at x = +-inf.
     s, s_neg, _ = _sigmoid_parts(z)
-    return x * s, t * (s + x * (s * s_neg) * dz)
+    return jnp.maximum(x, -1e5) * s, t * (s + xs * (s * s_neg) * dz)
+
+
+# Beyond |x| = 40, Phi(x) is exactly 0 or 1 in float64 (and float32, where the computation of
+# the narrower dtypes runs): the value is x there, or -0, and the derivative 1 or 0. Clipping
+# keeps x * Phi(x) from being -inf * 0 at x = -inf, and x * phi(x) in the derivative from
+# inf * 0 at x = +inf; between -40 and 40 nothing changes.
+_GELU_CLIP = 40.0
+
+
+def _gelu_erf(x):
+    xl = jnp.clip(x, -_GELU_CLIP, _GELU_CLIP)
+    # NaN fails x >= 40 and takes the erfc side, whose value and derivatives are NaN.
+    return jnp.where(x >= _GELU_CLIP, x, 0.5 * xl * jax.lax.erfc(-_SQRT_HALF * xl))
 
 
 # --- public functions -----------------------------------------------------------------------------
@@ -292,6 +430,9 @@ def relu(x: ArrayLike) -> jax.Array:
 
     .. math:: \mathrm{relu}(x) = \max(x, 0), \qquad \mathrm{relu}'(0) = 0
 
+    relu(NaN) is NaN, as in ``jax.nn`` and PyTorch, and so are its derivatives there. A positive
+    subnormal x is positive: relu(1e-40) = 1e-40 with derivative 1, as in PyTorch.
+
     Args:
       x: input array of any floating dtype.
 
@@ -314,8 +455,9 @@ def relu(x: ArrayLike) -> jax.Array:
       Array(0., dtype=float32, weak_type=True)
     """
     x = _as_float(x, "relu")
-    # where(x > 0, ...) rather than maximum: maximum's derivative at a tie is 1/2 in jax.
-    return jnp.where(x > 0, x, jnp.zeros_like(x))
+    # A select rather than maximum: maximum's derivative at a tie is 1/2 in jax. NaN takes the x
+    # side, so that relu(NaN) and its derivative are NaN.
+    return jnp.where(_is_positive_or_nan(x), _nan_derivative_at_nan(x), jnp.zeros_like(x))
 
 
 def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
@@ -324,7 +466,8 @@ def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
     .. math:: \mathrm{leaky\_relu}(x) = \begin{cases} x & x > 0 \\ s\,x & x \le 0 \end{cases},
               \qquad \mathrm{leaky\_relu}'(0) = s
 
-    The derivative at 0 is the slope ``s``, as in PyTorch; ``jax.nn.leaky_relu`` gives 1.
+    The derivative at 0 is the slope ``s``, as in PyTorch; ``jax.nn.leaky_relu`` gives 1. At
+    NaN the value and both derivatives (in x and in s) are NaN.
 
     Args:
       x: input array of any floating dtype.
@@ -350,7 +493,7 @@ def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
     x = _as_float(x, "leaky_relu")
     xc = _upcast(x)
     s = _broadcast_param(negative_slope, xc, "negative_slope", "leaky_relu")
-    return jnp.where(xc > 0, xc, s * xc).astype(x.dtype)
+    return jnp.where(_is_positive(xc), xc, s * _nan_derivative_at_nan(xc)).astype(x.dtype)
 
 
 def _broadcast_param(value, xc, name, fn, channel_axis=None):
@@ -431,7 +574,7 @@ def prelu(x: ArrayLike, alpha: ArrayLike, *, channel_axis: int | None = None) ->
         )
     xc = _upcast(x)
     a = _broadcast_param(alpha, xc, "alpha", "prelu", channel_axis)
-    return jnp.where(xc > 0, xc, a * xc).astype(x.dtype)
+    return jnp.where(_is_positive(xc), xc, a * _nan_derivative_at_nan(xc)).astype(x.dtype)
 
 
 def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
@@ -470,7 +613,8 @@ def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
     x = _as_float(x, "elu")
     xc = _upcast(x)
     a = _broadcast_param(alpha, xc, "alpha", "elu")
-    return jnp.where(xc > 0, xc, a * _expm1_nonpositive(xc)).astype(x.dtype)
+    # NaN takes the exp side, whose derivatives (in x and alpha) are NaN there.
+    return jnp.where(_is_positive(xc), xc, a * _expm1_nonpositive(xc)).astype(x.dtype)
 
 
 # Klambauer et al. 2017, eq. 14: the fixed point (mean 0, variance 1) of the SELU network.
@@ -507,7 +651,7 @@ def selu(x: ArrayLike) -> jax.Array:
     """
     x = _as_float(x, "selu")
     xc = _upcast(x)
-    y = jnp.where(xc > 0, xc, _SELU_ALPHA * _expm1_nonpositive(xc))
+    y = jnp.where(_is_positive(xc), xc, _SELU_ALPHA * _expm1_nonpositive(xc))
     return (_SELU_SCALE * y).astype(x.dtype)
 
 
@@ -523,7 +667,8 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
 
     Both are written in the second form (``erfc``, ``sigmoid``) so the negative tail keeps its
     relative accuracy instead of cancelling in ``1 + erf`` or ``1 + tanh``; the approximate
-    form's derivative shares one ``exp`` with its value.
+    form's derivative shares one ``exp`` with its value. gelu(-inf) = -0 and the derivatives at
+    +-inf are 1 and 0 (``jax.nn.gelu`` and PyTorch give NaN there).
 
     The default is the exact form, as in PyTorch (``approximate='none'``). ``jax.nn.gelu``
     defaults to ``approximate=True``: pass ``approximate=True`` to match it.
@@ -558,7 +703,7 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
     if approximate:
         y = _gelu_tanh(xc)
     else:
-        y = 0.5 * xc * jax.lax.erfc(-_SQRT_HALF * xc)
+        y = _gelu_erf(xc)
     return y.astype(x.dtype)
 
 
@@ -567,6 +712,12 @@ def silu(x: ArrayLike) -> jax.Array:
 
     .. math:: \mathrm{silu}(x) = x\,\sigma(x), \qquad
               \mathrm{silu}'(x) = \sigma(x)\,\big(1 + x\,\sigma(-x)\big)
+
+    In the far negative tail (x < -87 in float32, -708 in float64) :math:`\sigma(x) = e^x` is
+    below the normal range, but :math:`x e^x` is not until x = -91.86 (float32) or -714.97
+    (float64): there the value and derivatives are formed as :math:`(x\,e^{x+64})\,e^{-64}`
+    and keep full accuracy (``jax.nn.silu`` and PyTorch give 0). Below that the true value is
+    subnormal; XLA:CPU flushes it to -0.
 
     Args:
       x: input array of any floating dtype.
@@ -631,7 +782,9 @@ def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
     ``i`` takes entries ``i*k, ..., i*k + k - 1`` (consecutive groups, as in pylearn2 and
     ``tf.contrib.layers.maxout``). The gradient goes to the maximum; a tie shares it equally
     among the tied entries, as ``jnp.max`` and ``torch.amax`` do. ``torch.max(x, dim)`` and max
-    pooling instead send all of it to one tied entry (the first, in torch 2.13).
+    pooling instead send all of it to one tied entry (the first, in torch 2.13). A group that
+    holds a NaN gives NaN, and NaN derivatives for all its entries (jitted or not; a jitted
+    ``jnp.max`` gives them 0).
 
     Args:
       x: input array of any floating dtype.
@@ -680,7 +833,28 @@ def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
             f"the axis must have num_pieces * num_units entries"
         )
     grouped = x.reshape((*x.shape[:ax], n // k, k, *x.shape[ax + 1 :]))
-    return jnp.max(grouped, axis=ax + 1)
+    return _group_max(grouped, ax + 1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _group_max(grouped, axis):
+    return jnp.max(grouped, axis=axis)
+
+
+@_group_max.defjvp
+def _group_max_jvp(axis, primals, tangents):
+    (g,), (t,) = primals, tangents
+    # The max through this function again: differentiated, the rule keeps NaN groups NaN.
+    y = _group_max(g, axis)
+    yb = jnp.expand_dims(y, axis)
+    # jax's rule for max: the tangent is shared equally among the entries equal to the max. A
+    # group holding a NaN has the max NaN and no entry equal to it; jax's rule then divides 0
+    # by 0, but under jit XLA rewrites its t * (g == y) into a select and the derivative came
+    # out 0. Weights that are NaN for every entry of such a group keep it NaN, eager or jitted.
+    hit = (g == yb).astype(g.dtype)
+    count = jnp.sum(hit, axis=axis)
+    weight = jnp.where(jnp.isnan(yb), yb, hit)
+    return y, jnp.sum(t * weight, axis=axis) / count
 
 
 # --- lookup and the lecture's table ---------------------------------------------------------------

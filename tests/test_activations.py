@@ -340,6 +340,229 @@ def test_gelu_negative_tail_value_keeps_relative_accuracy():
     )
 
 
+# --- NaN, infinities and subnormals ---------------------------------------------------------------
+
+# x with NaNs of both signs among numbers; maxout's groups of 2 are (nan, 1), (-2, 3),
+# (-nan, -1), (0, 2), (-0.5, 4).
+_NAN_X = np.array([np.nan, 1.0, -2.0, 3.0, np.copysign(np.nan, -1.0), -1.0, 0.0, 2.0, -0.5, 4.0])
+ALL_DTYPES = (*FLOAT_DTYPES, jnp.float64)
+
+
+def _nan_masks(name):
+    """Where the value and the derivatives must be NaN: at the NaNs, or their maxout groups."""
+    nan = np.isnan(_NAN_X)
+    if name == "maxout":
+        group = nan.reshape(-1, 2).any(axis=1)
+        return group, np.repeat(group, 2)
+    return nan, nan
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("name", sorted(ALL_ELEMENTWISE))
+def test_nan_propagates_to_values_and_derivatives(name, dtype):
+    # jax.nn.relu and torch.relu return NaN for NaN; jaxnorm's relu returned 0, and the
+    # derivatives of relu, leaky_relu, prelu (all), maxout (jitted) were numbers at NaN.
+    f = ALL_ELEMENTWISE[name]
+    y_nan, d_nan = _nan_masks(name)
+
+    def grad(v):
+        return jax.grad(lambda u: jnp.sum(f(u).astype(jnp.float32)))(v)
+
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray(_NAN_X, dtype)
+        ones = jnp.ones_like(x)
+        derivatives = {
+            "value": jax.jit(f)(x),
+            "vjp": jax.jit(grad)(x),
+            "jvp": jax.jit(lambda v: jax.jvp(f, (v,), (ones,))[1])(x),
+            "d2 reverse-over-reverse": jax.jit(
+                jax.grad(lambda v: jnp.sum(grad(v).astype(jnp.float32)))
+            )(x),
+            "d2 forward-over-reverse": jax.jit(lambda v: jax.jvp(grad, (v,), (ones,))[1])(x),
+        }
+        for what, out in derivatives.items():
+            want = y_nan if what in ("value", "jvp") and name == "maxout" else d_nan
+            if what == "value":
+                want = y_nan
+            got = np.isnan(to_f64(out))
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {what}")
+
+
+def test_nan_values_agree_with_jax_nn_and_torch():
+    torch = pytest.importorskip("torch")
+    x = np.array([np.nan, np.copysign(np.nan, -1.0)], np.float32)
+    for ours, theirs in _torch_cases(torch).values():
+        assert np.all(np.isnan(np.asarray(ours(jnp.asarray(x)))))
+        assert np.all(np.isnan(theirs(torch.tensor(x)).numpy()))
+    for fn in (A.relu, jax.nn.relu, lambda v: A.leaky_relu(v, 0.1), jax.nn.leaky_relu):
+        assert np.all(np.isnan(np.asarray(fn(jnp.asarray(x)))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_parameter_gradients_are_nan_where_x_is_nan(dtype):
+    # The slope's and alpha's gradients, per element and summed: NaN x makes them NaN.
+    nan = np.isnan(_NAN_X)
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray(_NAN_X, dtype)
+        a = jnp.full(x.shape, 0.3, dtype)
+        for name, f in {
+            "leaky_relu": A.leaky_relu,
+            "prelu": A.prelu,
+            "elu": A.elu,
+        }.items():
+            per_element = jax.jit(jax.grad(lambda a, f=f: jnp.sum(f(x, a)), argnums=0))(a)
+            np.testing.assert_array_equal(np.isnan(per_element), nan, err_msg=name)
+            shared = jax.grad(lambda s, f=f: jnp.sum(f(x, s)))(jnp.asarray(0.3, dtype))
+            assert np.isnan(shared), name
+            finite = jax.grad(lambda s, f=f: jnp.sum(f(x[~nan], s)))(jnp.asarray(0.3, dtype))
+            assert np.isfinite(finite), name
+
+
+# name -> (f, f(+inf), f(-inf), f'(+inf), f'(-inf)): the limits.
+INF_LIMITS = {
+    "sigmoid": (A.sigmoid, 1.0, 0.0, 0.0, 0.0),
+    "tanh": (A.tanh, 1.0, -1.0, 0.0, 0.0),
+    "relu": (A.relu, np.inf, 0.0, 1.0, 0.0),
+    "leaky_relu": (lambda x: A.leaky_relu(x, 0.1), np.inf, -np.inf, 1.0, 0.1),
+    "prelu": (lambda x: A.prelu(x, 0.25), np.inf, -np.inf, 1.0, 0.25),
+    "elu": (lambda x: A.elu(x, 1.5), np.inf, -1.5, 1.0, 0.0),
+    "selu": (A.selu, np.inf, -SELU_SCALE * SELU_ALPHA, SELU_SCALE, 0.0),
+    "gelu": (A.gelu, np.inf, 0.0, 1.0, 0.0),
+    "gelu_tanh": (lambda x: A.gelu(x, approximate=True), np.inf, 0.0, 1.0, 0.0),
+    "silu": (A.silu, np.inf, 0.0, 1.0, 0.0),
+    "softplus": (A.softplus, np.inf, 0.0, 1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("name", sorted(INF_LIMITS))
+def test_infinities_give_the_limits_and_finite_derivatives(name, dtype):
+    # gelu, gelu_tanh and silu gave NaN at -inf (-inf * 0) and NaN derivatives at +-inf.
+    f, y_pos, y_neg, d_pos, d_neg = INF_LIMITS[name]
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray([np.inf, -np.inf], dtype)
+        y = to_f64(jax.jit(f)(x))
+        g = to_f64(_grad(f)(x))
+        d2 = to_f64(jax.jit(jax.grad(lambda v: jnp.sum(_grad(f)(v))))(x))
+    np.testing.assert_allclose(y, [y_pos, y_neg], **tol(dtype))
+    np.testing.assert_allclose(g, [d_pos, d_neg], **tol(dtype))
+    assert np.all(np.isfinite(d2)), d2
+
+
+def _subnormals(dtype):
+    tiny = np.finfo(dtype).tiny
+    smallest = np.finfo(dtype).smallest_subnormal
+    return np.array([smallest, tiny / 3, tiny * 0.999, -smallest, -tiny / 3, -tiny * 0.999], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "name",
+    ["sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "gelu_tanh",
+     "silu", "softplus"],
+)  # fmt: skip
+def test_subnormal_inputs_match_torch(name, dtype):
+    # XLA:CPU compares with denormals taken as 0, so x > 0 was False at x = 1e-40 and relu,
+    # leaky_relu, prelu, elu and selu took their negative side's derivative there.
+    torch = pytest.importorskip("torch")
+    ours, theirs = _torch_cases(torch)[name]
+    x = _subnormals(dtype)
+    t = torch.tensor(x, requires_grad=True)
+    yt = theirs(t)
+    yt.sum().backward()
+    with jax.enable_x64(dtype == np.float64):
+        y = np.asarray(jax.jit(ours)(jnp.asarray(x)))
+        g = np.asarray(_grad(ours)(jnp.asarray(x)))
+    np.testing.assert_allclose(g, t.grad.numpy(), rtol=4 * np.finfo(dtype).eps, atol=0)
+    # XLA:CPU takes subnormal inputs of arithmetic as 0 and flushes subnormal results to 0
+    # (torch keeps both): a value computed from a subnormal x is that of x = 0, off by at most
+    # the slope times the smallest normal number. The positive side passes x through unchanged.
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=4 * np.finfo(dtype).eps,
+                               atol=2 * np.finfo(dtype).tiny)  # fmt: skip
+    if name in ("relu", "leaky_relu", "prelu", "elu"):
+        np.testing.assert_array_equal(y[:3], x[:3])
+
+
+def test_relu_of_a_positive_subnormal_is_itself_as_in_torch():
+    torch = pytest.importorskip("torch")
+    x = np.array([1e-40, -1e-40], np.float32)
+    want = np.array([x[0], 0.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(A.relu(jnp.asarray(x))), want)
+    np.testing.assert_array_equal(torch.relu(torch.tensor(x)).numpy(), want)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray([5e-324, -5e-324])
+        np.testing.assert_array_equal(np.asarray(_grad(A.relu)(x64)), [1.0, 0.0])
+        np.testing.assert_array_equal(
+            np.asarray(_grad(A.selu)(x64)), [SELU_SCALE, SELU_SCALE * SELU_ALPHA]
+        )
+
+
+def test_relu_and_leaky_relu_keep_their_identity_for_the_batch_norm_fusion():
+    # batch_norm fuses these two functions, recognised by identity.
+    from jaxnorm import batchnorm
+
+    assert A.get("relu") is A.relu and A.get("leaky_relu") is A.leaky_relu
+    assert batchnorm._rectifier_slope(A.relu) == 0.0
+    assert batchnorm._rectifier_slope(A.leaky_relu) == 0.01
+
+
+def _silu_mp(x, derivative=False):
+    """silu(x) or silu'(x) to 50 digits (mpmath), rounded to float64."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(50):
+        v = mpmath.mpf(float(x))
+        s = 1 / (1 + mpmath.exp(-v))
+        return float(s * (1 + v * (1 - s)) if derivative else v * s)
+
+
+# The far negative tail: float32 (and the narrower dtypes, computed in float32) from -87 (where
+# e^x stops being a normal number) past -108 (where x e^x stops being a subnormal one).
+SILU_TAILS = {np.float32: (-115.0, -80.0), np.float64: (-760.0, -700.0)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silu_far_negative_tail_is_accurate(dtype):
+    # silu(x) = x e^x / (1 + e^x) is a normal number down to x = -91.86 in float32 (-714.97 in
+    # float64); jaxnorm (like jax.nn) flushed it to 0 from -87.3 (-708.4), with its derivative.
+    lo, hi = SILU_TAILS[dtype]
+    xs = np.linspace(lo, hi, 351).astype(dtype)
+    ref = np.array([_silu_mp(v) for v in xs])
+    dref = np.array([_silu_mp(v, derivative=True) for v in xs])
+    tiny, eps = np.finfo(dtype).tiny, np.finfo(dtype).eps
+    with jax.enable_x64(dtype == np.float64):
+        x = jnp.asarray(xs)
+        outs = {
+            "value": jax.jit(A.silu)(x),
+            "value under vjp": jax.jit(lambda v: jax.vjp(A.silu, v)[0])(x),
+            "derivative": _grad(A.silu)(x),
+        }
+    for what, out in outs.items():
+        want = dref if what == "derivative" else ref
+        got = np.asarray(out, np.float64)
+        normal = np.abs(want) >= tiny
+        assert normal.sum() > 50 and (~normal).sum() > 50
+        np.testing.assert_allclose(got[normal], want[normal], rtol=2 * eps, atol=0, err_msg=what)
+        # Subnormal results: representable on a platform that keeps them, 0 on XLA:CPU.
+        np.testing.assert_allclose(got[~normal], want[~normal], rtol=0, atol=tiny, err_msg=what)
+        assert np.all(np.signbit(got[xs < -2]) | (got[xs < -2] == 0)), what
+    # Where the true value is normal, nothing is flushed.
+    assert np.all(np.asarray(outs["value"])[np.abs(ref) >= tiny] != 0)
+
+
+def _silu_mp_second_derivative(x):
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(50):
+        return float(mpmath.diff(lambda v: v / (1 + mpmath.exp(-v)), mpmath.mpf(x), 2))
+
+
+def test_silu_tail_second_derivative_is_accurate_float64():
+    xs = np.array([-100.0, -200.0, -707.0, -709.0, -712.0])
+    with jax.enable_x64(True):
+        d2 = np.asarray(jax.vmap(jax.grad(jax.grad(A.silu)))(jnp.asarray(xs)))
+    want = [_silu_mp_second_derivative(v) for v in xs]
+    np.testing.assert_allclose(d2, want, rtol=1e-13)
+
+
 # --- parameters and dtypes ------------------------------------------------------------------------
 
 
