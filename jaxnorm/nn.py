@@ -147,11 +147,17 @@ def weight_decay_mask(
 
     Args:
       params: the parameter pytree.
-      exclude: leaf names never decayed.
-      min_ndim: leaves with fewer dimensions are never decayed (vectors and scalars).
+      exclude: leaf names never decayed, a collection of str such as ``("bias",)``.
+      min_ndim: leaves with fewer dimensions are never decayed (vectors and scalars); an int
+        >= 0.
 
     Returns:
       A pytree of Python bools with the structure of ``params``.
+
+    Raises:
+      TypeError: if exclude is a single str (it would be read as its characters) or holds
+        something other than str, or min_ndim is not an int.
+      ValueError: if min_ndim is negative.
 
     References:
       He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers", section 2.2; Loshchilov &
@@ -165,7 +171,32 @@ def weight_decay_mask(
       >>> jnn.weight_decay_mask(params)
       {'Dense_0': {'bias': False, 'kernel': True}, 'PReLU_0': {'negative_slope': False}}
     """
-    excluded = frozenset(exclude)
+    if isinstance(exclude, str | bytes):
+        raise TypeError(
+            f"weight_decay_mask: exclude must be a collection of leaf names such as "
+            f"({exclude!r},), got the single {type(exclude).__name__} {exclude!r}, which would "
+            f"be read as its characters; write exclude=({exclude!r},)"
+        )
+    try:
+        excluded = frozenset(exclude)
+    except TypeError:
+        raise TypeError(
+            f"weight_decay_mask: exclude must be a collection of leaf names (str) such as "
+            f"('bias',), got {exclude!r} of type {type(exclude).__name__}"
+        ) from None
+    wrong = sorted(repr(n) for n in excluded if not isinstance(n, str))
+    if wrong:
+        raise TypeError(
+            f"weight_decay_mask: exclude must hold leaf names (str) such as 'bias', but it holds "
+            f"{', '.join(wrong)}"
+        )
+    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int | np.integer):
+        raise TypeError(
+            f"weight_decay_mask: min_ndim must be an int (the fewest dimensions a decayed leaf "
+            f"has, e.g. 2), got {min_ndim!r} of type {type(min_ndim).__name__}"
+        )
+    if min_ndim < 0:
+        raise ValueError(f"weight_decay_mask: min_ndim must be >= 0, got {min_ndim}")
 
     def decide(path, leaf) -> bool:
         return _leaf_name(path) not in excluded and jnp.ndim(leaf) >= min_ndim

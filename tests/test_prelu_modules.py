@@ -192,6 +192,38 @@ def test_weight_decay_mask_linen():
     assert jnn.weight_decay_mask({"v": jnp.ones(3)}, min_ndim=1) == {"v": True}
 
 
+def test_weight_decay_mask_refuses_a_single_str_exclude():
+    # A str is a collection of characters: exclude="bias" excluded leaves named "b", "i", ...
+    # and decayed the biases.
+    params = {"bias": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "kernel": jnp.ones((2, 2))}
+    with pytest.raises(TypeError, match=r"exclude must be a collection .*\('bias',\).*'bias'"):
+        jnn.weight_decay_mask(params, exclude="bias")
+    assert jnn.weight_decay_mask(params, exclude=["bias"]) == {
+        "bias": False,
+        "b": True,
+        "kernel": True,
+    }
+    assert jnn.weight_decay_mask(params, exclude={"b", "kernel"})["bias"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"exclude": b"bias"}, TypeError, "exclude must be a collection.*bytes"),
+        ({"exclude": 3}, TypeError, "exclude must be a collection.*got 3 of type int"),
+        ({"exclude": ("bias", 1)}, TypeError, "exclude must hold leaf names.*1"),
+        ({"min_ndim": 1.5}, TypeError, "min_ndim must be an int.*1.5"),
+        ({"min_ndim": True}, TypeError, "min_ndim must be an int.*True"),
+        ({"min_ndim": "2"}, TypeError, "min_ndim must be an int.*'2'"),
+        ({"min_ndim": -1}, ValueError, "min_ndim must be >= 0, got -1"),
+    ],
+)
+def test_weight_decay_mask_checks_its_arguments(kwargs, error, match):
+    with pytest.raises(error, match=f"weight_decay_mask: {match}"):
+        jnn.weight_decay_mask({"w": jnp.ones((2, 2))}, **kwargs)
+    assert jnn.weight_decay_mask({"w": jnp.ones((2, 2))}, min_ndim=np.int64(3)) == {"w": False}
+
+
 def test_adamw_with_the_mask_leaves_slopes_undecayed_linen():
     params = _LinenNet().init(jax.random.key(0), jnp.ones((2, 3)))["params"]
     tx = optax.adamw(0.1, weight_decay=0.5, mask=jnn.weight_decay_mask(params))
