@@ -253,3 +253,37 @@ def test_model_init_fn_of_the_wrong_structure_is_a_clear_error(digits_tiny):
         training.train_ensemble(
             plain, lambda k: [plain.init(k)[0]], optax.sgd(0.1), (xtr, ytr), keys, num_steps=1
         )
+
+
+def _bn_state_with_nan(model, key):
+    params, state = model.init(key)
+    return params, (state[0]._replace(var=state[0].var.at[0].set(jnp.nan)),)
+
+
+def test_ensembles_report_a_nan_the_loss_does_not_show():
+    # A NaN only in one member's batch-norm running variance: the training-mode loss stays
+    # finite, and only that member is reported, with what was non-finite.
+    model = training.mlp([4, 6, 3], batch_norm=True)
+    x = jax.random.normal(jax.random.key(0), (12, 4))
+    data = (x, jnp.arange(12) % 3)
+    keys = jax.random.split(jax.random.key(1), 3)
+    poisoned = jax.random.split(keys[1])[0]  # member 1's init key, as train_ensemble splits it
+
+    def init_fn(key):
+        clean = model.init(key)
+        bad = _bn_state_with_nan(model, key)
+        same = jnp.all(jax.random.key_data(key) == jax.random.key_data(poisoned))
+        return jax.tree.map(lambda a, b: jnp.where(same, b, a), clean, bad)
+
+    _, hist = training.train_ensemble(model, init_fn, optax.sgd(0.1), data, keys, num_steps=3)
+    assert np.all(np.isfinite(hist.loss))
+    np.testing.assert_array_equal(hist.nan_step, [-1, 0, -1])
+    np.testing.assert_array_equal(hist.diverged, [False, True, False])
+    assert jax.tree.map(lambda a: a[1], hist).nonfinite_parts == ("model state",)
+
+    params, state = _bn_state_with_nan(model, jax.random.key(2))
+    _, snap_hist = training.snapshot_ensemble(
+        model, params, data, key=jax.random.key(3), num_snapshots=2, steps_per_snapshot=2,
+        learning_rate=0.1, state=state,
+    )  # fmt: skip
+    assert int(snap_hist.nan_step) == 0 and snap_hist.nonfinite_parts == ("model state",)

@@ -169,7 +169,7 @@ def test_divergent_trial_is_reported_not_fatal(digits_tiny):
         assert f"diverged@{t.diverged_step}" in result.table()
     # The warning names the trials and their steps (it lists the first five).
     for t in diverged[:5]:
-        assert f"trial {t.index} (loss NaN/Inf from step {t.diverged_step}" in message
+        assert f"trial {t.index} (NaN/Inf from step {t.diverged_step}" in message
     assert result.best.status == "ok" and result.best.params["learning_rate"] < 50.0
     assert f"{len(diverged)} of 8 trials diverged" in str(result)
 

@@ -526,3 +526,222 @@ def test_errors():
         training.evaluate(model, params, (jnp.ones((2, 3)), jnp.ones(2)))
     with pytest.raises(ValueError, match=r"integer labels of shape \[2\]"):
         training.evaluate(model, params, (jnp.ones((2, 3)), jnp.ones((2, 1), jnp.int32)))
+
+
+# --- NaN anywhere is reported ---------------------------------------------------------------------
+
+
+def _small_classification(n=16, d=4, classes=3):
+    x = jax.random.normal(jax.random.key(10), (n, d))
+    return x, jnp.arange(n) % classes
+
+
+def _with_nan_weight(params):
+    params = list(params)
+    params[0] = {**params[0], "w": params[0]["w"].at[1, 2].set(jnp.nan)}
+    return params
+
+
+def test_fit_and_train_report_an_mlp_with_one_nan_weight():
+    # relu(NaN) was 0, so one NaN weight left the loss finite and no step was reported.
+    model = training.mlp([4, 8, 3])
+    params, _ = model.init(jax.random.key(0))
+    params = _with_nan_weight(params)
+    data = _small_classification()
+    _, hist = training.fit(model, params, optax.sgd(0.1), data, key=jax.random.key(1), num_steps=3)
+    assert bool(hist.diverged) and int(hist.nan_step) == 0
+    assert {"loss", "parameters"} <= set(hist.nonfinite_parts)
+    with pytest.warns(
+        training.DivergenceWarning, match=r"NaN/Inf at step 0; training stopped .*loss = nan"
+    ):
+        _, h = training.train(
+            model, params, optax.sgd(0.1), data, key=jax.random.key(1), num_steps=3,
+            progress=False,
+        )  # fmt: skip
+    assert h.diverged and h.nan_step == 0 and h.nonfinite_parts == hist.nonfinite_parts
+
+
+def _bn_model_with_nan_statistics():
+    model = training.mlp([4, 6, 3], batch_norm=True)
+    params, state = model.init(jax.random.key(0))
+    state = (state[0]._replace(mean=state[0].mean.at[0].set(jnp.nan)),)
+    return model, params, state
+
+
+def test_a_nan_only_in_the_batch_norm_statistics_is_reported():
+    # Training mode normalises with the batch's statistics, so the loss and the gradients stay
+    # finite while the running mean carries the NaN into inference.
+    model, params, state = _bn_model_with_nan_statistics()
+    _, hist = training.fit(
+        model, params, optax.sgd(0.1), _small_classification(), key=jax.random.key(1),
+        num_steps=3, state=state,
+    )  # fmt: skip
+    assert np.all(np.isfinite(hist.loss))
+    assert int(hist.nan_step) == 0 and hist.nonfinite_parts == ("model state",)
+    np.testing.assert_array_equal(hist.nonfinite, [32, 32, 32])
+    with pytest.warns(training.DivergenceWarning, match=r"at step 0 .*\(non-finite at that "
+                      r"step: model state\)"):  # fmt: skip
+        training.train(
+            model, params, optax.sgd(0.1), _small_classification(), key=jax.random.key(1),
+            num_steps=3, state=state, progress=False, stop_on_nan=False,
+        )  # fmt: skip
+
+
+def _loss_on_first_columns(w, batch, key):
+    del key
+    x, y = batch
+    return jnp.mean((x[:, :2] @ w - y) ** 2), {"abs_w": jnp.sum(jnp.abs(w))}
+
+
+@pytest.mark.parametrize(
+    ("case", "parts"),
+    [
+        ("data", ("batch",)),
+        ("metric", ("metrics",)),
+        ("gradient", ("gradients", "parameters")),
+        ("optimizer", ("parameters", "optimizer state")),
+    ],
+)
+def test_each_nonfinite_part_is_named(case, parts):
+    x = jnp.ones((8, 3))
+    y = jnp.zeros(8)
+    w = jnp.ones(2)
+    loss, opt = _loss_on_first_columns, optax.sgd(0.1)
+    if case == "data":  # in a column the loss never reads
+        x = x.at[5, 2].set(jnp.inf)
+    elif case == "metric":
+
+        def loss(w, batch, key):
+            value, _ = _loss_on_first_columns(w, batch, key)
+            return value, {"ratio": jnp.float32(0.0) / jnp.float32(0.0)}
+
+    elif case == "gradient":  # sqrt(|w|) at w = 0: finite value, NaN slope
+        w = jnp.zeros(2)
+
+        def loss(w, batch, key):
+            return jnp.sum(jnp.sqrt(jnp.abs(w)))
+
+    else:  # a NaN learning rate, kept in the optimizer state by inject_hyperparams
+        opt = optax.inject_hyperparams(optax.sgd)(learning_rate=jnp.nan)
+    _, hist = training.fit(loss, w, opt, (x, y), key=jax.random.key(0), num_steps=2)
+    assert int(hist.nan_step) == 0 and bool(hist.diverged)
+    assert hist.nonfinite_parts == parts
+    if case != "gradient":
+        assert np.isfinite(hist.loss[0])
+
+
+def test_a_finite_run_reports_nothing():
+    _, hist = training.fit(
+        _loss_on_first_columns, jnp.ones(2), optax.sgd(0.1), (jnp.ones((8, 3)), jnp.zeros(8)),
+        key=jax.random.key(0), num_steps=4,
+    )  # fmt: skip
+    assert int(hist.nan_step) == -1 and hist.nonfinite_parts == ()
+    np.testing.assert_array_equal(hist.nonfinite, np.zeros(4))
+
+
+def test_nonfinite_parts_of_stacked_histories_need_one_run():
+    model, params, state = _bn_model_with_nan_statistics()
+
+    def run(lr):
+        return training.fit(
+            model, params, optax.sgd(lr), _small_classification(), key=jax.random.key(1),
+            num_steps=2, state=state,
+        )[1]  # fmt: skip
+
+    hist = jax.vmap(run)(jnp.array([0.1, 0.2]))
+    np.testing.assert_array_equal(hist.nan_step, [0, 0])
+    with pytest.raises(ValueError, match="take run k first"):
+        _ = hist.nonfinite_parts
+    assert jax.tree.map(lambda a: a[1], hist).nonfinite_parts == ("model state",)
+
+
+def test_babysitting_checks_report_nan():
+    model = training.mlp([4, 8, 3])
+    params, _ = model.init(jax.random.key(0))
+    data = _small_classification(n=20)
+    with pytest.warns(training.DivergenceWarning, match="NaN/Inf at step 0 .*the check fails"):
+        result = training.overfit_small_subset(
+            model, _with_nan_weight(params), optax.sgd(0.1), data, key=jax.random.key(1),
+            num_steps=5,
+        )  # fmt: skip
+    assert not result.passed and result.nan_step == 0 and "loss" in result.nonfinite
+    assert "FAILED: NaN/Inf at step 0" in str(result)
+    with pytest.warns(training.DivergenceWarning, match="even the smallest rate"):
+        scan = training.learning_rate_scan(
+            model, _with_nan_weight(params), data, key=jax.random.key(2),
+            learning_rates=[1e-3, 1e-1], num_steps=3,
+        )  # fmt: skip
+    assert scan.status == ("too_high", "too_high")
+    np.testing.assert_array_equal(scan.nan_step, [0, 0])
+    # A NaN in the running statistics leaves the training-mode loss finite, near log(3).
+    bn_model, bn_params, bn_state = _bn_model_with_nan_statistics()
+    check = training.check_initial_loss(bn_model, bn_params, data, num_classes=3, state=bn_state)
+    assert math.isfinite(check.loss) and not check.ok
+    assert "model state hold NaN or Inf" in check.message
+    clean = training.check_initial_loss(bn_model, bn_params, data, num_classes=3, rtol=0.5,
+                                        state=bn_model.init(jax.random.key(0))[1])  # fmt: skip
+    assert clean.ok and abs(clean.loss - check.loss) < 1e-6
+
+
+def test_random_search_marks_a_run_with_nan_statistics_diverged():
+    model, params, state = _bn_model_with_nan_statistics()
+    clean = model.init(jax.random.key(0))[1]
+
+    def train_fn(hp, key):
+        s = jax.tree.map(lambda a, b: jnp.where(hp["x"] > 0.5, a, b), state, clean)
+        _, hist = training.fit(
+            model, params, optax.sgd(0.1), _small_classification(), key=key, num_steps=2,
+            state=s,
+        )  # fmt: skip
+        return {"score": hp["x"], "history": hist}
+
+    with pytest.warns(training.DivergenceWarning, match="NaN/Inf from step 0"):
+        result = training.random_search(
+            train_fn, {"x": training.uniform(0.0, 1.0)}, 6, jax.random.key(0), metric="score",
+            border=0.0,
+        )  # fmt: skip
+    for t in result.trials:
+        assert (t.status == "diverged") == (t.params["x"] > 0.5), t
+    assert 0 < len(result.diverged) < 6
+
+
+# --- labels outside [0, C) ------------------------------------------------------------------------
+
+
+def test_labels_out_of_range_raise_when_concrete():
+    model = training.mlp([4, 3])
+    params, state = model.init(jax.random.key(0))
+    x = jnp.ones((5, 4))
+    y = jnp.array([0, 2, -1, 3, 1])
+    loss_fn = training.classification_loss(model)
+    msg = (
+        r"labels must be class indices in \[0, 3\) .* 2 of 5 labels .*values -1, 3; "
+        r"the first at index 2"
+    )
+    with pytest.raises(ValueError, match=f"classification_loss: {msg}"):
+        loss_fn(params, state, (x, y), None)
+    with pytest.raises(ValueError, match=f"evaluate: {msg}"):
+        training.evaluate(model, params, (x, y))
+    for run in (training.fit, training.train):
+        with pytest.raises(ValueError, match=f"{run.__name__}: {msg}"):
+            run(model, params, optax.sgd(0.1), (x, np.asarray(y)), key=jax.random.key(0),
+                num_steps=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad_label", [-1, 3, 100])
+def test_traced_labels_out_of_range_make_the_loss_nan(bad_label):
+    # optax reads label -1 as the last class: a finite loss from a wrong label.
+    model = training.mlp([4, 3])
+    params, state = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 4))
+    y = jnp.array([0, 1, 2, 0])
+    loss_fn = jax.jit(training.classification_loss(model))
+    assert np.isfinite(loss_fn(params, state, (x, y), None)[0])
+    bad = y.at[1].set(bad_label)
+    assert np.isnan(loss_fn(params, state, (x, bad), None)[0])
+    assert np.isnan(jax.jit(lambda y: training.evaluate(model, params, (x, y)))(bad)["loss"])
+    hist = jax.jit(
+        lambda y: training.fit(model, params, optax.sgd(0.1), (x, y), key=jax.random.key(0),
+                               num_steps=2)[1]
+    )(bad)  # fmt: skip
+    assert int(hist.nan_step) == 0 and "loss" in hist.nonfinite_parts

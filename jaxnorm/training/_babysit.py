@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,14 @@ import numpy as np
 import optax
 
 from jaxnorm import diagnostics
-from jaxnorm.training._loop import _adapt_loss, _check_int, fit
+from jaxnorm.training._loop import (
+    DivergenceWarning,
+    _adapt_loss,
+    _check_int,
+    _has_nonfinite,
+    _nonfinite_names,
+    fit,
+)
 from jaxnorm.training._model import Model
 
 
@@ -50,7 +58,9 @@ def check_initial_loss(
 
     Returns:
       :class:`jaxnorm.diagnostics.InitialLossCheck` (``ok``, ``loss``, ``expected``, ``message``),
-      from :func:`jaxnorm.diagnostics.check_initial_loss` on the computed loss.
+      from :func:`jaxnorm.diagnostics.check_initial_loss` on the computed loss; not ``ok``, with
+      a message naming them, when the parameters, the batch or the model state hold a NaN or
+      Inf, even if the loss is finite.
 
     Raises:
       ValueError: if num_classes < 2 (as :func:`jaxnorm.diagnostics.check_initial_loss`).
@@ -66,7 +76,16 @@ def check_initial_loss(
     """
     loss, state = _adapt_loss(loss_fn, state, "check_initial_loss")
     value, _ = loss(params, state, batch, jax.random.key(0) if key is None else key)
-    return diagnostics.check_initial_loss(value, num_classes, rtol=rtol)
+    check = diagnostics.check_initial_loss(value, num_classes, rtol=rtol)
+    parts = {"parameters": params, "batch": batch, "model state": state}
+    bad = [name for name, tree in parts.items() if bool(_has_nonfinite(tree))]
+    if bad:
+        return check._replace(
+            ok=False,
+            message=f"the {' and the '.join(bad)} hold NaN or Inf (loss {check.loss:.4g}); "
+            f"fix them before training. {check.message}",
+        )
+    return check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +99,10 @@ class OverfitResult:
       steps_to_target: the first step whose accuracy reached ``target`` (None if never).
       loss_curve: ``[T]`` per-step loss.
       accuracy_curve: ``[T]`` per-step accuracy.
+      nan_step: the first step at which something was NaN or infinite (the loss, a gradient,
+        the parameters, ...: see :class:`History`), None when everything stayed finite; a run
+        with one does not pass.
+      nonfinite: what was NaN or infinite at ``nan_step``, e.g. ``("loss", "gradients")``.
     """
 
     passed: bool
@@ -88,8 +111,16 @@ class OverfitResult:
     steps_to_target: int | None
     loss_curve: np.ndarray
     accuracy_curve: np.ndarray
+    nan_step: int | None = None
+    nonfinite: tuple = ()
 
     def __str__(self) -> str:
+        if self.nan_step is not None:
+            return (
+                f"overfit check FAILED: NaN/Inf at step {self.nan_step} "
+                f"({', '.join(self.nonfinite)}); the model, the data or the update produce "
+                "non-finite values"
+            )
         if self.passed:
             return (
                 f"overfit check passed: accuracy {self.accuracy:.0%} at step "
@@ -131,10 +162,14 @@ def overfit_small_subset(
       target: the accuracy to reach.
 
     Returns:
-      An :class:`OverfitResult` (``passed``, the final accuracy and loss, the curves).
+      An :class:`OverfitResult` (``passed``, the final accuracy and loss, the curves, the first
+      NaN/Inf step). A run that met a NaN or Inf anywhere (see :func:`fit`) does not pass.
 
     Raises:
       ValueError: if the loss reports no accuracy or data has fewer than num_examples examples.
+
+    Warns:
+      DivergenceWarning: when the run met a NaN or Inf, naming the step and what held it.
 
     Example:
       >>> import jax, optax
@@ -162,13 +197,23 @@ def overfit_small_subset(
         )
     acc = np.asarray(hist.accuracy)
     reached = np.flatnonzero(acc >= target)
+    nan_step = int(hist.nan_step)
+    nonfinite = hist.nonfinite_parts
+    if nan_step >= 0:
+        warnings.warn(
+            f"{who}: NaN/Inf at step {nan_step} ({', '.join(nonfinite)}); the check fails",
+            DivergenceWarning,
+            stacklevel=2,
+        )
     return OverfitResult(
-        passed=bool(reached.size),
+        passed=bool(reached.size) and nan_step < 0,
         accuracy=float(acc[-1]),
         loss=float(hist.loss[-1]),
         steps_to_target=int(reached[0]) if reached.size else None,
         loss_curve=np.asarray(hist.loss),
         accuracy_curve=acc,
+        nan_step=nan_step if nan_step >= 0 else None,
+        nonfinite=nonfinite,
     )
 
 
@@ -186,6 +231,9 @@ class LearningRateScan:
       suggested: ``(lo, hi)`` the rates that worked, or None; search inside it.
       best: the rate with the lowest final loss.
       losses: ``[L, T]`` the loss curves.
+      nan_step: ``[L]`` per rate, the first step at which something was NaN or infinite (the
+        loss, a gradient, the parameters, ...: see :class:`History`), -1 when nothing was; such
+        a rate is ``"too_high"``.
     """
 
     learning_rates: np.ndarray
@@ -196,6 +244,7 @@ class LearningRateScan:
     suggested: tuple | None
     best: float | None
     losses: np.ndarray
+    nan_step: np.ndarray | None = None
 
     def __str__(self) -> str:
         rows = ["learning rate   final/initial loss   status"]
@@ -230,7 +279,8 @@ def learning_rate_scan(
 
     Every rate starts from the same ``params`` and minibatch order and trains ``num_steps``
     steps. With ``r`` = (mean loss of the last tenth of the steps) / (first loss): a rate whose
-    loss became NaN/Inf or grew (``r > explode_ratio``) is too high; one whose loss went down by
+    run met a NaN or Inf anywhere (loss, gradients, parameters, optimizer or model state: see
+    :func:`fit`) or whose loss grew (``r > explode_ratio``) is too high; one whose loss went down by
     less than ``min_decrease`` (``r > 1 - min_decrease``) is too low when below the best rate
     and too high above it (the loss bounces); the rest are ok. The lecture's picture: too low,
     the loss barely moves; too high, it explodes.
@@ -255,6 +305,10 @@ def learning_rate_scan(
 
     Raises:
       ValueError: if a rate is not positive and finite, or none is given.
+
+    Warns:
+      DivergenceWarning: when even the smallest rate's run met a NaN or Inf: then the data,
+        the initial parameters or the model, not the rate, produce it.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -289,11 +343,22 @@ def learning_rate_scan(
             batch_size=batch_size,
             state=state,
         )
-        return hist.loss
+        return hist.loss, hist.nan_step, hist.nonfinite
 
-    losses = np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(lrs, jnp.float32)), np.float64)
+    losses, nan_step, codes = jax.jit(jax.vmap(one))(jnp.asarray(lrs, jnp.float32))
+    losses = np.asarray(losses, np.float64)
+    nan_step, codes = np.asarray(nan_step), np.asarray(codes)
+    if nan_step[0] >= 0:
+        parts = ", ".join(_nonfinite_names(codes[0, nan_step[0]]))
+        warnings.warn(
+            f"{who}: even the smallest rate, {lrs[0]:.3g}, met NaN/Inf at step {nan_step[0]} "
+            f"({parts}): the data, the initial parameters or the model give non-finite values "
+            "whatever the rate",
+            DivergenceWarning,
+            stacklevel=2,
+        )
     tail = max(1, losses.shape[1] // 10)
-    finite = np.all(np.isfinite(losses), axis=1)
+    finite = np.all(np.isfinite(losses), axis=1) & (nan_step < 0)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         ratio = np.where(finite, losses[:, -tail:].mean(axis=1) / losses[:, 0], np.nan)
     ok_ratio = finite & (ratio <= explode_ratio)
@@ -320,4 +385,5 @@ def learning_rate_scan(
         suggested=span("ok"),
         best=None if best_i is None else float(lrs[best_i]),
         losses=losses,
+        nan_step=nan_step,
     )

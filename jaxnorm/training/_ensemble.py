@@ -357,10 +357,13 @@ def snapshot_ensemble(
     data = jax.tree.map(jnp.asarray, data)
     perms, step_key = _loop._minibatch_order(key, data_key, plan, who)
     step = _loop._make_step(loss, optimizer, plan, None, False, who)
+    bad_rows = _loop._nonfinite_rows(data)
 
     def run_cycle(carry, c):
         steps = c * t + jnp.arange(t)
-        carry, outs = jax.lax.scan(lambda cc, i: step(cc, i, data, perms, step_key), carry, steps)
+        carry, outs = jax.lax.scan(
+            lambda cc, i: step(cc, i, data, bad_rows, perms, step_key), carry, steps
+        )
         return carry, ((carry[0], carry[1]), outs)
 
     carry = (params, state, optimizer.init(params), None)
@@ -370,10 +373,11 @@ def snapshot_ensemble(
         loss=outs["loss"],
         metrics=outs["metrics"],
         update_ratio=None,
-        nan_step=_loop._first_nonfinite(outs["loss"]),
+        nan_step=_loop._first_nonfinite(outs["nonfinite"]),
         eval_step=jnp.zeros(0, jnp.int32),
         eval_metrics={},
         state=states,
         ema_params=None,
+        nonfinite=outs["nonfinite"],
     )
     return snapshots, history

@@ -7,9 +7,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxnorm import activations, batchnorm, initializers
+from jaxnorm import _checks, activations, batchnorm, initializers
 
 _INITIALIZERS = (
     "small_normal",
@@ -163,6 +164,25 @@ def _check_labels(logits, y, who):
         )
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise TypeError(f"{who}: labels must be integers (class indices), got dtype {y.dtype}")
+    _check_label_values(y, logits.shape[-1], who)
+
+
+def _check_label_values(y, num_classes, who):
+    """Concrete labels must lie in [0, num_classes); traced ones cannot be read (see the loss)."""
+    if _checks.is_tracer(y):
+        return
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        return  # reported by _check_labels with the logits' shape
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        values = np.unique(y[bad])
+        shown = ", ".join(map(str, values[:8])) + (", ..." if values.size > 8 else "")
+        raise ValueError(
+            f"{who}: labels must be class indices in [0, {num_classes}) for {num_classes} "
+            f"classes, but {int(bad.sum())} of {y.size} labels are outside it (values {shown}; "
+            f"the first at index {int(np.flatnonzero(bad)[0])})"
+        )
 
 
 def classification_loss(model: Model) -> Callable:
@@ -175,7 +195,15 @@ def classification_loss(model: Model) -> Callable:
 
     Returns:
       ``loss_fn(params, state, (x, y), key) -> (loss, (new_state, {"accuracy": acc}))``, with
-      ``y`` integer class labels ``[N]``.
+      ``y`` integer class labels ``[N]`` in ``[0, C)``. Labels known when the loss is called
+      are checked (ValueError); traced labels (inside ``jit``, ``scan``, ``vmap``, hence inside
+      :func:`fit`, which checks ``data`` before it starts) cannot be, and a label outside
+      ``[0, C)`` makes the loss NaN instead of a finite value (optax reads label -1 as the
+      last class), so the run reports it.
+
+    Raises:
+      (from the returned loss) ValueError: labels of the wrong shape or, when concrete, outside
+      ``[0, C)``; TypeError: labels that are not integers.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -201,7 +229,11 @@ def classification_loss(model: Model) -> Callable:
 
 def _cross_entropy_and_accuracy(logits, y, new_state):
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    # Traced labels cannot be checked: a label outside [0, C) makes the loss NaN, which fit and
+    # train report. optax indexes with it, so -1 silently read the last class's logit.
+    valid = (y >= 0) & (y < logits.shape[-1])
+    loss = jnp.mean(jnp.where(valid, per_example, jnp.nan))
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
     return loss, (new_state, {"accuracy": accuracy})
 
@@ -218,7 +250,12 @@ def evaluate(model: Model, params: Any, data: tuple, *, state: Any = ()) -> dict
       state: batch-norm state (empty tuple for a model without batch norm).
 
     Returns:
-      ``{"loss": mean cross-entropy, "accuracy": fraction correct}`` (scalars).
+      ``{"loss": mean cross-entropy, "accuracy": fraction correct}`` (scalars). The loss is NaN
+      when a traced label lies outside ``[0, C)`` (concrete ones raise).
+
+    Raises:
+      ValueError: labels of the wrong shape or, when concrete, outside ``[0, C)``, naming the
+        offending values; TypeError: labels that are not integers.
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -296,8 +296,8 @@ class Trial:
       metrics: every scalar ``train_fn`` returned, as floats.
       status: ``"ok"``, or ``"diverged"`` when the History's loss or any returned metric was
         NaN/infinite.
-      diverged_step: the first step with a NaN/Inf loss (when train_fn returned a History), else
-        None.
+      diverged_step: the first step at which the History returned by train_fn met a NaN/Inf
+        (in the loss, the gradients, the parameters, ...: ``History.nan_step``), else None.
       round: the coarse-to-fine round (0 for a plain random search).
     """
 
@@ -1147,7 +1147,7 @@ def _warn_diverged(trials, who, stacklevel, limit=5):
     for t in bad[:limit]:
         why = [f"{k}={v:.4g}" for k, v in t.metrics.items() if not math.isfinite(v)]
         if t.diverged_step is not None:
-            why.insert(0, f"loss NaN/Inf from step {t.diverged_step}")
+            why.insert(0, f"NaN/Inf from step {t.diverged_step}")
         parts.append(f"trial {t.index} ({', '.join(why)})")
     more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
     warnings.warn(
