@@ -125,6 +125,14 @@ _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
+def _clamp(x, lo, hi):
+    """min(max(x, lo), hi) as one op; NaN stays NaN, but its derivative there is 0 (a select).
+
+    Only for arguments whose derivative does not carry the NaN of a NaN x.
+    """
+    return jax.lax.clamp(jnp.asarray(lo, x.dtype), x, jnp.asarray(hi, x.dtype))
+
+
 # --- sign tests and NaN derivatives for the piecewise functions ----------------------------------
 
 _SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
@@ -227,15 +235,13 @@ _SILU_UNSHIFT = math.exp(-_SILU_SHIFT)
 
 
 def _silu_tail(x):
-    """(in the tail, x clipped to the tail, the exponent shared by the tail and the sigmoid).
+    """(whether x is in the tail, x clamped to the tail).
 
-    The clip to [-1e4, start] keeps every branch finite for every x (x = -inf gives -0, not
+    The clamp to [-1e4, start] keeps every branch finite for every x (x = -inf gives -0, not
     -inf * 0), so that no NaN reaches a gradient through the branch a select throws away.
     """
     start = _SILU_TAIL_START[x.dtype.itemsize]
-    tail = x < start
-    xt = jnp.clip(x, -1e4, start)
-    return tail, xt, jnp.where(tail, xt + _SILU_SHIFT, -jnp.abs(x))
+    return x < start, _clamp(x, -1e4, start)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -248,7 +254,7 @@ def _silu_tail_term(x, e, k):
     taken through x alone, which is right as long as e = e^(x + 64): the caller reads the
     result only where it is.
     """
-    return (x + k) * e * _SILU_UNSHIFT
+    return (x + k if k else x) * e * _SILU_UNSHIFT
 
 
 @_silu_tail_term.defjvp
@@ -259,8 +265,9 @@ def _silu_tail_term_jvp(k, primals, tangents):
 
 @jax.custom_jvp
 def _silu(x):
-    tail, xt, w = _silu_tail(x)
-    e = jnp.exp(jnp.where(tail, w, -x))
+    tail, xt = _silu_tail(x)
+    # One exp for both branches: e^(x + 64) in the tail, e^-x elsewhere.
+    e = jnp.exp(jnp.where(tail, xt + _SILU_SHIFT, -x))
     # Outside the tail: x * (1 / (1 + exp(-x))), lax.logistic's own expansion.
     return jnp.where(tail, _silu_tail_term(xt, e, 0), x * (1 / (1 + e)))
 
@@ -268,14 +275,13 @@ def _silu(x):
 @_silu.defjvp
 def _silu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    tail, xt, w = _silu_tail(x)
+    tail, xt = _silu_tail(x)
     # One exp for both branches: e^(x + 64) in the tail, e^-|x| elsewhere.
-    s, s_neg, e = _sigmoid_parts(x, jnp.exp(w))
-    # x where it counts, finite where the other branch is taken; x * s(-x) is 0 beyond 1e4 and
-    # the clip keeps it from being inf * 0 at x = +inf.
-    xm = jnp.where(tail, xt, x)
-    xc = jnp.minimum(xm, 1e4)
-    value = jnp.where(tail, _silu_tail_term(xt, e, 0), xm * s)
+    s, s_neg, e = _sigmoid_parts(x, jnp.exp(jnp.where(tail, xt + _SILU_SHIFT, -jnp.abs(x))))
+    # x * s(-x) is 0 beyond 1e4 (and x * s(x) below the tail's start is unused): the clamp
+    # keeps it finite at x = +-inf, not inf * 0, which a gradient through the select would read.
+    xc = _clamp(x, -1e4, 1e4)
+    value = jnp.where(tail, _silu_tail_term(xt, e, 0), x * s)
     # d/dx x*s(x) = s + x*s*(1-s), with 1-s taken as s(-x) so the tails keep their accuracy; in
     # the far tail it is (1 + x) e^x.
     slope = jnp.where(tail, _silu_tail_term(xt, e, 1), s * (1 + xc * s_neg))
@@ -353,12 +359,32 @@ def _gelu_tanh_jvp(primals, tangents):
 # keeps x * Phi(x) from being -inf * 0 at x = -inf, and x * phi(x) in the derivative from
 # inf * 0 at x = +inf; between -40 and 40 nothing changes.
 _GELU_CLIP = 40.0
+_MINUS_2_OVER_SQRT_PI = -2 / math.sqrt(math.pi)  # erfc'(u) = -2/sqrt(pi) exp(-u^2)
 
 
+@jax.custom_jvp
 def _gelu_erf(x):
+    # jnp.clip, not lax.clamp, wherever a derivative passes through: clamp's derivative is a
+    # select, which would turn the NaN derivative of a NaN x into 0.
     xl = jnp.clip(x, -_GELU_CLIP, _GELU_CLIP)
-    # NaN fails x >= 40 and takes the erfc side, whose value and derivatives are NaN.
+    # NaN fails x >= 40 and takes the erfc side, whose value is NaN.
     return jnp.where(x >= _GELU_CLIP, x, 0.5 * xl * jax.lax.erfc(-_SQRT_HALF * xl))
+
+
+@_gelu_erf.defjvp
+def _gelu_erf_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    xl = jnp.clip(x, -_GELU_CLIP, _GELU_CLIP)
+    half_x = 0.5 * xl
+    u = -_SQRT_HALF * xl
+    e = jax.lax.erfc(u)
+    h = jnp.exp(-jnp.square(u))  # the erfc derivative's exp, as jax writes it
+    value = jnp.where(x >= _GELU_CLIP, x, half_x * e)
+    # d/dx x Phi(x) = Phi(x) + x phi(x), as jax differentiates x/2 erfc(-x/sqrt 2), with the
+    # products in the order its vjp takes them, so first derivatives keep their bits; xl in the
+    # x phi(x) term keeps it 0, not inf * 0, at x = +-inf.
+    slope_term = half_x * (_MINUS_2_OVER_SQRT_PI * (h * (-_SQRT_HALF * t)))
+    return value, slope_term + (0.5 * t) * e
 
 
 # --- public functions -----------------------------------------------------------------------------
