@@ -19,6 +19,7 @@ CASES = {
     "relu": (activations.relu, jax.nn.relu),
     "leaky_relu": (activations.leaky_relu, jax.nn.leaky_relu),
     "elu": (activations.elu, jax.nn.elu),
+    "selu": (activations.selu, jax.nn.selu),
     "sigmoid": (activations.sigmoid, jax.nn.sigmoid),
     "tanh": (activations.tanh, jnp.tanh),
     # jax.nn.gelu defaults to the tanh approximation; compare like with like.

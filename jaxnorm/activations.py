@@ -482,8 +482,11 @@ def relu(x: ArrayLike) -> jax.Array:
     """
     x = _as_float(x, "relu")
     # A select rather than maximum: maximum's derivative at a tie is 1/2 in jax. NaN takes the x
-    # side, so that relu(NaN) and its derivative are NaN.
-    return jnp.where(_is_positive_or_nan(x), _nan_derivative_at_nan(x), jnp.zeros_like(x))
+    # side, so that relu(NaN) and its derivative are NaN. Computed in float32 for bfloat16 and
+    # float16 (exact either way): XLA:CPU would convert every intermediate of the derivative.
+    xc = _upcast(x)
+    y = jnp.where(_is_positive_or_nan(xc), _nan_derivative_at_nan(xc), jnp.zeros_like(xc))
+    return y.astype(x.dtype)
 
 
 def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
