@@ -302,6 +302,13 @@ class BatchNorm(nnx.Module):
         return y
 
     def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: set ``use_running_average`` when given (as flax's BatchNorm)."""
+        """Used by ``nnx.view``: set ``use_running_average`` when given (as flax's BatchNorm).
+
+        ``nnx.view_info`` reads the Args section below (Google style, one entry per argument).
+
+        Args:
+          use_running_average: if True, the stored batch statistics will be
+            used instead of computing the batch statistics on the input.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
