@@ -107,8 +107,9 @@ class BatchNorm(nnx.Module):
     ``dtype`` is (flax.nnx first casts x, the statistics and the parameters to ``dtype``),
     ``axis_name`` merges statistics exactly, and the extra options ``activation``,
     ``unbiased_running_var``, ``cumulative`` (adds a ``count`` BatchStat), ``virtual_batch_size``
-    and ``renorm``/``r_max``/``d_max`` pass through to the functional core. ``promote_dtype`` is not
-    taken.
+    and ``renorm``/``r_max``/``d_max`` pass through to the functional core. ``promote_dtype`` is
+    flax's hook; its default is None (no cast before the statistics) where flax's default casts x
+    to ``dtype`` first.
 
     Under ``nnx.vmap`` over a stack of models (an ensemble, a hyperparameter sweep) each member
     keeps its own statistics. ``nnx.vmap`` of *one* model over a data axis (``in_axes=(None,
@@ -148,12 +149,22 @@ class BatchNorm(nnx.Module):
       bias_init, scale_init: their initializers (zeros, ones).
       axis_name, axis_index_groups: combine statistics over a mapped axis, exactly.
       use_fast_variance: accepted for flax compatibility and ignored.
+      promote_dtype: None (default): the statistics are computed from x as given (in float32
+        or wider) and y takes flax's inferred dtype. Or flax's hook, called as flax calls it:
+        ``promote_dtype((x, mean, var, scale, bias), dtype=dtype)`` returns the arrays the
+        layer normalises with (pass ``flax.nnx.nn.dtypes.promote_dtype`` to cast x, the
+        statistics and the parameters to ``dtype`` first, as ``flax.nnx.BatchNorm`` does by
+        default; ``lambda args, **kw: args`` to cast nothing, as linen does).
       activation: None, a name from :mod:`jaxnorm.activations` or a callable, fused into the op.
       unbiased_running_var, cumulative: PyTorch's running-variance and ``momentum=None`` behaviour.
       virtual_batch_size: ghost batch norm over groups of this many rows of axis 0.
       renorm, r_max, d_max: Batch Renormalization (Ioffe 2017) and its clipping bounds.
       rngs: the ``nnx.Rngs`` for the initializers.
       bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables, as in flax.
+
+    Raises:
+      ValueError: if momentum is outside [0, 1] or activation names no activation.
+      TypeError: if activation or promote_dtype is neither None nor a callable (or a name).
 
     References:
       Ioffe & Szegedy 2015, "Batch normalization"; Ioffe 2017, "Batch renormalization".
@@ -190,6 +201,7 @@ class BatchNorm(nnx.Module):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: Callable | None = None,
         activation: str | Callable | None = None,
         unbiased_running_var: bool = False,
         cumulative: bool = False,
@@ -204,6 +216,13 @@ class BatchNorm(nnx.Module):
         # Checked here, where the model is built, not at its first call.
         batchnorm._check_momentum(momentum, "momentum")
         batchnorm._resolve_activation(activation)
+        if promote_dtype is not None and (not callable(promote_dtype) or _is_dtype(promote_dtype)):
+            raise TypeError(
+                "promote_dtype must be None or a function like flax.nnx.nn.dtypes.promote_dtype "
+                f"((x, mean, var, scale, bias), dtype=...) -> the same tuple, got "
+                f"{type(promote_dtype).__name__}: {promote_dtype!r}"
+                + ("; the output dtype is the dtype argument" if _is_dtype(promote_dtype) else "")
+            )
         feature_shape = (num_features,)
         state = batchnorm.init_state(num_features)
         self.mean = nnx.BatchStat(state.mean)
@@ -236,6 +255,7 @@ class BatchNorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
         self.activation = activation
         self.unbiased_running_var = unbiased_running_var
         self.cumulative = cumulative
@@ -284,15 +304,25 @@ class BatchNorm(nnx.Module):
         # The variables are flat (num_features,) as in flax.nnx; several feature axes share them.
         as_features = lambda v: None if v is None else v[...].reshape(feature_shape)
         count = self.count[...] if self.count is not None else jnp.zeros((), jnp.int32)
-        state = batchnorm.BatchNormState(as_features(self.mean), as_features(self.var), count)
+        mean, var = as_features(self.mean), as_features(self.var)
         scale, bias = as_features(self.scale), as_features(self.bias)
         train = not use_running_average
-        # flax.nnx infers the output dtype from x, the statistics and the parameters.
-        out_dtype = self.dtype or _flax_result_dtype(
-            x.dtype,
-            self.mean[...].dtype,
-            *(p.dtype for p in (scale, bias) if p is not None),
-        )
+        if self.promote_dtype is None:
+            # flax.nnx's default promote_dtype: y's dtype is inferred from x, the statistics and
+            # the parameters (but x is not rounded to ``dtype`` before the statistics).
+            inferred = (x, mean, scale, bias)
+        else:
+            # As flax.nnx calls it; the promoted running statistics are what evaluation uses,
+            # while training updates the stored ones (flax reads self.mean[...] again there).
+            x, p_mean, p_var, scale, bias = self.promote_dtype(
+                (x, mean, var, scale, bias), dtype=self.dtype
+            )
+            x = jnp.asarray(x)
+            if not train:
+                mean, var = p_mean, p_var
+            inferred = (x, scale, bias)
+        state = batchnorm.BatchNormState(mean, var, count)
+        out_dtype = self.dtype or _flax_result_dtype(*(a.dtype for a in inferred if a is not None))
         y, new_state = _module_batch_norm(self, x, scale, bias, state, train, mask, out_dtype)
         if train:
             self.mean[...] = new_state.mean.reshape(self.mean[...].shape)
@@ -312,3 +342,13 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+def _is_dtype(obj) -> bool:
+    """True for a dtype or a scalar type such as ``jnp.float16`` (callable, but not the hook)."""
+    try:
+        jnp.dtype(obj)
+    except TypeError:
+        return False
+    return True
+

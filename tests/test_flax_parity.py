@@ -85,6 +85,70 @@ def _nnx_train(cls, x, num_features, *, mask=None, **kw):
 
 
 # --------------------------------------------------------------------------------------------
+# Item 2: promote_dtype, flax.nnx's hook.
+
+
+def test_nnx_promote_dtype_is_called_as_flax_calls_it():
+    calls = []
+
+    def recording(args, *, dtype=None):
+        calls.append((tuple(None if a is None else (a.shape, a.dtype) for a in args), dtype))
+        return args
+
+    x = _data((6, 3))
+    bn = jnnx.BatchNorm(3, dtype=jnp.float32, promote_dtype=recording, rngs=nnx.Rngs(0))
+    _run(bn, x)
+    f32 = jnp.dtype(jnp.float32)
+    assert calls == [((((6, 3), f32), ((3,), f32), ((3,), f32), ((3,), f32), ((3,), f32)), f32)]
+    # None passes through, as flax's promote_dtype allows
+    _run(jnnx.BatchNorm(3, use_scale=False, promote_dtype=recording, rngs=nnx.Rngs(0)), x)
+    assert calls[-1][0][3] is None
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_nnx_flax_promote_dtype_rounds_x_to_dtype_first_as_flax(train):
+    # flax.nnx's default promote_dtype casts x, the statistics and the parameters to dtype.
+    x = _data((16, 4))
+    ours = jnnx.BatchNorm(
+        4, dtype=jnp.float16, promote_dtype=nnx_dtypes.promote_dtype, rngs=nnx.Rngs(0)
+    )
+    theirs = nnx.BatchNorm(4, dtype=jnp.float16, rngs=nnx.Rngs(0))
+    for bn in (ours, theirs):  # running statistics away from (0, 1) for the evaluation
+        bn.mean[...] = jnp.array([0.3, -0.2, 0.1, 1.0])
+        bn.var[...] = jnp.array([2.0, 0.5, 1.5, 4.0])
+    y_o = _run(ours, x, use_running_average=not train)
+    y_t = _run(theirs, x, use_running_average=not train)
+    assert y_o.dtype == y_t.dtype == jnp.float16
+    _close(y_o, y_t, jnp.float16)
+    _close(ours.mean[...], theirs.mean[...])
+    _close(ours.var[...], theirs.var[...])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_nnx_identity_promote_dtype_matches_linen_as_in_flax_equivalence_test(dtype):
+    # flax's tests/nnx/nn/normalization_test.py pairs nnx (identity promote_dtype) with linen.
+    x = _data((10, 5))
+    y_l, stats_l, variables = _linen_train(nn.BatchNorm, x, dtype=dtype, param_dtype=dtype)
+    bn = jnnx.BatchNorm(
+        5, dtype=dtype, param_dtype=dtype, promote_dtype=lambda a, **kw: a, rngs=nnx.Rngs(0)
+    )
+    bn.scale[...] = variables["params"]["scale"]
+    bn.bias[...] = variables["params"]["bias"]
+    y = _run(bn, x)
+    assert y.dtype == y_l.dtype
+    _close(y, y_l, dtype)
+    _close(bn.mean[...], stats_l["mean"])
+    _close(bn.var[...], stats_l["var"])
+
+
+@pytest.mark.parametrize("bad", ["float16", jnp.float16, np.dtype(np.float16)])
+def test_nnx_promote_dtype_must_be_a_function(bad):
+    # jnp.float16 is callable, but it is a dtype: the output dtype is the dtype argument.
+    with pytest.raises(TypeError, match="promote_dtype must be None or a function"):
+        jnnx.BatchNorm(3, promote_dtype=bad, rngs=nnx.Rngs(0))
+
+
+# --------------------------------------------------------------------------------------------
 # Item 4: nnx's tools on jaxnorm's modules.
 
 
