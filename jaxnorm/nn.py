@@ -353,8 +353,12 @@ class BatchNorm(nn.Module):
         Args:
           x: the input; the feature axes are ``self.axis``.
           use_running_average: as the attribute; exactly one of the two must be given.
-          mask: True where a position counts in the statistics (flax's convention: broadcastable
-            to x with x's rank), or one flag per row of the batch shape.
+          mask: True where a position counts in the statistics, read as flax reads it: any
+            shape that broadcasts to x NumPy-style (aligned on the right: ``(H, W, 1)`` pads
+            images shared by the batch, ``(D,)`` flags features, also on a square ``(N, N)``
+            batch). A mask that does not broadcast to x may be the batch shape, one flag per
+            position of the non-feature axes. A feature with no valid position leaves its
+            running statistics as they were (flax's become NaN).
 
         Returns:
           y of x's shape, in ``self.dtype`` (or flax's inferred dtype).
@@ -423,7 +427,7 @@ def _module_batch_norm(module, x, scale, bias, state, train, mask, out_dtype, *,
         axis=module.axis,
         axis_name=module.axis_name if collective else None,
         axis_index_groups=module.axis_index_groups if collective else None,
-        mask=mask,
+        mask=_flax_mask(mask, jnp.shape(x)),
         activation=module.activation,
         unbiased_running_var=module.unbiased_running_var,
         cumulative=module.cumulative,
@@ -433,6 +437,26 @@ def _module_batch_norm(module, x, scale, bias, state, train, mask, out_dtype, *,
         d_max=module.d_max,
         dtype=out_dtype,
     )
+
+
+def _flax_mask(mask, x_shape):
+    """A module's mask read as flax reads it: NumPy-broadcast to x, aligned on the right.
+
+    flax's ``_compute_stats`` passes the mask to ``x.mean(axes, where=mask)``, so a lower-rank
+    mask lines up with x's trailing axes: ``(H, W, 1)`` is a padding mask shared by a batch of
+    NHWC images, ``(D,)`` flags features. It is given x's rank with leading ones, which the
+    functional core reads the same way. Only a mask that does not broadcast to x is left for the
+    core's own batch-shape form (one flag per position of x's non-feature axes); so a ``(N,)`` mask
+    on a square ``(N, N)`` batch flags features, as in flax (write ``mask[:, None]`` for rows).
+    """
+    if mask is None or not hasattr(mask, "shape"):
+        return mask
+    shape = tuple(mask.shape)
+    if len(shape) >= len(x_shape) or not all(
+        m in (1, s) for m, s in zip(reversed(shape), reversed(x_shape), strict=False)
+    ):
+        return mask
+    return jnp.reshape(mask, (1,) * (len(x_shape) - len(shape)) + shape)
 
 
 def _values_per_feature(shape, feature_axes) -> int:

@@ -276,8 +276,12 @@ class BatchNorm(nnx.Module):
         Args:
           x: the input; the feature axes are ``self.axis``.
           use_running_average: overrides the attribute for this call.
-          mask: True where a position counts in the statistics (broadcastable to x with x's
-            rank, flax's convention), or one flag per row of the batch shape.
+          mask: True where a position counts in the statistics, read as flax reads it: any
+            shape that broadcasts to x NumPy-style (aligned on the right: ``(H, W, 1)`` pads
+            images shared by the batch, ``(D,)`` flags features, also on a square ``(N, N)``
+            batch). A mask that does not broadcast to x may be the batch shape, one flag per
+            position of the non-feature axes. A feature with no valid position leaves its
+            running statistics as they were (flax's become NaN).
 
         Returns:
           y of x's shape, in ``self.dtype`` (or flax's inferred dtype).

@@ -233,3 +233,56 @@ def test_bridge_to_nnx_of_jaxnorm_linen_batchnorm_matches_flax():
         results.append((_run(model, x), nnx.state(model, nnx.Param, nnx.BatchStat)))
     _close(results[0][0], results[1][0])
     jax.tree.map(_close, results[0][1], results[1][1])
+
+
+# --------------------------------------------------------------------------------------------
+# Item 5: masks, read as flax reads them (NumPy broadcasting to x).
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_spatial_padding_mask_shared_by_the_batch_matches_flax(api):
+    x = _data((3, 5, 4, 2))
+    mask = ((jnp.arange(5)[:, None] < 4) & (jnp.arange(4)[None, :] < 3))[..., None]  # (H, W, 1)
+    if api == "linen":
+        y, stats, _ = _linen_train(jnn.BatchNorm, x, mask=mask)
+        y_t, stats_t, _ = _linen_train(nn.BatchNorm, x, mask=mask)
+    else:
+        y, stats, _ = _nnx_train(jnnx.BatchNorm, x, 2, mask=mask)
+        y_t, stats_t, _ = _nnx_train(nnx.BatchNorm, x, 2, mask=mask)
+    _close(y, y_t)
+    jax.tree.map(_close, stats, stats_t)
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_vector_mask_on_a_square_batch_flags_features_as_in_flax(api):
+    # x is (N, N): flax broadcasts a (N,) mask along the last axis, so it flags features.
+    x = _data((4, 4))
+    mask = jnp.array([True, True, False, True])
+    run = (
+        (lambda cls: _linen_train(cls, x, mask=mask)[:2])
+        if api == "linen"
+        else (lambda cls: _nnx_train(cls, x, 4, mask=mask)[:2])
+    )
+    (y, stats), (y_t, stats_t) = (
+        run(jnn.BatchNorm if api == "linen" else jnnx.BatchNorm),
+        run(nn.BatchNorm if api == "linen" else nnx.BatchNorm),
+    )
+    keep = np.asarray(mask)
+    _close(np.asarray(y)[:, keep], np.asarray(y_t)[:, keep])
+    for k in ("mean", "var"):
+        _close(np.asarray(stats[k])[keep], np.asarray(stats_t[k])[keep])
+    # The fully masked feature: flax's statistics are NaN; jaxnorm leaves the running ones as
+    # they were and its output is finite.
+    assert np.isnan(np.asarray(stats_t["mean"])[2])
+    assert np.asarray(stats["mean"])[2] == 0 and np.asarray(stats["var"])[2] == 1
+    assert np.all(np.isfinite(np.asarray(y)))
+
+
+def test_batch_shape_mask_is_still_accepted_where_flax_would_not_broadcast():
+    # (N, H, W) on an NHWC batch does not broadcast to x: jaxnorm's own batch-shape form.
+    x = _data((2, 3, 4, 5))
+    rows = _mask((2, 3, 4), seed=3)
+    y, stats, _ = _linen_train(jnn.BatchNorm, x, mask=rows)
+    y_t, stats_t, _ = _linen_train(nn.BatchNorm, x, mask=rows[..., None])
+    _close(y, y_t)
+    jax.tree.map(_close, stats, stats_t)
