@@ -329,8 +329,8 @@ class BatchNorm(nnx.Module):
         out_dtype = self.dtype or _flax_result_dtype(*(a.dtype for a in inferred if a is not None))
         y, new_state = _module_batch_norm(self, x, scale, bias, state, train, mask, out_dtype)
         if train:
-            self.mean[...] = new_state.mean.reshape(self.mean[...].shape)
-            self.var[...] = new_state.var.reshape(self.var[...].shape)
+            _store(self.mean, new_state.mean)
+            _store(self.var, new_state.var)
             if self.count is not None:
                 self.count[...] = new_state.count
         return y
@@ -356,3 +356,17 @@ def _is_dtype(obj) -> bool:
         return False
     return True
 
+
+def _store(variable: nnx.Variable, value: jax.Array) -> None:
+    """Write an updated running statistic into its (flat) BatchStat.
+
+    A statistic whose dtype changed (complex x makes the running mean complex, as in
+    ``flax.linen.BatchNorm``) replaces the array: writing it in place would cast it to the old
+    dtype, and flax.nnx's module drops the imaginary part that way, with a ComplexWarning.
+    """
+    old = variable[...]
+    value = value.reshape(old.shape)
+    if value.dtype == old.dtype:
+        variable[...] = value
+    else:
+        variable.set_value(value)

@@ -286,3 +286,143 @@ def test_batch_shape_mask_is_still_accepted_where_flax_would_not_broadcast():
     y_t, stats_t, _ = _linen_train(nn.BatchNorm, x, mask=rows[..., None])
     _close(y, y_t)
     jax.tree.map(_close, stats, stats_t)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 7: running statistics agree with flax's to float32 rounding (not bit for bit).
+
+
+@pytest.mark.parametrize("shape", [(32, 8), (4, 6, 6, 5)])
+def test_running_statistics_agree_with_flax_to_float32_rounding(shape):
+    # Zero-mean data, where flax's default one-pass variance loses nothing: the remaining
+    # difference is the order of the float32 sums (docs/batchnorm_modules.md).
+    x = _data(shape, offset=0.0, std=1.5)
+    _, stats, _ = _linen_train(jnn.BatchNorm, x)
+    _, stats_t, _ = _linen_train(nn.BatchNorm, x)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(stats[k], stats_t[k], rtol=2e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 3 (core): complex inputs, as flax.linen supports and tests them.
+
+
+@_core_change("complex x: mean E[x] complex, var E|x - mean|^2 real, complex running mean")
+@pytest.mark.parametrize("masked", [False, True])
+def test_linen_complex_input_matches_flax(masked):
+    x = _complex((4, 3, 2))
+    mask = _mask((4, 3, 1), seed=1) if masked else None
+    y, stats, _ = _linen_train(jnn.BatchNorm, x, mask=mask, dtype=jnp.complex64)
+    y_t, stats_t, _ = _linen_train(nn.BatchNorm, x, mask=mask, dtype=jnp.complex64)
+    assert y.dtype == jnp.complex64 and stats["mean"].dtype == stats_t["mean"].dtype
+    assert stats["var"].dtype == stats_t["var"].dtype == jnp.float32
+    np.testing.assert_allclose(y, y_t, rtol=2e-5, atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), stats, stats_t
+    )
+
+
+@_core_change("complex x: mean E[x] complex, var E|x - mean|^2 real, complex running mean")
+def test_nnx_complex_input_keeps_the_complex_running_mean_as_linen():
+    # flax.nnx casts the complex batch mean into its float32 BatchStat (a ComplexWarning, the
+    # imaginary part lost); jaxnorm keeps it, as flax.linen does.
+    x = _complex((6, 3))
+    y_l, stats_l, _ = _linen_train(nn.BatchNorm, x)
+    y, stats, bn = _nnx_train(jnnx.BatchNorm, x, 3)
+    np.testing.assert_allclose(y, y_l, rtol=2e-5, atol=1e-5)
+    assert stats["mean"].dtype == jnp.complex64
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), stats, stats_l
+    )
+    bn.eval()
+    assert _run(bn, x).dtype == jnp.complex64
+
+
+# --------------------------------------------------------------------------------------------
+# Item 1 (core): training on one value per feature returns flax's result.
+
+
+@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
+def test_linen_train_on_one_value_per_feature_matches_flax():
+    x = _data((1, 5))
+    y, stats, _ = _linen_train(jnn.BatchNorm, x, init_x=_data((4, 5), seed=1))
+    y_t, stats_t, _ = _linen_train(nn.BatchNorm, x, init_x=_data((4, 5), seed=1))
+    _close(y, y_t)
+    jax.tree.map(_close, stats, stats_t)
+
+
+class _OneByOne(nn.Module):
+    norm: type
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(3, (2, 2), strides=2)(x)  # (N, 2, 2, C) -> (N, 1, 1, 3)
+        return self.norm(use_running_average=False)(x)
+
+
+@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
+def test_linen_one_example_init_of_a_model_ending_1x1_matches_flax():
+    # nn.BatchNorm's init computes the batch statistics (and discards them) as flax does; the
+    # module's fallback to the running statistics goes with the core change.
+    x = _data((1, 2, 2, 2))
+    y, v = _OneByOne(jnn.BatchNorm).init_with_output(jax.random.key(0), x)
+    y_t, v_t = _OneByOne(nn.BatchNorm).init_with_output(jax.random.key(0), x)
+    _close(y, y_t)
+    jax.tree.map(_close, v, v_t)
+
+
+@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
+def test_nnx_tabulate_with_a_batch_of_one_as_flax():
+    x = jnp.ones((1, 4))
+    assert nnx.tabulate(_Net(jnnx.BatchNorm, rngs=nnx.Rngs(0)), x) == nnx.tabulate(
+        _Net(nnx.BatchNorm, rngs=nnx.Rngs(0)), x
+    )
+
+
+@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
+def test_nnx_vmap_of_members_with_a_batch_of_one_matches_flax():
+    # flax's tests/nnx/transforms_test.py (TestVmap.test_state_axes_simple): one row per member.
+    outs = []
+    for norm in (jnnx.BatchNorm, nnx.BatchNorm):
+
+        @nnx.split_rngs(splits=4)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def create(rngs, norm=norm):
+            return _Net(norm, rngs=rngs, din=3)
+
+        @nnx.vmap(in_axes=(0, 0))
+        def forward(model, x):
+            return model.bn(model.lin(x))
+
+        model = create(nnx.Rngs(0))
+        y = nnx.jit(forward)(model, _data((4, 1, 3)))
+        outs.append((y, model.bn.mean[...], model.bn.var[...]))
+    jax.tree.map(_close, outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Item 8 (core): an unbound axis_name is named in the error.
+
+
+@_core_change("an unbound axis_name is caught at the boundary and named")
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_unbound_axis_name_error_names_axis_name(api):
+    x = _data((4, 3))
+    if api == "linen":
+        model = jnn.BatchNorm(use_running_average=False, axis_name="batch")
+        variables = model.init(jax.random.key(0), x)  # init needs no bound axis, as in flax
+
+        def call():
+            model.apply(variables, x, mutable=["batch_stats"])
+    else:
+        bn = jnnx.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
+
+        def call():
+            bn(x)
+
+    # flax raises NameError("unbound axis name: batch"); the type stays for code that catches it.
+    with pytest.raises(NameError) as info:
+        call()
+    message = str(info.value)
+    assert "axis_name" in message and re.search(r"\bbatch\b", message)
+    assert "axis_index" not in message
