@@ -228,7 +228,8 @@ class BatchNorm(nn.Module):
     A shell over :func:`jaxnorm.batchnorm.batch_norm`: it takes flax.linen.BatchNorm's arguments and
     keeps the same variables with the same shapes and dtypes (``params/scale``, ``params/bias``,
     ``batch_stats/mean``, ``batch_stats/var``), so swapping the class in a model loads existing
-    checkpoints and gives the same outputs and updated ``batch_stats``. Differences from flax:
+    checkpoints and gives flax's outputs and updated ``batch_stats`` to float32 rounding (not bit
+    for bit: the batch statistics are summed in another order). Differences from flax:
 
     * The variance is always accurate (flax's default ``use_fast_variance=True`` computes
       :math:`E[x^2] - E[x]^2` and returns a running variance of 0 for float32 data with mean 1e4

@@ -99,7 +99,9 @@ class BatchNorm(nnx.Module):
     :func:`jaxnorm.batchnorm.batch_norm`. It takes flax.nnx.BatchNorm's constructor arguments and
     has the same attributes: ``mean``, ``var`` (``nnx.BatchStat``, float32) and ``scale``,
     ``bias`` (``nnx.Param``, or None when unused), so ``nnx.state`` trees and checkpoints match
-    flax's and the outputs and updated statistics are the same. ``model.train()`` /
+    flax's and the outputs and updated statistics agree with flax's to float32 rounding (not bit
+    for bit). ``nnx.view_info``, ``nnx.eval_shape``, ``nnx.tabulate``, ``nnx.EMA`` and
+    ``nnx.bridge`` work on it as on flax's module. ``model.train()`` /
     ``model.eval()`` and ``nnx.view(model, use_running_average=...)`` switch modes as for flax's.
 
     Differences from flax, as for the linen module: the variance is always accurate
