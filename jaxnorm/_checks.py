@@ -36,8 +36,21 @@ def compute_dtype(dtype) -> np.dtype:
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> tuple[int, ...]:
-    """Turn ``axis`` (an int or a sequence, negatives allowed) into sorted non-negative axes."""
-    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    """Turn ``axis`` (an int or a sequence, negatives allowed) into sorted non-negative axes.
+
+    Raises TypeError for anything but an int or a list/tuple of ints (a float, a str, a bool),
+    which ``int()`` would otherwise take silently (``axis="1"``, ``axis=1.0``).
+    """
+    if isinstance(axis, list | tuple):
+        axes = tuple(axis)
+    else:
+        axes = (axis,)
+    for a in axes:
+        if isinstance(a, bool | np.bool_) or not isinstance(a, int | np.integer):
+            raise TypeError(
+                f"{name} must be an int or a tuple of ints, got {axis!r} "
+                f"(of type {type(axis).__name__})"
+            )
     out = []
     for a in axes:
         if not -ndim <= int(a) < ndim:
@@ -46,6 +59,25 @@ def normalize_axes(axis: int | Sequence[int], ndim: int, name: str = "axis") -> 
     if len(set(out)) != len(out):
         raise ValueError(f"{name}={axis!r} names the same axis twice")
     return tuple(sorted(out))
+
+
+def check_array(x, name: str) -> None:
+    """Raise TypeError unless ``x`` is an array or a number (JAX, NumPy or Python).
+
+    Lists, tuples, dicts, strings and None are refused, as jax.numpy refuses lists: a dict of
+    arrays is a pytree, which a function of one array does not map over by itself.
+    """
+    if isinstance(x, jax.Array | np.ndarray | np.generic | int | float) or hasattr(
+        x, "__jax_array__"
+    ):
+        return
+    if isinstance(x, list | tuple):
+        hint = f"; convert it first, e.g. jnp.asarray({name})"
+    elif isinstance(x, dict):
+        hint = "; for a pytree of arrays, call the function on each leaf (e.g. with jax.tree.map)"
+    else:
+        hint = ""
+    raise TypeError(f"{name} must be an array (JAX or NumPy), got {type(x).__name__}{hint}")
 
 
 def is_tracer(x) -> bool:

@@ -190,6 +190,13 @@ def from_torch_state(
     Returns:
       The state: a copy, so the torch layer may go on updating its buffers in place.
 
+    Raises:
+      TypeError: a buffer is not an array of numbers (a dict, a str, None, bools), the count
+        is not an integer, or dtype is not floating.
+      ValueError: the buffers are scalars or differ in shape, hold NaN or Inf, running_var is
+        negative somewhere, or num_batches_tracked is not a scalar, is negative or is not a
+        whole number.
+
     Example:
       >>> import numpy as np
       >>> from jaxnorm import batchnorm
@@ -197,16 +204,70 @@ def from_torch_state(
       >>> s.count
       Array(7, dtype=int32)
     """
-    # np.array copies: torch updates its buffers in place, and jnp.asarray of a NumPy view of
-    # them may share their memory on CPU.
-    mean = jnp.array(np.asarray(running_mean).copy(), dtype)
-    var = jnp.array(np.asarray(running_var).copy(), dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype for the state, got {jnp.dtype(dtype)}")
+    mean = _torch_buffer(running_mean, "running_mean")
+    var = _torch_buffer(running_var, "running_var")
     if mean.shape != var.shape:
         raise ValueError(
             f"running_mean has shape {mean.shape} but running_var has shape {var.shape}"
         )
-    count = 0 if num_batches_tracked is None else np.asarray(num_batches_tracked).copy()
-    return BatchNormState(mean, var, jnp.asarray(np.rint(count), jnp.int32).reshape(()))
+    if np.any(var < 0):
+        raise ValueError(
+            f"running_var must be >= 0 (a variance), but {int(np.sum(var < 0))} of its "
+            f"{var.size} values are negative (smallest {var.min()})"
+        )
+    count = _torch_count(num_batches_tracked)
+    return BatchNormState(
+        jnp.array(mean, dtype), jnp.array(var, dtype), jnp.asarray(count, jnp.int32)
+    )
+
+
+def _torch_buffer(v, name):
+    # np.array copies: torch updates its buffers in place, and jnp.asarray of a NumPy view of
+    # them may share their memory on CPU.
+    if v is None or isinstance(v, dict | str | bytes):
+        raise TypeError(
+            f"{name} must be an array (a torch tensor, NumPy or JAX array), got {type(v).__name__}"
+        )
+    try:
+        a = np.array(np.asarray(v), copy=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be an array of numbers, got {type(v).__name__}: {e}") from e
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be an array of numbers, got dtype {a.dtype}")
+    if a.ndim == 0:
+        raise ValueError(f"{name} must have the feature shape (PyTorch's [C]), got a scalar")
+    bad = ~np.isfinite(a)
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must be finite, but {int(np.sum(bad))} of its {a.size} values are NaN or Inf"
+        )
+    return a
+
+
+def _torch_count(count):
+    if count is None:
+        return 0
+    if isinstance(count, bool | np.bool_):
+        raise TypeError(f"num_batches_tracked must be an integer, got {count!r}")
+    try:
+        c = np.asarray(count)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"num_batches_tracked must be an integer, got {type(count).__name__}"
+        ) from e
+    if c.dtype.kind not in "fiu":
+        raise TypeError(f"num_batches_tracked must be an integer, got dtype {c.dtype}")
+    if c.ndim != 0:
+        raise ValueError(f"num_batches_tracked must be a scalar, got shape {c.shape}")
+    v = c.item()
+    if not (math.isfinite(v) and v == int(v)) or v < 0 or v > np.iinfo(np.int32).max:
+        raise ValueError(
+            "num_batches_tracked must be a whole number in [0, 2**31 - 1] (a count of "
+            f"updates), got {v}"
+        )
+    return int(v)
 
 
 def to_torch_state(state: BatchNormState) -> dict[str, np.ndarray]:
@@ -214,11 +275,16 @@ def to_torch_state(state: BatchNormState) -> dict[str, np.ndarray]:
     ``num_batches_tracked`` (int64), ready for ``torch.from_numpy`` / ``load_state_dict``. The
     arrays are writable copies, not views of the state's device buffers.
 
+    Raises:
+      TypeError: if state is not a :class:`BatchNormState` (None, a plain tuple, another
+        transform's state).
+
     Example:
       >>> from jaxnorm import batchnorm
       >>> sorted(batchnorm.to_torch_state(batchnorm.init_state(2)))
       ['num_batches_tracked', 'running_mean', 'running_var']
     """
+    _check_state_type(state)
     return {
         "running_mean": np.array(state.mean, np.float32, copy=True),
         "running_var": np.array(state.var, np.float32, copy=True),
@@ -251,19 +317,23 @@ def fold(
       ``(a, b)``, each of the feature shape, in the promoted dtype of the state and parameters.
 
     Raises:
-      ValueError: if scale or bias does not have the state's shape.
+      TypeError: if state is not a :class:`BatchNormState`, or scale or bias is not a floating
+        array.
+      ValueError: if scale or bias does not have the state's shape, or epsilon is not a
+        positive, finite scalar (as in :func:`batch_norm`; a traced epsilon is not checked).
 
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxnorm import batchnorm
-      >>> s = batchnorm.BatchNormState(jnp.array([1.0]), jnp.array([4.0]), jnp.array(3.0))
-      >>> a, b = batchnorm.fold(jnp.array([2.0]), jnp.array([0.5]), s, epsilon=0.0)
+      >>> s = batchnorm.BatchNormState(jnp.array([1.0]), jnp.array([4.0]), jnp.array(3))
+      >>> a, b = batchnorm.fold(jnp.array([2.0]), jnp.array([0.5]), s)  # 2 / sqrt(4 + 1e-5)
       >>> a, b
-      (Array([1.], dtype=float32), Array([-0.5], dtype=float32))
+      (Array([0.99999875], dtype=float32), Array([-0.49999875], dtype=float32))
     """
+    _check_state_type(state)
+    _check_epsilon(epsilon)
     mean = jnp.asarray(state.mean)
     var = jnp.asarray(state.var)
-    _checks.check_floating(mean, "state.mean")
     _check_param_shape(scale, mean.shape, "scale", "state.mean")
     _check_param_shape(bias, mean.shape, "bias", "state.mean")
     dtype = _compute_dtype(mean, var, scale, bias)
@@ -297,7 +367,10 @@ def fold_into_dense(
       ``(W', c')`` in the promoted dtype.
 
     Raises:
-      ValueError: if the kernel's trailing axes are not the feature shape.
+      TypeError: if kernel is not a floating array or state is not a
+        :class:`BatchNormState`.
+      ValueError: if the kernel's trailing axes are not the feature shape, or epsilon is not
+        a positive, finite scalar (as in :func:`fold`).
 
     References:
       PyTorch's ``torch.nn.utils.fusion.fuse_linear_bn_eval``.
@@ -305,10 +378,12 @@ def fold_into_dense(
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxnorm import batchnorm
-      >>> s = batchnorm.BatchNormState(jnp.array([1.0, 0.0]), jnp.array([4.0, 1.0]), jnp.array(1.0))
-      >>> w, c = batchnorm.fold_into_dense(jnp.ones((3, 2)), None, None, None, s, epsilon=0.0)
-      >>> w[0], c
-      (Array([0.5, 1. ], dtype=float32), Array([-0.5,  0. ], dtype=float32))
+      >>> s = batchnorm.BatchNormState(jnp.array([1.0, 0.0]), jnp.array([4.0, 1.0]), jnp.array(1))
+      >>> w, c = batchnorm.fold_into_dense(jnp.ones((3, 2)), None, None, None, s)
+      >>> w[0]  # 1 / sqrt(var + 1e-5)
+      Array([0.49999937, 0.999995  ], dtype=float32)
+      >>> c
+      Array([-0.49999937,  0.        ], dtype=float32)
     """
     return _fold_into(kernel, dense_bias, scale, bias, state, epsilon, -1, "fold_into_dense")
 
@@ -340,7 +415,10 @@ def fold_into_conv(
       ``(K', c')`` in the promoted dtype.
 
     Raises:
-      ValueError: if the kernel's output-channel size is not the batch norm's feature size.
+      TypeError: if kernel is not a floating array or state is not a
+        :class:`BatchNormState`.
+      ValueError: if the kernel's output-channel size is not the batch norm's feature size,
+        or epsilon is not a positive, finite scalar (as in :func:`fold`).
 
     References:
       PyTorch's ``torch.nn.utils.fusion.fuse_conv_bn_eval``.
@@ -348,8 +426,8 @@ def fold_into_conv(
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxnorm import batchnorm
-      >>> s = batchnorm.BatchNormState(jnp.zeros(4), jnp.full(4, 4.0), jnp.array(1.0))
-      >>> k, c = batchnorm.fold_into_conv(jnp.ones((3, 3, 2, 4)), None, None, None, s, 0.0)
+      >>> s = batchnorm.BatchNormState(jnp.zeros(4), jnp.full(4, 4.0), jnp.array(1))
+      >>> k, c = batchnorm.fold_into_conv(jnp.ones((3, 3, 2, 4)), None, None, None, s, 1e-30)
       >>> k.shape, float(k[0, 0, 0, 0])
       ((3, 3, 2, 4), 0.5)
     """
@@ -357,6 +435,8 @@ def fold_into_conv(
 
 
 def _fold_into(kernel, layer_bias, scale, bias, state, epsilon, out_axis, fn):
+    _check_state_type(state)
+    _checks.check_array(kernel, "kernel")
     kernel = jnp.asarray(kernel)
     _checks.check_floating(kernel, "kernel")
     fshape = tuple(jnp.shape(state.mean))
@@ -434,25 +514,40 @@ def batch_norm(
     (dy taken after the activation's derivative), recomputed from x and per-feature statistics.
     The returned state carries no gradient.
 
+    The batch variance is a one-pass sum about a pivot (the mean of 64 sampled rows), refined by
+    a pass about the mean for the features (and batches) where that pass lost precision: y's
+    error stays within 4x a float32 two-pass computation's (docs/batchnorm.md), and finite x
+    whose variance is a finite float32 gives finite y, state and gradients.
+
     Args:
       x: input, any floating dtype; float16/bfloat16 reduce in float32 and y keeps x's dtype.
       scale: :math:`\\gamma` of the feature shape, or None (no scale, 1).
       bias: :math:`\\beta` of the feature shape, or None (no bias, 0).
       state: the running statistics (:func:`init_state`).
       train: batch statistics and a state update (True) or running statistics (False).
-      momentum: weight of the old running value, in [0, 1] (Flax's convention).
-      epsilon: added to the variance.
-      axis: the feature axis or axes; statistics reduce over all others (``-1`` for NHWC and
-        ``[N, D]`` data, ``1`` for NCHW).
+      momentum: weight of the old running value, in [0, 1] (Flax's convention). A traced
+        momentum cannot be checked (it is used as it comes).
+      epsilon: added to the variance: a positive, finite scalar, at least 1.18e-38 (float32's
+        smallest normal). ``epsilon=0`` is refused, where flax and PyTorch accept it: a
+        constant feature (variance 0) would divide by zero, giving NaN values and gradients. A
+        traced epsilon cannot be checked.
+      axis: the feature axis or axes, an int or a tuple of ints; statistics reduce over all
+        others (``-1`` for NHWC and ``[N, D]`` data, ``1`` for NCHW).
       axis_name: a mapped axis (``shard_map``/``pmap``/``vmap``) over which the statistics are
         global: one all-gather of per-device (count, mean, centred second moment), merged exactly.
-      axis_index_groups: groups of devices along ``axis_name`` that share statistics.
+      axis_index_groups: groups of devices along ``axis_name`` that share statistics (needs
+        ``axis_name``).
       mask: True for rows that count in the statistics (False: padding). Shape either the batch
         shape (x's shape without the feature axes) or broadcastable to x with the same rank.
-        Masked rows are still normalised (with the batch statistics); their dx is
-        ``dy * gamma / sigma_B`` since they do not feed the statistics.
+        Booleans, or numbers that are all 0 or 1 (a concrete numeric mask with another value,
+        such as 0.5, is refused; a traced numeric mask cannot be checked, and counts every
+        nonzero value as True). Masked rows are still normalised (with the batch
+        statistics); their dx is ``dy * gamma / sigma_B`` since they do not feed the
+        statistics.
       activation: None, a name from :mod:`jaxnorm.activations` (``"relu"``, ...) or a callable,
-        applied inside the op so that the pre-activation is never stored.
+        applied inside the op so that the pre-activation is never stored. It must be
+        elementwise: same shape out as in, a floating dtype (checked at trace time with
+        ``jax.eval_shape``; a float dtype it changes to is cast to ``dtype`` at the end).
       unbiased_running_var: update the running variance with the unbiased batch variance
         :math:`\\sigma_B^2 N/(N-1)`, as PyTorch does (normalisation still uses the biased one).
       cumulative: running statistics are the plain average over all batches seen (PyTorch's
@@ -465,7 +560,8 @@ def batch_norm(
         :math:`r = \\mathrm{clip}(\\sigma_B/\\sigma, 1/r_{max}, r_{max})`,
         :math:`d = \\mathrm{clip}((\\mu_B - \\mu)/\\sigma, -d_{max}, d_{max})` from the running
         statistics, both treated as constants in the gradient.
-      r_max, d_max: the renorm clipping bounds (scalars, may be traced for a schedule).
+      r_max, d_max: the renorm clipping bounds (scalars, may be traced for a schedule; a traced
+        bound cannot be checked).
       dtype: the dtype of y (None: x's dtype). Flax's modules return the promotion of x with the
         parameters (bfloat16 x, float32 scale: float32 y); passing that here casts once, from the
         float32 computation, instead of rounding y to x's dtype first. dx keeps x's dtype.
@@ -474,10 +570,17 @@ def batch_norm(
       ``(y, new_state)``: y of x's shape and dtype; the updated (train) or same (eval) state.
 
     Raises:
-      TypeError: if x (or scale, bias, the state) is not floating.
-      ValueError: if the feature sizes of x, scale, bias and state differ, momentum is outside
-        [0, 1], a training batch has a single value per feature, the mask's shape does not fit,
-        or virtual_batch_size does not divide the batch.
+      TypeError: if x, scale or bias is not an array (a list, a dict, None for x) or not
+        floating; the state is not a :class:`BatchNormState`; axis is not an int or a tuple
+        of ints; epsilon, momentum, r_max or d_max is not a number; a flag (train, renorm,
+        cumulative, unbiased_running_var) is not a bool; the activation returns a non-floating
+        array; dtype is not a floating dtype.
+      ValueError: if the feature sizes of x, scale, bias and state differ; momentum is outside
+        [0, 1]; epsilon is not positive and finite; epsilon, momentum, r_max or d_max is not a
+        scalar; r_max < 1 or d_max < 0 (with renorm); the activation changes the shape; the
+        mask's shape does not fit or a numeric mask holds values other than 0 and 1;
+        axis_index_groups is given without axis_name; a training batch has a single value per
+        feature; or virtual_batch_size does not divide the batch.
 
     References:
       Ioffe & Szegedy 2015, "Batch normalization"; Ioffe 2017, "Batch renormalization: towards
@@ -489,10 +592,10 @@ def batch_norm(
       >>> from jaxnorm import batchnorm
       >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
       >>> y, s = batchnorm.batch_norm(x, None, None, batchnorm.init_state(2), train=True,
-      ...                             epsilon=0.0, momentum=0.9)
-      >>> y
-      Array([[-1., -1.],
-             [ 1.,  1.]], dtype=float32)
+      ...                             momentum=0.9)
+      >>> y  # (x - mean) / sqrt(var + 1e-5), var = 1 and 100
+      Array([[-0.999995  , -0.99999994],
+             [ 0.999995  ,  0.99999994]], dtype=float32)
       >>> s.mean, s.var
       (Array([0.2, 2. ], dtype=float32), Array([ 1. , 10.9], dtype=float32))
     """
@@ -501,6 +604,7 @@ def batch_norm(
             f"train must be a Python bool (True: batch statistics and a state update; False: "
             f"running statistics), got {train!r}"
         )
+    _checks.check_array(x, "x")
     x = jnp.asarray(x)
     _checks.check_floating(x, "x")
     faxes = _checks.normalize_axes(axis, x.ndim, "axis")
@@ -510,16 +614,24 @@ def batch_norm(
     _check_param_shape(scale, fshape, "scale", where)
     _check_param_shape(bias, fshape, "bias", where)
     _check_momentum(momentum, "momentum")
-    if renorm:
-        _check_renorm_bounds(r_max, d_max)
-    if isinstance(epsilon, int | float) and epsilon < 0:
-        raise ValueError(f"epsilon must be non-negative, got {epsilon}")
+    _check_epsilon(epsilon)
+    for flag, name in (
+        (unbiased_running_var, "unbiased_running_var"),
+        (cumulative, "cumulative"),
+        (renorm, "renorm"),
+    ):
+        _check_flag(flag, name)
+    _check_renorm_bounds(r_max, d_max, renorm)
+    if axis_index_groups is not None and axis_name is None:
+        raise ValueError(
+            "axis_index_groups needs axis_name (the mapped axis whose devices it groups), "
+            f"but axis_name is None and axis_index_groups={axis_index_groups!r}"
+        )
     act = _resolve_activation(activation)
-    out_dtype = x.dtype if dtype is None else np.dtype(dtype)
-    if not jnp.issubdtype(out_dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype (the dtype of y), got {out_dtype}")
+    out_dtype = _out_dtype(x, dtype)
     raxes = tuple(a for a in range(x.ndim) if a not in faxes)
     cdt = _compute_dtype(x)
+    _check_activation(act, x.shape, cdt)
     pshape = tuple(x.shape[a] if a in faxes else 1 for a in range(x.ndim))
     mask_b = None if mask is None else _broadcast_mask(mask, x.shape, faxes, raxes)
 
@@ -1038,6 +1150,18 @@ def _update_state(
 # --------------------------------------------------------------------------- validation helpers
 
 
+def _out_dtype(x, dtype):
+    if dtype is None:
+        return x.dtype
+    try:
+        out = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"dtype must be a floating dtype (the dtype of y), got {dtype!r}") from e
+    if not jnp.issubdtype(out, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype (the dtype of y), got {out}")
+    return out
+
+
 def _axis_str(axis) -> str:
     return str(axis) if isinstance(axis, int | np.integer) else str(tuple(axis))
 
@@ -1057,33 +1181,70 @@ def _compute_dtype(*arrays):
 
 
 def _check_momentum(momentum, name):
-    if isinstance(momentum, bool | np.bool_):
-        raise TypeError(f"{name} must be a number in [0, 1], got {momentum!r}")
-    if np.ndim(momentum) != 0:
-        raise ValueError(
-            f"{name} must be a scalar in [0, 1], got an array of shape {np.shape(momentum)}"
-        )
+    """A scalar in [0, 1], Python, NumPy or JAX (checked when concrete: a traced one is not)."""
+    _check_scalar(momentum, name, "a number in [0, 1]")
     if _checks.is_tracer(momentum):
         return
-    if isinstance(momentum, int | float | np.floating | np.integer) or hasattr(momentum, "shape"):
-        m = float(momentum)
-        if not 0.0 <= m <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {m}")
-    else:
-        raise TypeError(f"{name} must be a number in [0, 1], got {type(momentum).__name__}")
+    m = float(momentum)
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {m}")
 
 
-def _check_renorm_bounds(r_max, d_max):
-    # Concrete bounds only: a traced schedule (r_max rising from 1) is the caller's to keep sane.
-    if not _checks.is_tracer(r_max) and np.ndim(r_max) == 0 and not float(r_max) >= 1.0:
+def _check_scalar(v, name, what):
+    """A real scalar (Python, NumPy or JAX, traced or not); TypeError/ValueError otherwise."""
+    if isinstance(v, bool | np.bool_ | str | np.str_) or not (
+        isinstance(v, int | float | np.integer | np.floating) or hasattr(v, "shape")
+    ):
+        raise TypeError(f"{name} must be {what}, got {type(v).__name__}")
+    if np.ndim(v) != 0:
+        raise ValueError(f"{name} must be a scalar, {what}, got an array of shape {np.shape(v)}")
+    dtype = jnp.result_type(v)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{name} must be {what}, got an array of dtype {dtype}")
+
+
+def _check_renorm_bounds(r_max, d_max, renorm):
+    # Shapes always (a per-feature bound is not defined); values when renorm uses them and they
+    # are concrete: a traced schedule (r_max rising from 1) is the caller's to keep sane.
+    _check_scalar(r_max, "r_max", "a number >= 1")
+    _check_scalar(d_max, "d_max", "a number >= 0")
+    if not renorm:
+        return
+    if not _checks.is_tracer(r_max) and not float(r_max) >= 1.0:
         raise ValueError(f"r_max must be >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
-    if not _checks.is_tracer(d_max) and np.ndim(d_max) == 0 and not float(d_max) >= 0.0:
+    if not _checks.is_tracer(d_max) and not float(d_max) >= 0.0:
         raise ValueError(f"d_max must be >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
+
+
+# The smallest epsilon accepted: float32's smallest normal number. A subnormal one is flushed to
+# 0 on CPU (and most accelerators), where var + epsilon = 0 for a constant feature.
+_MIN_EPSILON = float(np.finfo(np.float32).tiny)
+
+
+def _check_epsilon(epsilon, name="epsilon"):
+    """epsilon: a positive, finite scalar (checked when concrete: a traced one is not)."""
+    _check_scalar(epsilon, name, "a positive number")
+    if _checks.is_tracer(epsilon):
+        return
+    e = float(epsilon)
+    if not (math.isfinite(e) and e >= _MIN_EPSILON):
+        raise ValueError(
+            f"{name} must be a positive, finite number (at least {_MIN_EPSILON:.3g}, the smallest "
+            f"normal float32), got {e}: it keeps 1 / sqrt(var + {name}) finite for a constant "
+            f"feature (var = 0), which {name}=0 would divide by zero (flax's and PyTorch's "
+            "default is 1e-5)"
+        )
+
+
+def _check_flag(v, name):
+    if not isinstance(v, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool (True or False), got {v!r}")
 
 
 def _check_param_shape(p, fshape, name, what):
     if p is None:
         return
+    _checks.check_array(p, name)
     _checks.check_floating(p, name)
     pshape = tuple(jnp.shape(p))
     if pshape != tuple(fshape):
@@ -1092,13 +1253,61 @@ def _check_param_shape(p, fshape, name, what):
         raise ValueError(f"{name} has shape {pshape} but {what} is {tuple(fshape)}")
 
 
-def _check_state(state, fshape, where):
+def _check_state_type(state, name="state"):
     if not isinstance(state, BatchNormState):
-        raise TypeError(
-            f"state must be a BatchNormState (see init_state), got {type(state).__name__}"
+        got = type(state).__name__
+        hint = (
+            " (a plain tuple: wrap it, BatchNormState(mean, var, count))"
+            if type(state) is tuple
+            else ""
         )
+        raise TypeError(
+            f"{name} must be a BatchNormState(mean, var, count) (see init_state or "
+            f"from_torch_state), got {got}{hint}"
+        )
+    for field in ("mean", "var", "count"):
+        _checks.check_array(getattr(state, field), f"{name}.{field}")
+    _checks.check_floating(state.mean, f"{name}.mean")
+    _checks.check_floating(state.var, f"{name}.var")
+    if np.ndim(state.count) != 0:
+        raise ValueError(
+            f"{name}.count must be a scalar (the number of updates), got shape "
+            f"{np.shape(state.count)}"
+        )
+    if np.shape(state.mean) != np.shape(state.var):
+        raise ValueError(
+            f"{name}.mean has shape {np.shape(state.mean)} but {name}.var has shape "
+            f"{np.shape(state.var)}"
+        )
+
+
+def _check_state(state, fshape, where):
+    _check_state_type(state)
     _check_param_shape(state.mean, fshape, "state.mean", where)
     _check_param_shape(state.var, fshape, "state.var", where)
+
+
+def _check_activation(act, shape, dtype):
+    """An activation must map an array to one of the same shape and a floating dtype."""
+    if act is None:
+        return
+    try:
+        out = jax.eval_shape(act, jax.ShapeDtypeStruct(shape, dtype))
+    except Exception as e:
+        raise TypeError(
+            f"activation {act!r} could not be applied to a {dtype} array of shape {shape}: {e}"
+        ) from e
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != tuple(shape):
+        got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+        raise ValueError(
+            f"activation must be elementwise (same shape in and out): {act!r} maps shape "
+            f"{tuple(shape)} to {got}; apply it after batch_norm"
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"activation must return a floating array (its derivative is used in the "
+            f"gradient), but {act!r} returns {out.dtype} for {dtype} input"
+        )
 
 
 # Named activations that are not one-argument elementwise maps: prelu needs its slope, maxout
@@ -1128,6 +1337,7 @@ def _resolve_activation(activation):
 
 
 def _broadcast_mask(mask, xshape, faxes, raxes):
+    _checks.check_array(mask, "mask")
     mask = jnp.asarray(mask)
     batch_shape = tuple(xshape[a] for a in raxes)
     mshape = mask.shape
@@ -1149,6 +1359,18 @@ def _broadcast_mask(mask, xshape, faxes, raxes):
         )
     if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
         raise TypeError(f"mask must be boolean (or 0/1 numbers), got dtype {mask.dtype}")
+    if not jnp.issubdtype(mask.dtype, jnp.bool_):
+        if _checks.is_tracer(mask):
+            # Unknown values: nonzero counts as True (jnp.where's reading), as documented.
+            mask = mask != 0
+        else:
+            values = np.unique(np.asarray(mask))
+            if not np.all((values == 0) | (values == 1)):
+                bad = values[(values != 0) & (values != 1)][:3]
+                raise ValueError(
+                    f"mask must be boolean, or numbers that are all 0 or 1, but it holds "
+                    f"{', '.join(str(v) for v in bad)}; pass a bool mask (e.g. weights > 0)"
+                )
     mask = mask.reshape(mshape_x).astype(bool)
     target = tuple(xshape[a] if a in raxes else mshape_x[a] for a in range(len(xshape)))
     return jnp.broadcast_to(mask, target)

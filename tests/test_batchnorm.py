@@ -657,7 +657,7 @@ def test_masked_rows_gradient_is_scale_over_sigma():
         scale = jnp.asarray([2.0, 0.5])
         state = bn.init_state(2, dtype=jnp.float64)
         dy = jnp.asarray(rng.normal(size=(6, 2)))
-        f = lambda x: bn.batch_norm(x, scale, None, state, train=True, mask=mask, epsilon=0.0)[0]
+        f = lambda x: bn.batch_norm(x, scale, None, state, train=True, mask=mask, epsilon=1e-30)[0]
         _, vjp = jax.vjp(f, x)
         (dx,) = vjp(dy)
         sigma = np.asarray(x)[mask].std(0)
@@ -1291,7 +1291,10 @@ def test_error_momentum_range(momentum):
 
 def test_error_momentum_type_and_shape():
     x, state = _x((4, 3)), bn.init_state(3)
-    with pytest.raises(ValueError, match=r"scalar in \[0, 1\], got an array of shape \(3,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"momentum must be a scalar, a number in \[0, 1\], got an array of shape \(3,\)",
+    ):
         bn.batch_norm(x, None, None, state, train=True, momentum=np.array([0.5, 0.5, 0.5]))
     with pytest.raises(TypeError, match="momentum must be a number"):
         bn.batch_norm(x, None, None, state, train=True, momentum=True)
@@ -1354,3 +1357,248 @@ def test_errors_raise_under_jit():
     f = jax.jit(lambda x: bn.batch_norm(x, jnp.ones(3), None, bn.init_state(4), train=True))
     with pytest.raises(ValueError, match="scale has 3 features"):
         f(_x((8, 4)))
+
+
+# --------------------------------------------------------------------------- bad input, named
+_S3 = bn.init_state(3)
+
+
+def _bn(**kw):
+    args = {"x": _x((4, 3)), "scale": None, "bias": None, "state": _S3, "train": True} | kw
+    x, scale, bias, state = (args.pop(k) for k in ("x", "scale", "bias", "state"))
+    return bn.batch_norm(x, scale, bias, state, **args)
+
+
+def _other_state():
+    from jaxnorm import preprocessing
+
+    return preprocessing.zero_center().fit(jnp.ones((4, 3)))
+
+
+_BAD_INPUTS = {
+    # epsilon: NumPy/JAX scalars were taken as they came (only Python numbers were checked)
+    "epsilon np negative": (lambda: _bn(epsilon=np.float32(-1.0)), ValueError, "epsilon"),
+    "epsilon jnp nan": (lambda: _bn(epsilon=jnp.float32(np.nan)), ValueError, "epsilon"),
+    "epsilon inf": (lambda: _bn(epsilon=np.inf), ValueError, "epsilon"),
+    "epsilon jnp inf": (lambda: _bn(epsilon=jnp.asarray(np.inf)), ValueError, "epsilon"),
+    "epsilon 0": (lambda: _bn(x=jnp.ones((4, 3)), epsilon=0.0), ValueError, "constant feature"),
+    "epsilon subnormal": (lambda: _bn(epsilon=1e-40), ValueError, "epsilon"),
+    "epsilon 0 eval": (lambda: _bn(train=False, epsilon=0), ValueError, "epsilon"),
+    "epsilon vector": (lambda: _bn(epsilon=jnp.ones(3)), ValueError, "epsilon must be a scalar"),
+    "epsilon str": (lambda: _bn(epsilon="1e-5"), TypeError, "epsilon"),
+    "momentum array 1.5": (lambda: _bn(momentum=jnp.array(1.5)), ValueError, "momentum"),
+    "momentum np str": (lambda: _bn(momentum=np.str_("0.5")), TypeError, "momentum"),
+    "axis float": (lambda: _bn(axis=1.0), TypeError, "axis must be an int"),
+    "axis str": (lambda: _bn(axis="1"), TypeError, "axis must be an int"),
+    "axis list of floats": (lambda: _bn(axis=[1.0]), TypeError, "axis must be an int"),
+    "x dict": (lambda: _bn(x={"a": _x((4, 3))}), TypeError, "x must be an array"),
+    "x list": (lambda: _bn(x=[[1.0, 2.0, 3.0], [2.0, 3.0, 4.0]]), TypeError, "x must be an array"),
+    "x None": (lambda: _bn(x=None), TypeError, "x must be an array"),
+    "scale dict": (lambda: _bn(scale={"a": jnp.ones(3)}), TypeError, "scale must be an array"),
+    "bias dict": (lambda: _bn(bias={"a": jnp.ones(3)}), TypeError, "bias must be an array"),
+    "scale list": (lambda: _bn(scale=[1.0, 1.0, 1.0]), TypeError, "scale must be an array"),
+    "r_max vector": (
+        lambda: _bn(renorm=True, r_max=jnp.full(3, 2.0)),
+        ValueError,
+        "r_max must be a scalar",
+    ),
+    "d_max vector": (
+        lambda: _bn(renorm=True, d_max=jnp.full(3, 2.0)),
+        ValueError,
+        "d_max must be a scalar",
+    ),
+    "activation changes shape": (
+        lambda: _bn(activation=lambda v: v[:2]),
+        ValueError,
+        "activation must be elementwise",
+    ),
+    "activation returns bools": (
+        lambda: _bn(activation=lambda v: v > 0),
+        TypeError,
+        "activation must return a floating array",
+    ),
+    "activation eval changes shape": (
+        lambda: _bn(train=False, activation=lambda v: jnp.sum(v, axis=0)),
+        ValueError,
+        "activation must be elementwise",
+    ),
+    "state None": (lambda: _bn(state=None), TypeError, "state must be a BatchNormState"),
+    "state tuple": (
+        lambda: _bn(state=(jnp.zeros(3), jnp.ones(3), jnp.array(0))),
+        TypeError,
+        "state must be a BatchNormState",
+    ),
+    "state of another transform": (
+        lambda: _bn(state=_other_state()),
+        TypeError,
+        "state must be a BatchNormState",
+    ),
+    "state count vector": (
+        lambda: _bn(state=bn.BatchNormState(jnp.zeros(3), jnp.ones(3), jnp.zeros(3))),
+        ValueError,
+        "state.count must be a scalar",
+    ),
+    "mask 0.5": (lambda: _bn(mask=jnp.full((4,), 0.5)), ValueError, "mask must be boolean"),
+    "mask 2": (lambda: _bn(mask=np.full((4,), 2)), ValueError, "mask must be boolean"),
+    "mask str": (lambda: _bn(mask="abcd"), TypeError, "mask must be an array"),
+    "axis_index_groups without axis_name": (
+        lambda: _bn(axis_index_groups=[[0]]),
+        ValueError,
+        "axis_index_groups needs axis_name",
+    ),
+    "renorm str": (lambda: _bn(renorm="yes"), TypeError, "renorm must be a bool"),
+    "cumulative str": (lambda: _bn(cumulative="yes"), TypeError, "cumulative must be a bool"),
+    "unbiased_running_var str": (
+        lambda: _bn(unbiased_running_var="no"),
+        TypeError,
+        "unbiased_running_var must be a bool",
+    ),
+    "dtype unknown": (lambda: _bn(dtype="foo"), TypeError, "dtype must be a floating dtype"),
+    "fold state None": (lambda: bn.fold(None, None, None), TypeError, "state must be"),
+    "fold state tuple": (
+        lambda: bn.fold(None, None, (jnp.zeros(3), jnp.ones(3), 0)),
+        TypeError,
+        "state must be",
+    ),
+    "fold other state": (lambda: bn.fold(None, None, _other_state()), TypeError, "state must be"),
+    "fold epsilon np negative": (
+        lambda: bn.fold(None, None, _S3, np.float32(-1)),
+        ValueError,
+        "epsilon",
+    ),
+    "fold epsilon 0": (lambda: bn.fold(None, None, _S3, 0.0), ValueError, "epsilon"),
+    "fold scale list": (lambda: bn.fold([1.0, 1.0, 1.0], None, _S3), TypeError, "scale must be"),
+    "fold_into_dense epsilon nan": (
+        lambda: bn.fold_into_dense(jnp.ones((2, 3)), None, None, None, _S3, jnp.nan),
+        ValueError,
+        "epsilon",
+    ),
+    "fold_into_conv state None": (
+        lambda: bn.fold_into_conv(jnp.ones((1, 1, 2, 3)), None, None, None, None),
+        TypeError,
+        "state must be",
+    ),
+    "fold_into_dense kernel dict": (
+        lambda: bn.fold_into_dense({"k": 1}, None, None, None, _S3),
+        TypeError,
+        "kernel must be an array",
+    ),
+    "fold_into_conv out_axis float": (
+        lambda: bn.fold_into_conv(jnp.ones((3, 2, 1, 1)), None, None, None, _S3, out_axis=0.0),
+        TypeError,
+        "out_axis must be an int",
+    ),
+    "to_torch_state None": (lambda: bn.to_torch_state(None), TypeError, "state must be"),
+    "to_torch_state tuple": (
+        lambda: bn.to_torch_state((jnp.zeros(3), jnp.ones(3), 0)),
+        TypeError,
+        "state must be",
+    ),
+    "to_torch_state other state": (
+        lambda: bn.to_torch_state(_other_state()),
+        TypeError,
+        "state must be",
+    ),
+    "from_torch_state float count": (
+        lambda: bn.from_torch_state(np.zeros(3), np.ones(3), 2.5),
+        ValueError,
+        "num_batches_tracked must be a whole number",
+    ),
+    "from_torch_state negative count": (
+        lambda: bn.from_torch_state(np.zeros(3), np.ones(3), -1),
+        ValueError,
+        "num_batches_tracked",
+    ),
+    "from_torch_state vector count": (
+        lambda: bn.from_torch_state(np.zeros(3), np.ones(3), np.ones(2)),
+        ValueError,
+        "num_batches_tracked must be a scalar",
+    ),
+    "from_torch_state bool count": (
+        lambda: bn.from_torch_state(np.zeros(3), np.ones(3), True),
+        TypeError,
+        "num_batches_tracked",
+    ),
+    "from_torch_state negative var": (
+        lambda: bn.from_torch_state(np.zeros(3), np.array([1.0, -1.0, 1.0]), 1),
+        ValueError,
+        "running_var must be >= 0",
+    ),
+    "from_torch_state nan var": (
+        lambda: bn.from_torch_state(np.zeros(3), np.full(3, np.nan), 1),
+        ValueError,
+        "running_var must be finite",
+    ),
+    "from_torch_state inf mean": (
+        lambda: bn.from_torch_state(np.full(3, np.inf), np.ones(3), 1),
+        ValueError,
+        "running_mean must be finite",
+    ),
+    "from_torch_state scalar buffers": (
+        lambda: bn.from_torch_state(np.float32(0), np.float32(1), 1),
+        ValueError,
+        "running_mean must have the feature shape",
+    ),
+    "from_torch_state str": (
+        lambda: bn.from_torch_state("a", np.ones(3), 1),
+        TypeError,
+        "running_mean must be an array",
+    ),
+    "from_torch_state int dtype": (
+        lambda: bn.from_torch_state(np.zeros(3), np.ones(3), 1, dtype=jnp.int32),
+        TypeError,
+        "dtype must be a floating dtype",
+    ),
+    "momentum_from_torch array": (
+        lambda: bn.momentum_from_torch(jnp.array(1.5)),
+        ValueError,
+        "torch_momentum must be in",
+    ),
+    "momentum_to_torch str": (
+        lambda: bn.momentum_to_torch("0.5"),
+        TypeError,
+        "momentum must be a number",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS))
+def test_bad_input_raises_a_named_error(case):
+    call, error, match = _BAD_INPUTS[case]
+    with pytest.raises(error, match=match) as info:
+        call()
+    # Raised by jaxnorm itself, not from inside JAX or NumPy.
+    tb = info.tb
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    assert "/jaxnorm/" in tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_filename
+
+
+def test_numeric_masks_of_zeros_and_ones_are_accepted():
+    x = _x((4, 3))
+    y1, s1 = bn.batch_norm(x, None, None, _S3, train=True, mask=np.array([1.0, 0.0, 1.0, 1.0]))
+    y2, s2 = bn.batch_norm(x, None, None, _S3, train=True, mask=np.array([True, False, True, True]))
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(s1.var, s2.var)
+    # Traced, a numeric mask's values are unknown: nonzero counts as True (documented).
+    y3, _ = jax.jit(lambda m: bn.batch_norm(x, None, None, _S3, train=True, mask=m))(
+        jnp.array([0.5, 0.0, 2.0, 1.0])
+    )
+    np.testing.assert_allclose(y3, y2, rtol=1e-6, atol=1e-6)
+
+
+def test_traced_epsilon_and_momentum_are_not_checked():
+    # Unknown at trace time: taken as they come (documented); concrete ones are checked.
+    f = jax.jit(lambda e, m: _bn(epsilon=e, momentum=m)[1].var)
+    assert np.all(np.isfinite(f(1e-3, 0.5)))
+
+
+def test_smallest_epsilon_keeps_a_constant_feature_finite():
+    # epsilon >= float32's smallest normal: a constant feature has var + epsilon > 0 (on CPU a
+    # subnormal epsilon is flushed to 0, so it is refused with epsilon = 0).
+    x = jnp.concatenate([jnp.full((6, 1), 3.0), _x((6, 1))], axis=1)
+    f = lambda x: bn.batch_norm(x, None, None, bn.init_state(2), train=True, epsilon=1.2e-38)[0]
+    y, vjp = jax.vjp(f, x)
+    (dx,) = vjp(_x((6, 2), seed=3))
+    np.testing.assert_array_equal(y[:, 0], 0.0)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
