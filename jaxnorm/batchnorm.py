@@ -1085,7 +1085,8 @@ def _activation_jvp(activation, pre, t):
     select, so ``where(pre > 0, dy, 0)`` was a separate fusion, with x - mean written out for
     it. ``max(pre, 0) * 2**126`` (``1 / tiny`` in general) is at least 1 for every normal
     pre > 0, so clipped to 1 it is exactly the select's step (subnormal pre, which XLA:CPU
-    flushes to 0, aside).
+    flushes to 0, aside). A NaN pre gives a NaN step (max and min propagate NaN), so NaN
+    reaches the gradient as through :func:`jaxnorm.activations.relu`'s own derivative.
     """
     slope = _rectifier_slope(activation)
     if slope is None:

@@ -734,6 +734,40 @@ def test_rectifier_kinks_match_the_unfused_activation(fused, unfused):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "activation",
+    [
+        "relu",
+        "leaky_relu",
+        jax.nn.relu,
+        functools.partial(activations.leaky_relu, negative_slope=0.2),
+        "elu",
+    ],
+    ids=["relu", "leaky_relu", "jax.nn.relu", "leaky_relu-0.2", "elu"],
+)
+def test_fused_activation_propagates_nan(activation):
+    # A NaN in x: its feature's statistics, running statistics and outputs are NaN (y stayed
+    # finite, 0, with the running statistics NaN), its gradient too; other features are not.
+    x = np.array(_x((8, 3)))
+    x[2, 0] = np.nan
+    f = lambda x, mask=None: bn.batch_norm(
+        x, None, None, bn.init_state(3), train=True, activation=activation, mask=mask
+    )
+    (y, new), vjp = jax.vjp(f, jnp.asarray(x))
+    dx = vjp((jnp.ones_like(y), jax.tree.map(jnp.zeros_like, new)))[0]
+    for a in (y[:, 0], new.mean[0], new.var[0], dx[:, 0]):
+        assert np.all(np.isnan(a)), a
+    for a in (y[:, 1:], new.mean[1:], new.var[1:], dx[:, 1:]):
+        assert np.all(np.isfinite(a)), a
+    # In a masked row the statistics stay finite, and the NaN reaches that row's y and dx
+    # (the activation's derivative there is NaN in the fused backward, as unfused).
+    mask = np.arange(8) != 2
+    (y, new), vjp = jax.vjp(lambda x: f(x, mask), jnp.asarray(x))
+    dx = vjp((jnp.ones_like(y), jax.tree.map(jnp.zeros_like, new)))[0]
+    assert np.isnan(y[2, 0]) and np.isnan(dx[2, 0])
+    assert np.all(np.isfinite(np.asarray(y)[mask])) and np.all(np.isfinite(new.var))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu"])
 def test_fused_activation_adds_no_x_sized_temporary(activation, dtype):
