@@ -409,7 +409,13 @@ def moments(
     computed by the corrected two-pass algorithm about a shift k, the first valid example: the
     first pass sums x_i - k (mean0 = k + sum / N), the second d_i = x_i - mean0. So float32
     keeps its accuracy when |mean| >> std (no E[x^2] - E[x]^2 cancellation), and a constant
-    feature gets its constant as the mean and ``m2 == 0`` exactly. No examples (N = 0, or a mask
+    feature gets its constant as the mean and ``m2 == 0`` exactly. The second pass removes the
+    first-order error of mean0, so a pivot far from the mean (an outlier first example) costs
+    nothing measurable: over a fuzz of offsets to 1e6, tiny variances, sparse post-ReLU
+    features, outlier first rows and heavy tails, the mean, m2 and covariance stay within 4x
+    a float32 two-pass computation's error (tests/test_moments_accuracy.py). m2 is a sum, so
+    it must itself be a finite float: ``[[1e19], [-1e19]]`` gives m2 = 2e38, while
+    ``[[1.5e19], [-1.5e19]]`` (m2 = 4.5e38) raises (Raises, below). No examples (N = 0, or a mask
     with no True) give count 0, mean 0 and m2 0, :func:`merge`'s identity. Images
     [N, H, W, C]: ``feature_axes=-1`` gives per-channel statistics (VGG),
     ``feature_axes=(1, 2, 3)`` the per-pixel mean image (AlexNet). Low-precision inputs are
