@@ -730,9 +730,12 @@ _PIVOT_SAMPLE = 64
 # of a two-pass variance (c = (mean - k)^2 / var, see _moments). Otherwise a pass about the mean
 # recomputes it.
 _MAX_SHIFT = 1.0
-# Passes about the mean at most (each divides c by about 1 / (n eps)^2; one is enough for any
-# pivot within the data's range, the others guard against a pivot far outside it).
-_MAX_REFINE = 3
+# Passes about the mean at most. Each multiplies c by about (g eps)^2 ~ 1e-12 (g the sums'
+# error growth): one is enough for any pivot within the data's range (c <= n), the second
+# covers a pivot of 0 for a feature whose valid values an elementwise mask hides from the
+# sample and the first valid example (c = mean^2 / var, up to ~1e24). Each level is one more
+# branch to compile.
+_MAX_REFINE = 2
 # Squares of deviations that overflowed are summed scaled by this power of two (exact): the
 # sum of n scaled squares is below n * var * 2**-64, finite for any float32 var and n < 2**64.
 _OVERFLOW_SCALE = 2.0**-32

@@ -478,6 +478,26 @@ def test_elementwise_mask_with_nan_padding_in_the_first_row():
     assert np.all(np.isfinite(np.asarray(y)[mask]))
 
 
+def test_elementwise_mask_that_hides_a_feature_from_the_pivot():
+    # Feature 1 is valid only in rows 1-14: none is sampled for the pivot (rows 15, 46, ... of
+    # 2000) and the first valid example (row 0) is padding for it, so its pivot is 0, 1e6
+    # standard deviations from its mean (c ~ 1e12). The refinement passes recover the float64
+    # statistics (the pivot at row 0, the NaN padding, made them NaN before).
+    rng = np.random.default_rng(6)
+    x = (1e4 + 1e-2 * rng.normal(size=(2000, 2))).astype(np.float32)
+    mask = np.zeros((2000, 2), bool)
+    mask[:, 0] = True
+    mask[1:15, 1] = True
+    x[~mask] = np.nan
+    y, new = bn.batch_norm(
+        jnp.asarray(x), None, None, bn.init_state(2), train=True, mask=mask, momentum=0.0
+    )
+    valid = to_f64(x[1:15, 1])
+    np.testing.assert_allclose(new.mean[1], valid.mean(), rtol=1e-7)
+    np.testing.assert_allclose(new.var[1], valid.var(), rtol=1e-3)
+    _assert_within_two_pass(x[1:15, 1:], y[1:15, 1:], (0,))
+
+
 def test_vmapped_members_refine_alone_and_exactly_as_unmapped():
     # An ensemble of 4 members, one with a sparse outlier feature: that member is accurate,
     # every member's output equals its unmapped run bit for bit, and the refinement stays a
