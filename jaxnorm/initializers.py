@@ -1,7 +1,12 @@
 """Weight initializers: the lecture's naive init, the variance-scaling family, orthogonal, gains.
 
-Every factory returns ``init(key, shape, dtype=jnp.float32) -> jax.Array`` in the style of
-``jax.nn.initializers``, so it plugs straight into Flax's ``kernel_init`` (linen and nnx).
+Every factory returns ``init(key, shape, dtype=jnp.float32, out_sharding=None) -> jax.Array``,
+the call of a ``jax.nn.initializers`` initializer, so it plugs straight into Flax's ``kernel_init``
+(linen and nnx). ``dtype=None`` (to the factory or to ``init``) means jax's default float dtype
+(float32, float64 under ``jax_enable_x64``); ``out_sharding`` (a ``NamedSharding``, or a
+``PartitionSpec`` under ``jax.set_mesh``) places the result, whose values are those drawn without
+it. The options of the factories are keyword-only (``he_normal(in_axis=0)``, not
+``he_normal(0)``), except ``orthogonal``'s ``scale``; jax.nn also takes them by position.
 
 Fans follow Flax's kernel layout: a dense kernel is ``(in, out)``, a convolution kernel is
 ``(*spatial, in, out)`` such as ``(H, W, in, out)``, so ``fan_in = H * W * in`` and
@@ -21,7 +26,8 @@ bit for bit the array of its ``jax.nn.initializers`` equivalent: ``small_normal(
 ``normal(s)``; ``lecun_normal``, ``xavier_normal`` and ``he_normal`` with ``truncated=True`` are
 ``lecun_normal``, ``glorot_normal`` and ``he_normal``; ``lecun_uniform``, ``xavier_uniform`` and
 ``he_uniform`` are ``lecun_uniform``, ``glorot_uniform`` and ``he_uniform``;
-``torch_linear_default`` is ``variance_scaling(1/3, "fan_in", "uniform")`` (default options). This
+``torch_linear_default`` is ``variance_scaling(1/3, "fan_in", "uniform")`` (default options);
+``orthogonal(s, column_axis=a)`` is ``orthogonal(s, a)`` (any ``s`` and ``a``). This
 holds because the scale is rounded exactly as jax.nn rounds it: ``variance = scale / fan`` in
 float32, then ``sqrt(variance)``. A ``gain`` g enters as jax.nn's ``scale = g * g``. Inside a
 caller's ``jit`` both are compiled with the caller's code and may differ from the eager result in
@@ -29,6 +35,18 @@ the last bit.
 
 Samples are drawn in ``jnp.promote_types(dtype, jnp.float32)`` and cast to ``dtype`` once, so a
 bfloat16 kernel is the float32 kernel rounded once (jax.nn draws in bfloat16 itself).
+
+Complex dtypes (complex64, complex128) are drawn as ``jax.nn.initializers`` draws them, with the
+variance read as ``E|w|^2``: a normal has real and imaginary parts ``N(0, sigma^2 / 2)``;
+"uniform" is uniform on the disk with the same ``E|w|^2`` as the real law; ``truncated=True`` cuts
+the modulus of the unit complex normal at 2 and widens it so the kept samples have exactly
+``E|w|^2 = sigma^2`` (jax.nn's constant leaves 1.87% more); ``orthogonal`` gives a Haar-distributed
+unitary matrix (``W^H W = scale^2 I``). The normal and uniform presets and ``orthogonal`` return
+jax.nn's complex numbers bit for bit (same key, eager). Integer and bool dtypes raise ``TypeError``.
+
+A zero-size shape (a dimension of size 0) draws nothing and returns an empty array of that shape
+and dtype, as jax.nn's ``orthogonal`` does (jax.nn's variance-scaling initializers divide by a fan
+of 0 and raise ``ZeroDivisionError`` instead).
 """
 
 from __future__ import annotations
@@ -53,6 +71,13 @@ Initializer = Callable[..., jax.Array]
 # The same constant jax.nn.initializers.variance_scaling divides by for "truncated_normal".
 _TRUNCATED_STD = 0.87962566103423978
 _TRUNCATION = 2.0
+# Complex weights follow jax.nn.initializers: the variance is E|w|^2, half in the real part and half
+# in the imaginary part, and "truncated" cuts the modulus of a unit complex normal (E|z|^2 = 1)
+# at 2. Its |z|^2 is Exp(1), so the kept samples have E|z|^2 = E[X | X < 4] = 1 - 4e^-4 / (1 - e^-4)
+# and the standard deviation below. jax.nn divides by 0.95311164 = sqrt(1 - 5 e^-4) instead, which
+# leaves its complex truncated normals with 1.87% more variance than stated; jaxnorm's have the
+# stated one.
+_COMPLEX_TRUNCATED_STD = math.sqrt(1.0 - 4.0 * math.exp(-4.0) / (1.0 - math.exp(-4.0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,16 +86,29 @@ _TRUNCATION = 2.0
 
 
 def _check_dtype(dtype: Any, who: str) -> np.dtype:
+    if dtype is None:
+        # jax.nn.initializers' default: float32, or float64 under jax_enable_x64.
+        return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
     try:
         dt = jnp.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"{who}: dtype {dtype!r} is not a dtype; pass e.g. jnp.float32") from e
-    if not jnp.issubdtype(dt, jnp.floating):
+    if not jnp.issubdtype(dt, jnp.inexact):
         raise TypeError(
-            f"{who} draws real floating-point weights (float16, bfloat16, float32 or float64), "
-            f"but dtype={dt} was requested; ask for a float dtype and cast afterwards if needed"
+            f"{who} draws floating-point weights, real (float16, bfloat16, float32, float64) or "
+            f"complex (complex64, complex128), but dtype={dt} was requested; ask for a float "
+            "dtype and cast afterwards if needed"
         )
     return dt
+
+
+def _default_dtype(dtype: Any, who: str) -> np.dtype | None:
+    """A factory's ``dtype``: checked now; None (jax.nn's default) is resolved when init runs."""
+    return None if dtype is None else _check_dtype(dtype, who)
+
+
+def _is_complex(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.complexfloating)
 
 
 def _check_shape(shape: Any, who: str) -> tuple[int, ...]:
@@ -93,11 +131,6 @@ def _check_kernel_shape(shape: Any, who: str) -> tuple[int, ...]:
             f"(H, W, in, out) for a 2-D convolution), but got shape {dims}. A 1-D parameter such "
             "as a bias has no fan-in: initialise it with jax.nn.initializers.zeros, "
             "small_normal(), or torch_linear_bias_default(fan_in)"
-        )
-    if 0 in dims:
-        raise ValueError(
-            f"{who}: shape {dims} has a dimension of size 0, so a fan is 0 and the scale "
-            "1/sqrt(fan) is undefined; every dimension of a kernel must be at least 1"
         )
     return dims
 
@@ -181,10 +214,43 @@ def _uniform(key, shape: tuple[int, ...], dtype, limit: jax.Array) -> jax.Array:
     return (u * limit).astype(dtype).reshape(shape)
 
 
+def _complex(key, shape: tuple[int, ...], dtype, std: jax.Array, kind: str) -> jax.Array:
+    """Complex samples with E|z|^2 = 1 times ``std`` (a complex scalar): jax.nn's draws, same key.
+
+    ``kind`` is "normal" (real and imaginary parts N(0, 1/2)), "truncated_normal" (the modulus of
+    that normal cut at 2) or "uniform" (uniform on the disk of radius sqrt(2)). The last two are
+    drawn in polar form as jax.nn.initializers draws them: |z|^2 of a unit complex normal is Exp(1),
+    so r = sqrt(-log(1 - t)) with t uniform on [0, 1 - e^-4); on the disk r = sqrt(2 u).
+    """
+    flat = (math.prod(shape),)
+    cdtype = std.dtype
+    if kind == "normal":
+        z = jax.random.normal(key, flat, cdtype)
+    else:
+        key_r, key_theta = jax.random.split(key)
+        real = np.finfo(cdtype).dtype
+        if kind == "uniform":
+            r = jnp.sqrt(2 * jax.random.uniform(key_r, flat, real)).astype(cdtype)
+        else:
+            t = (1 - jnp.exp(jnp.asarray(-(_TRUNCATION**2), cdtype))) * jax.random.uniform(
+                key_r, flat, real
+            ).astype(cdtype)
+            r = jnp.sqrt(-jnp.log(1 - t))
+        theta = 2 * np.pi * jax.random.uniform(key_theta, flat, real).astype(cdtype)
+        z = r * jnp.exp(1j * theta)
+    return (z * std).astype(dtype).reshape(shape)
+
+
 def _sample_variance_scaling(key, shape, dtype, variance, distribution: str) -> jax.Array:
     """jax.nn.initializers.variance_scaling's sampling for a given ``variance = scale / fan``."""
     cdtype = compute_dtype(dtype)
     variance = jnp.asarray(variance, cdtype)
+    if _is_complex(cdtype):
+        # E|w|^2 = variance: the disk and the complex normals have E|z|^2 = 1 (see _complex).
+        std = jnp.sqrt(variance)
+        if distribution == "truncated_normal":
+            std = std / jnp.asarray(_COMPLEX_TRUNCATED_STD, cdtype)
+        return _complex(key, shape, dtype, std, distribution)
     if distribution == "uniform":
         # U(-a, a) has variance a^2 / 3.
         return _uniform(key, shape, dtype, jnp.sqrt(3 * variance))
@@ -193,6 +259,17 @@ def _sample_variance_scaling(key, shape, dtype, variance, distribution: str) -> 
         std = jnp.sqrt(variance) / jnp.asarray(_TRUNCATED_STD, cdtype)
         return _normal(key, shape, dtype, std, truncated=True)
     return _normal(key, shape, dtype, jnp.sqrt(variance), truncated=False)
+
+
+def _empty(shape: tuple[int, ...], dtype, out_sharding) -> jax.Array:
+    """A zero-size shape draws nothing, so it needs no scale (a fan may be 0): jax.nn's zeros."""
+    return _place(jnp.zeros(shape, dtype), out_sharding)
+
+
+def _place(w: jax.Array, out_sharding) -> jax.Array:
+    """``out_sharding`` as jax.nn.initializers take it: a NamedSharding, or a PartitionSpec under
+    ``jax.set_mesh``; the values are those drawn without it."""
+    return w if out_sharding is None else jax.sharding.reshard(w, out_sharding)
 
 
 def _variance_scaling(
@@ -209,14 +286,18 @@ def _variance_scaling(
     ``variance_of_fans`` returns jax.nn's ``scale / denominator`` (a Python float, or a tracer for
     a traced hyperparameter), written in jax.nn's order of operations so the rounding agrees.
     """
-    default_dtype = _check_dtype(default_dtype, who)
+    default_dtype = _default_dtype(default_dtype, who)
 
-    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
+    ) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
         dims = _check_kernel_shape(shape, who)
         fan_in, fan_out = _fans(dims, in_axis, out_axis, batch_axis, who)
+        if math.prod(dims) == 0:
+            return _empty(dims, dt, out_sharding)
         variance = variance_of_fans(fan_in, fan_out)
-        return _sample_variance_scaling(key, dims, dt, variance, distribution)
+        return _place(_sample_variance_scaling(key, dims, dt, variance, distribution), out_sharding)
 
     return init
 
@@ -248,10 +329,10 @@ def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializ
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)``.
+      ``init(key, shape, dtype=dtype, out_sharding=None)``.
 
     Raises:
-      TypeError: ``stddev`` is not a real number, or ``init`` is asked for a non-float dtype.
+      TypeError: ``stddev`` is not a real number, or ``init`` is asked for an integer or bool dtype.
       ValueError: ``stddev`` is not finite and positive, or the shape has a negative dimension.
 
     References:
@@ -266,13 +347,17 @@ def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializ
     """
     who = "small_normal"
     stddev = _check_scalar(stddev, "stddev", who)
-    default_dtype = _check_dtype(dtype, who)
+    default_dtype = _default_dtype(dtype, who)
 
-    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
+    ) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
-        # As jax.nn.initializers.normal: the samples times stddev rounded to the sampling dtype.
+        # As jax.nn.initializers.normal: the samples times stddev rounded to the sampling dtype
+        # (complex: real and imaginary parts each N(0, stddev^2 / 2), so E|w|^2 = stddev^2).
         std = jnp.asarray(stddev, compute_dtype(dt))
-        return _normal(key, _check_shape(shape, who), dt, std, truncated=False)
+        w = _normal(key, _check_shape(shape, who), dt, std, truncated=False)
+        return _place(w, out_sharding)
 
     return init
 
@@ -308,12 +393,13 @@ def xavier_normal(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
-        dimension of size 0; axes out of range or overlapping.
+      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+        axes out of range or overlapping.
 
     References:
       Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward neural
@@ -365,12 +451,13 @@ def xavier_uniform(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
-        dimension of size 0; axes out of range or overlapping.
+      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+        axes out of range or overlapping.
 
     References:
       Glorot & Bengio 2010, "Understanding the difficulty of training deep feedforward neural
@@ -439,12 +526,13 @@ def he_normal(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
       ValueError: a bad ``mode``; ``negative_slope`` not finite; a kernel shape with fewer than 2
-        dimensions or a dimension of size 0; axes out of range or overlapping.
+        dimensions; axes out of range or overlapping.
 
     References:
       He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers: surpassing human-level performance
@@ -496,12 +584,13 @@ def he_uniform(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
+      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
       ValueError: a bad ``mode``; ``negative_slope`` not finite; a kernel shape with fewer than 2
-        dimensions or a dimension of size 0; axes out of range or overlapping.
+        dimensions; axes out of range or overlapping.
 
     References:
       He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers", ICCV.
@@ -552,12 +641,13 @@ def lecun_normal(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
-        dimension of size 0; axes out of range or overlapping.
+      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+        axes out of range or overlapping.
 
     References:
       LeCun, Bottou, Orr & Müller 1998, "Efficient BackProp"; Glorot & Bengio 2010 (the lecture's
@@ -606,12 +696,13 @@ def lecun_uniform(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for a non-float dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions or a
-        dimension of size 0; axes out of range or overlapping.
+      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+        axes out of range or overlapping.
 
     References:
       LeCun, Bottou, Orr & Müller 1998, "Efficient BackProp".
@@ -664,11 +755,12 @@ def torch_linear_default(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for kernels of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for kernels of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: ``init`` is asked for a non-float dtype.
-      ValueError: a kernel shape with fewer than 2 dimensions or a dimension of size 0; axes out of
+      TypeError: ``init`` is asked for an integer or bool dtype.
+      ValueError: a kernel shape with fewer than 2 dimensions; axes out of
         range or overlapping.
 
     References:
@@ -706,10 +798,11 @@ def torch_linear_bias_default(fan_in: int, *, dtype: Any = jnp.float32) -> Initi
       dtype: the default dtype of the biases.
 
     Returns:
-      ``init(key, shape, dtype=dtype)``, e.g. for ``flax.nnx.Linear(..., bias_init=...)``.
+      ``init(key, shape, dtype=dtype, out_sharding=None)``, e.g. for
+      ``flax.nnx.Linear(..., bias_init=...)``.
 
     Raises:
-      TypeError: ``fan_in`` is not an int, or ``init`` is asked for a non-float dtype.
+      TypeError: ``fan_in`` is not an int, or ``init`` is asked for an integer or bool dtype.
       ValueError: ``fan_in`` < 1, or the shape has a negative dimension.
 
     References:
@@ -728,11 +821,18 @@ def torch_linear_bias_default(fan_in: int, *, dtype: Any = jnp.float32) -> Initi
     if fan_in < 1:
         raise ValueError(f"{who}: fan_in must be at least 1, but got {fan_in}")
     bound = 1.0 / math.sqrt(int(fan_in))
-    default_dtype = _check_dtype(dtype, who)
+    default_dtype = _default_dtype(dtype, who)
 
-    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
+    ) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
-        return _uniform(key, _check_shape(shape, who), dt, jnp.asarray(bound, compute_dtype(dt)))
+        dims, cdtype = _check_shape(shape, who), compute_dtype(dt)
+        if _is_complex(dt):
+            # The disk with the real law's variance bound^2 / 3 (as jax.nn's complex "uniform").
+            std = jnp.asarray(bound / math.sqrt(3.0), cdtype)
+            return _place(_complex(key, dims, dt, std, "uniform"), out_sharding)
+        return _place(_uniform(key, dims, dt, jnp.asarray(bound, cdtype)), out_sharding)
 
     return init
 
@@ -749,7 +849,14 @@ def orthogonal(
 
     Sampling: ``A ~ N(0, 1)`` of the tall orientation, ``A = QR``, then
     :math:`Q \cdot \mathrm{sign}(\mathrm{diag}\,R)`; the sign correction makes ``Q`` Haar
-    distributed rather than biased by the QR routine's sign convention (Mezzadri 2007).
+    distributed rather than biased by the QR routine's sign convention (Mezzadri 2007). For a
+    complex dtype ``A`` is a complex normal and the sign is the phase ``r / |r|`` of each diagonal
+    entry: ``W`` is Haar-distributed unitary, :math:`W^H W = s^2 I` (tall) or
+    :math:`W W^H = s^2 I` (wide). Real or complex, eager, the numbers are bit for bit those of
+    ``jax.nn.initializers.orthogonal(scale, column_axis)`` for the same key.
+
+    A shape with a dimension of size 0 holds no entries and gives an empty array of that shape and
+    dtype, as jax.nn does.
 
     Args:
       scale: multiplies the matrix (a positive number; ``gain(...)`` is the usual choice).
@@ -757,13 +864,14 @@ def orthogonal(
       dtype: the default dtype of the weights.
 
     Returns:
-      ``init(key, shape, dtype=dtype)`` for shapes of at least 2 dimensions.
+      ``init(key, shape, dtype=dtype, out_sharding=None)`` for shapes of at least 2
+      dimensions; a zero-size shape gives an empty array.
 
     Raises:
       TypeError: ``scale`` is not a real number, ``column_axis`` not an int, or ``init`` is asked
-        for a non-float dtype.
-      ValueError: ``scale`` not finite and positive; a shape with fewer than 2 dimensions or a
-        dimension of size 0; ``column_axis`` out of range.
+        for an integer or bool dtype.
+      ValueError: ``scale`` not finite and positive; a shape with fewer than 2 dimensions;
+        ``column_axis`` out of range.
 
     References:
       Saxe, McClelland & Ganguli 2014, "Exact solutions to the nonlinear dynamics of learning in
@@ -776,18 +884,29 @@ def orthogonal(
       >>> w = initializers.orthogonal()(jax.random.key(0), (8, 4))
       >>> bool(jnp.allclose(w.T @ w, jnp.eye(4), atol=1e-5))
       True
+      >>> initializers.orthogonal()(jax.random.key(0), (0, 4)).shape
+      (0, 4)
     """
     who = "orthogonal"
     s = _check_scalar(scale, "scale", who)
     if isinstance(column_axis, bool) or not isinstance(column_axis, int | np.integer):
         raise TypeError(f"{who}: column_axis must be an int, but got {column_axis!r}")
-    default_dtype = _check_dtype(dtype, who)
+    default_dtype = _default_dtype(dtype, who)
 
-    def init(key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype) -> jax.Array:
+    def init(
+        key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
+    ) -> jax.Array:
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
-        dims = _check_kernel_shape(shape, who)
+        dims = _check_shape(shape, who)
+        if len(dims) < 2:
+            raise ValueError(
+                f"{who} needs a shape with at least 2 dimensions (a matrix of shape[column_axis] "
+                f"columns and as many rows as the other dimensions hold), but got shape {dims}"
+            )
         (col,) = normalize_axes(int(column_axis), len(dims), "column_axis")
-        return _orthogonal(key, dims, dt, col, s)
+        if math.prod(dims) == 0:
+            return _empty(dims, dt, out_sharding)
+        return _place(_orthogonal(key, dims, dt, col, s), out_sharding)
 
     return init
 
@@ -799,8 +918,15 @@ def _orthogonal(key, shape, dtype, col: int, scale) -> jax.Array:
     cdtype = compute_dtype(dtype)
     a = jax.random.normal(key, (max(n_rows, n_cols), min(n_rows, n_cols)), cdtype)
     q, r = jnp.linalg.qr(a)
-    # where, not sign: sign(0) = 0 would zero a column (probability 0, but free to avoid).
-    q = q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(cdtype)[None, :]
+    d = jnp.diagonal(r)
+    if _is_complex(cdtype):
+        # The phase of diag(R) (Mezzadri 2007 for the unitary group), 1 where it is 0.
+        size = jnp.abs(d)
+        phase = jnp.where(size > 0, d / jnp.where(size > 0, size, 1).astype(cdtype), 1)
+    else:
+        # where, not sign: sign(0) = 0 would zero a column (probability 0, but free to avoid).
+        phase = jnp.where(d < 0, -1.0, 1.0).astype(cdtype)
+    q = q * phase[None, :]
     if n_rows < n_cols:
         q = q.T
     rest = tuple(d for i, d in enumerate(shape) if i != col)

@@ -205,6 +205,11 @@ JAX_EQUIVALENTS = {
         ini.he_uniform(negative_slope=0.2, mode="fan_out"),
         jax.nn.initializers.variance_scaling(2 / (1 + 0.2**2), "fan_out", "uniform"),
     ),
+    "orthogonal": (ini.orthogonal(), jax.nn.initializers.orthogonal()),
+    "orthogonal_scale_column_axis_0": (
+        ini.orthogonal(2.0, column_axis=0),
+        jax.nn.initializers.orthogonal(2.0, column_axis=0),
+    ),
 }
 
 # (300, 200) is the audit's shape (98% of xavier_normal(truncated=True)'s entries differed). Whether
@@ -551,6 +556,198 @@ def test_traced_hyperparameters_under_vmap():
 
 
 # ------------------------------------------------------------------------------------------
+# Complex dtypes: jax.nn.initializers' convention, the variance is E|w|^2
+# ------------------------------------------------------------------------------------------
+
+# The modulus of a unit complex normal cut at 2, from its closed form (not jaxnorm's constant):
+# |z|^2 is Exp(1), and E[X | X < 4] = 1 - 4 e^-4 / (1 - e^-4).
+_E4 = math.exp(-4.0)
+COMPLEX_TRUNC_STD = math.sqrt(1 - 4 * _E4 / (1 - _E4))
+JAX_COMPLEX_TRUNC_CONSTANT = 0.95311164380491208  # what jax.nn divides by: sqrt(1 - 5 e^-4)
+
+
+def check_complex_distribution(w, std, kind):
+    """E|w|^2 = std^2, split equally and uncorrelated between the real and imaginary parts."""
+    z = np.asarray(w).astype(np.complex128).ravel()
+    n = z.size
+    power = np.abs(z) ** 2
+    # |z|^2 has a relative standard deviation of at most 1 (Exp(1) for the normal); the real
+    # part's square at most sqrt(2) (a normal's): 6 standard errors.
+    np.testing.assert_allclose(power.mean(), std**2, rtol=6 / math.sqrt(n))
+    np.testing.assert_allclose(z.real.var(), std**2 / 2, rtol=6 * math.sqrt(2 / n))
+    np.testing.assert_allclose(z.imag.var(), std**2 / 2, rtol=6 * math.sqrt(2 / n))
+    assert abs(np.mean(z.real * z.imag)) < 6 * std**2 / 2 / math.sqrt(n)
+    assert abs(z.mean()) < 6 * std / math.sqrt(n)
+    top = np.sqrt(power.max())
+    if kind == "uniform":
+        # Uniform on the disk of radius sqrt(2) std: P(max |z| < R (1 - 20/n)) is about e^-40.
+        radius = math.sqrt(2) * std
+        assert radius * (1 - 20 / n) <= top <= radius * (1 + 1e-6)
+    elif kind == "truncated":
+        bound = 2 * std / COMPLEX_TRUNC_STD
+        assert 0.99 * bound <= top <= bound * (1 + 1e-6)
+    else:
+        # P(|z| > 2.5 std) = exp(-6.25) for a complex normal; far past the truncated bound (2.08).
+        assert n * math.exp(-6.25) > 20 and top > 2.5 * std
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_complex_statistics_match_closed_form(case):
+    factory, family, kind = CASES[case]
+    shape, fan_in, fan_out = DENSE
+    w = factory()(KEY, shape, jnp.complex64)
+    assert w.shape == shape and w.dtype == jnp.complex64
+    check_complex_distribution(w, _std(family, fan_in, fan_out), kind)
+
+
+def test_complex_small_normal_and_torch_bias_default():
+    check_complex_distribution(ini.small_normal(0.5)(KEY, (512, 256), jnp.complex64), 0.5, "normal")
+    # The disk with the real law's variance (1 / sqrt(fan_in))^2 / 3.
+    b = ini.torch_linear_bias_default(64)(KEY, (200_000,), jnp.complex64)
+    check_complex_distribution(b, 1 / math.sqrt(3 * 64), "uniform")
+
+
+def test_complex128_under_x64():
+    with jax.enable_x64(True):
+        w = ini.he_normal()(KEY, DENSE[0], jnp.complex128)
+        assert w.dtype == jnp.complex128
+        check_complex_distribution(w, math.sqrt(2 / 512), "normal")
+
+
+def test_complex_truncated_variance_is_the_stated_one_and_jax_nn_is_not():
+    # 2M samples: the mean of |w|^2 to 0.41% (6 standard errors), against jax.nn's 1.87% excess.
+    shape = (2048, 1024)
+    target = 1 / 2048
+    ours = np.abs(np.asarray(ini.lecun_normal(truncated=True)(KEY, shape, jnp.complex64))) ** 2
+    theirs = np.abs(np.asarray(jax.nn.initializers.lecun_normal()(KEY, shape, jnp.complex64))) ** 2
+    tol = 6 / math.sqrt(ours.size)
+    np.testing.assert_allclose(ours.mean(), target, rtol=tol)
+    excess = (COMPLEX_TRUNC_STD / JAX_COMPLEX_TRUNC_CONSTANT) ** 2
+    assert abs(excess - 1.0187) < 1e-4
+    np.testing.assert_allclose(theirs.mean(), target * excess, rtol=tol)
+    assert theirs.mean() > target * (1 + tol)
+
+
+COMPLEX_JAX_EQUIVALENTS = {k: v for k, v in JAX_EQUIVALENTS.items() if "truncated" not in k}
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (7, 5), (3, 3, 4, 8)], ids=str)
+@pytest.mark.parametrize("case", list(COMPLEX_JAX_EQUIVALENTS))
+def test_complex_bit_identical_to_jax_nn(case, shape):
+    ours, theirs = COMPLEX_JAX_EQUIVALENTS[case]
+    for seed in (0, 1):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(
+            np.asarray(ours(key, shape, jnp.complex64)),
+            np.asarray(theirs(key, shape, jnp.complex64)),
+        )
+
+
+def test_complex_truncated_presets_are_jax_nn_rescaled_to_the_stated_variance():
+    pairs = [
+        (ini.he_normal(truncated=True), jax.nn.initializers.he_normal()),
+        (ini.xavier_normal(truncated=True), jax.nn.initializers.glorot_normal()),
+    ]
+    for ours, theirs in pairs:
+        a = np.asarray(ours(KEY, (300, 200), jnp.complex64)).astype(np.complex128)
+        b = np.asarray(theirs(KEY, (300, 200), jnp.complex64)).astype(np.complex128)
+        np.testing.assert_allclose(a, b * JAX_COMPLEX_TRUNC_CONSTANT / COMPLEX_TRUNC_STD, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**0.5])
+@pytest.mark.parametrize("case", list(ORTHO_SHAPES))
+def test_orthogonal_complex_is_unitary(case, scale):
+    shape, axis, rows, cols = ORTHO_SHAPES[case]
+    with jax.enable_x64(True):
+        w = ini.orthogonal(scale, column_axis=axis)(KEY, shape, jnp.complex128)
+        assert w.dtype == jnp.complex128 and w.shape == shape
+    m = np.moveaxis(np.asarray(w), axis, -1).reshape(-1, shape[axis])
+    assert m.shape == (rows, cols)
+    gram = m.conj().T @ m if rows >= cols else m @ m.conj().T
+    np.testing.assert_allclose(gram, scale**2 * np.eye(min(rows, cols)), atol=1e-12)
+    assert np.abs(m.imag).max() > 0.1  # complex, not a real matrix in a complex dtype
+
+
+def test_orthogonal_complex_is_haar():
+    # Haar measure on U(3) is invariant under entrywise phases: every entry has E q = 0,
+    # E q^2 = 0 and E|q|^2 = 1/3. A Q whose columns keep the QR routine's phase convention fails.
+    n = 2000
+    keys = jax.random.split(KEY, n)
+    qs = np.asarray(jax.vmap(lambda k: ini.orthogonal()(k, (3, 3), jnp.complex64))(keys))
+    qs = qs.astype(np.complex128)
+    se = math.sqrt(1 / 3 / n)
+    assert np.abs(qs.mean(axis=0)).max() < 5 * se
+    assert np.abs((qs**2).mean(axis=0)).max() < 5 * se
+    np.testing.assert_allclose((np.abs(qs) ** 2).mean(axis=0), np.full((3, 3), 1 / 3), atol=0.03)
+
+
+# ------------------------------------------------------------------------------------------
+# Zero-size shapes, dtype=None and out_sharding: jax.nn.initializers' calling convention
+# ------------------------------------------------------------------------------------------
+
+
+def _zero_size_shapes(name):
+    if name in ("small_normal", "torch_linear_bias_default"):
+        return [(0,), (3, 0)]
+    # (0, 3, 8, 8): a receptive field of 0, so both fans are 0.
+    return [(0, 4), (4, 0), (0, 0), (3, 3, 0, 8), (3, 3, 8, 0), (0, 3, 8, 8)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_zero_size_shapes_give_empty_arrays(name, dtype):
+    init = ALL_FACTORIES[name]()
+    jitted = jax.jit(init, static_argnums=(1, 2))
+    for shape in _zero_size_shapes(name):
+        for w in (init(KEY, shape, dtype), jitted(KEY, shape, dtype)):
+            assert w.shape == shape and w.dtype == dtype
+
+
+def test_zero_size_shapes_still_check_axes():
+    with pytest.raises(ValueError, match="in_axis=5 is out of range"):
+        ini.lecun_normal(in_axis=5)(KEY, (0, 4))
+    with pytest.raises(ValueError, match="column_axis=2 is out of range"):
+        ini.orthogonal(column_axis=2)(KEY, (0, 4))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        ini.orthogonal()(KEY, (0,))
+
+
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_dtype_none_is_jax_default_float(name):
+    # jax.nn's factories default to dtype=None: float32, or float64 under x64. Warnings are errors
+    # here, so a float64 request truncated to float32 would fail.
+    factory, shape = ALL_FACTORIES[name], _shape_for(name)
+    w = factory(dtype=None)(KEY, shape)
+    assert w.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(factory()(KEY, shape)))
+    assert factory(dtype=None)(KEY, shape, None).dtype == jnp.float32
+    with jax.enable_x64(True):
+        assert factory(dtype=None)(KEY, shape).dtype == jnp.float64
+        assert factory(dtype=None)(KEY, shape, None).dtype == jnp.float64
+
+
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_out_sharding_places_the_same_values(name):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    init, shape = ALL_FACTORIES[name](), _shape_for(name)
+    spec = P("x", *([None] * (len(shape) - 1)))
+    mesh = jax.make_mesh((1,), ("x",))
+    plain = np.asarray(init(KEY, shape))
+    w = init(KEY, shape, jnp.float32, out_sharding=NamedSharding(mesh, spec))
+    assert w.sharding.spec == spec and w.sharding.mesh == mesh
+    np.testing.assert_array_equal(np.asarray(w), plain)
+    with jax.set_mesh(mesh):
+        w = init(KEY, shape, out_sharding=spec)
+    assert w.sharding.spec == spec
+    np.testing.assert_array_equal(np.asarray(w), plain)
+    empty = (0, *shape[1:])
+    w = init(KEY, empty, jnp.float32, out_sharding=NamedSharding(mesh, spec))
+    assert w.shape == empty and w.sharding.spec == spec
+
+
+# ------------------------------------------------------------------------------------------
 # Flax
 # ------------------------------------------------------------------------------------------
 
@@ -602,8 +799,6 @@ def test_nnx_linear_kernel_and_bias_init():
     [
         ((7,), "at least 2 dimensions"),
         ((), "at least 2 dimensions"),
-        ((0, 4), "size 0"),
-        ((3, 3, 0, 4), "size 0"),
         ((-1, 4), "negative"),
     ],
 )
@@ -612,22 +807,30 @@ def test_kernel_shape_errors(name, shape, match):
         KERNEL_FACTORIES[name]()(KEY, shape)
 
 
+def test_orthogonal_shape_error_speaks_of_a_matrix_not_a_fan():
+    # It once said "1/sqrt(fan) is undefined": orthogonal has no fan and no such scale.
+    with pytest.raises(
+        ValueError, match=r"orthogonal needs a shape with at least 2 dimensions"
+    ) as e:
+        ini.orthogonal()(KEY, (5,))
+    assert "fan" not in str(e.value) and "sqrt" not in str(e.value)
+
+
 @pytest.mark.parametrize("name", list(ALL_FACTORIES))
 def test_dtype_errors(name):
     init = ALL_FACTORIES[name]()
     shape = _shape_for(name)
-    with pytest.raises(TypeError, match=r"real floating-point.*int32"):
-        init(KEY, shape, jnp.int32)
-    with pytest.raises(TypeError, match=r"real floating-point.*complex64"):
-        init(KEY, shape, jnp.complex64)
+    for dtype in (jnp.int32, jnp.uint8, jnp.bool_):
+        with pytest.raises(TypeError, match=rf"real .* or complex .*dtype={jnp.dtype(dtype)}"):
+            init(KEY, shape, dtype)
     with pytest.raises(TypeError, match="sequence of ints"):
         init(KEY, (4.5, 2), jnp.float32)
 
 
 def test_factory_dtype_error():
-    with pytest.raises(TypeError, match=r"real floating-point.*int8"):
+    with pytest.raises(TypeError, match=r"floating-point.*int8"):
         ini.he_normal(dtype=jnp.int8)
-    with pytest.raises(TypeError, match="real floating-point"):
+    with pytest.raises(TypeError, match="floating-point"):
         ini.small_normal(dtype=jnp.uint8)
     with pytest.raises(TypeError, match="not a dtype"):
         ini.orthogonal(dtype="float-ish")
