@@ -382,20 +382,23 @@ def test_nnx_tabulate_with_a_batch_of_one_as_flax():
 @_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
 def test_nnx_vmap_of_members_with_a_batch_of_one_matches_flax():
     # flax's tests/nnx/transforms_test.py (TestVmap.test_state_axes_simple): one row per member.
-    outs = []
-    for norm in (jnnx.BatchNorm, nnx.BatchNorm):
-
+    def members(norm):
         @nnx.split_rngs(splits=4)
         @nnx.vmap(in_axes=0, out_axes=0)
-        def create(rngs, norm=norm):
+        def create(rngs):
             return _Net(norm, rngs=rngs, din=3)
 
-        @nnx.vmap(in_axes=(0, 0))
-        def forward(model, x):
-            return model.bn(model.lin(x))
+        return create(nnx.Rngs(0))
 
-        model = create(nnx.Rngs(0))
-        y = nnx.jit(forward)(model, _data((4, 1, 3)))
+    @nnx.jit
+    @nnx.vmap(in_axes=(0, 0))
+    def forward(model, x):
+        return model.bn(model.lin(x))
+
+    outs = []
+    for norm in (jnnx.BatchNorm, nnx.BatchNorm):
+        model = members(norm)
+        y = forward(model, _data((4, 1, 3)))
         outs.append((y, model.bn.mean[...], model.bn.var[...]))
     jax.tree.map(_close, outs[0], outs[1])
 
