@@ -833,11 +833,20 @@ def _refine(cfg, x, mask, mean, var, n, lost, passes):
         x, mask, mean, var, lost = operands
         one = jnp.ones((), cdt)
         s = jnp.where(jnp.isfinite(var), one, jnp.asarray(_OVERFLOW_SCALE, cdt))
-        d = (x.astype(cdt) - mean) * s
-        if mask is not None:
-            d = jnp.where(mask, d, jnp.zeros((), cdt))
-        t1 = jnp.sum(d, axis=cfg.raxes, keepdims=True)
-        t2 = jnp.sum(d * d, axis=cfg.raxes, keepdims=True)
+        # Each sum reads x through its own _apart view, as in the first pass: a d shared by
+        # both would be an x-sized temporary, allocated with the program even when this branch
+        # is not taken (on CPU it pushed the step's temporaries past malloc's mmap threshold).
+        t = []
+        tag = (mean, s)
+        for square in (False, True):
+            # The second view's tag is the first's output: identical barriers would be merged.
+            xs, tag = _apart(x, cdt, tag)
+            m, sc = tag
+            d = (xs - m) * sc
+            if mask is not None:
+                d = jnp.where(mask, d, jnp.zeros((), cdt))
+            t.append(jnp.sum(d * d if square else d, axis=cfg.raxes, keepdims=True))
+        t1, t2 = t
         if cfg.axis_name is not None:
             t1, t2 = jax.lax.psum(jnp.stack([t1, t2]), cfg.axis_name, axis_index_groups=cfg.groups)
         shift = t1 / jnp.maximum(n, one)

@@ -812,6 +812,26 @@ def test_fused_activation_adds_no_x_sized_temporary(activation, dtype):
     assert step(activation) < step(None) + x.nbytes // 2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_training_step_holds_no_x_sized_temporary_but_dy_in_float32(dtype):
+    # Compiled, the step (y, dx, dscale, dbias) holds at most one x-sized temporary: dy
+    # converted to float32 for a low-precision dy. The refinement branch's sums read x each
+    # through their own view (a shared x - mean was an x-sized temporary, allocated with the
+    # program even when the branch does not run; on CPU it doubled the step's temporaries).
+    x = jnp.asarray(_x((512, 64)), dtype)
+
+    def f(x, dy, s, b):
+        g = lambda x, s, b: bn.batch_norm(x, s, b, bn.init_state(64), train=True)
+        y, vjp, _ = jax.vjp(g, x, s, b, has_aux=True)
+        return y, vjp(dy)
+
+    mem = jax.jit(f).lower(x, x, jnp.ones(64), jnp.zeros(64)).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("this backend reports no memory analysis")
+    dy_f32 = 0 if dtype == jnp.float32 else x.size * 4
+    assert mem.temp_size_in_bytes < dy_f32 + x.nbytes // 2, mem.temp_size_in_bytes
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_backward_residuals_are_x_and_per_feature_stats(activation, capsys):
     scale, bias, state = _params((8,))
