@@ -65,7 +65,7 @@ from jaxnorm._checks import compute_dtype, is_tracer, normalize_axes
 from jaxnorm.activations import _canonical_name
 
 Initializer = Callable[..., jax.Array]
-"""``init(key, shape, dtype=jnp.float32) -> jax.Array``, as ``jax.nn.initializers`` returns."""
+"""``init(key, shape, dtype=jnp.float32, out_sharding=None) -> jax.Array``, as jax.nn's."""
 
 # Standard deviation of a standard normal truncated to (-2, 2): sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)).
 # The same constant jax.nn.initializers.variance_scaling divides by for "truncated_normal".
