@@ -372,6 +372,117 @@ def test_classification_loss_matches_numpy():
     np.testing.assert_allclose(metrics["accuracy"], np.mean(z.argmax(1) == np.asarray(y)))
 
 
+def _identity_head_mlp(width, rate):
+    """An mlp [D, H, H] whose last layer is the identity: its logits are the dropped units."""
+    model = training.mlp([12, width, width], dropout=rate)
+    params, state = model.init(jax.random.key(0))
+    params[1] = {"w": jnp.eye(width), "b": jnp.zeros(width)}
+    x = jax.random.normal(jax.random.key(1), (64, 12))
+    p = params[0]
+    w, b = np.asarray(p["w"], np.float64), np.asarray(p["b"], np.float64)
+    hidden = np.maximum(np.asarray(x, np.float64) @ w + b, 0)
+    return model, params, state, x, hidden
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.5])
+def test_mlp_dropout_is_inverted_dropout(rate):
+    model, params, state, x, hidden = _identity_head_mlp(256, rate)
+    keep = 1.0 - rate
+    out = np.asarray(model.apply(params, state, x, train=True, key=jax.random.key(2))[0])
+    dropped = out == 0
+    # Every unit is 0 or its value scaled by 1 / keep (NumPy float64 forward pass).
+    np.testing.assert_allclose(out[~dropped], hidden[~dropped] / keep, rtol=2e-5, atol=1e-6)
+    live = hidden > 0
+    frac = dropped[live].mean()  # binomial over ~8000 live units: std < 0.006
+    assert abs(frac - rate) < 0.03, frac
+    # Inference: no dropout, no rescaling, no key needed.
+    ev = model.apply(params, state, x, train=False)[0]
+    np.testing.assert_allclose(ev, hidden, rtol=2e-5, atol=1e-6)
+    # The masks are a function of the key.
+    again = model.apply(params, state, x, train=True, key=jax.random.key(2))[0]
+    other = model.apply(params, state, x, train=True, key=jax.random.key(3))[0]
+    np.testing.assert_array_equal(again, out)
+    assert not np.array_equal(np.asarray(other) == 0, dropped)
+
+
+def test_mlp_dropout_rate_can_be_traced():
+    """A searched rate (a traced scalar under vmap) drops its share of units in one program."""
+    _, params, state, x, hidden = _identity_head_mlp(256, 0.0)
+
+    def dropped(rate):
+        model = training.mlp([12, 256, 256], dropout=rate)
+        out = model.apply(params, state, x, train=True, key=jax.random.key(2))[0]
+        return jnp.mean((out == 0)[hidden > 0])
+
+    fracs = jax.jit(jax.vmap(dropped))(jnp.array([0.1, 0.3, 0.6]))
+    np.testing.assert_allclose(fracs, [0.1, 0.3, 0.6], atol=0.03)
+
+
+def test_mlp_dropout_errors():
+    with pytest.raises(ValueError, match=r"dropout .* must be in \[0, 1\), got 1.0"):
+        training.mlp([4, 8, 2], dropout=1.0)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\), got -0.1"):
+        training.mlp([4, 8, 2], dropout=-0.1)
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="dropout must be a rate in"):
+            training.mlp([4, 8, 2], dropout=bad)
+    model = training.mlp([4, 8, 2], dropout=0.5)
+    params, state = model.init(jax.random.key(0))
+    with pytest.raises(
+        TypeError, match=r"has dropout \(rate 0.5\): apply\(..., train=True\) needs"
+    ):
+        model.apply(params, state, jnp.ones((3, 4)), train=True)
+    # Without dropout (rate 0 or no hidden layer) no key is needed.
+    plain = training.mlp([4, 8, 2])
+    p, s = plain.init(jax.random.key(0))
+    plain.apply(p, s, jnp.ones((3, 4)), train=True)
+
+
+def test_fit_passes_every_step_a_fresh_key_for_dropout():
+    """With a learning rate of 0 every full-batch step sees the same params and batch: the loss
+    changes from step to step only through the dropout masks, drawn from each step's key."""
+    x = jax.random.normal(jax.random.key(0), (32, 6))
+    y = jnp.arange(32) % 3
+    losses = {}
+    for rate in (0.0, 0.5):
+        model = training.mlp([6, 32, 3], dropout=rate)
+        params, _ = model.init(jax.random.key(1))
+        _, hist = training.fit(
+            model, params, optax.sgd(0.0), (x, y), key=jax.random.key(2), num_steps=4
+        )
+        losses[rate] = np.asarray(hist.loss)
+    np.testing.assert_array_equal(losses[0.0], losses[0.0][0])
+    assert len(set(losses[0.5].tolist())) == 4
+    ev = training.evaluate(model, params, (x, y))["loss"]  # inference: no dropout
+    np.testing.assert_allclose(ev, losses[0.0][0], rtol=1e-6)
+
+
+def test_models_whose_apply_takes_no_key_still_train():
+    """A Model written before apply had a key keeps working; one with **kwargs receives it."""
+    base = training.mlp([5, 3])
+    seen = []
+
+    def old_apply(params, state, x, *, train):
+        return base.apply(params, state, x, train=train)
+
+    def kw_apply(params, state, x, *, train, **kw):
+        seen.append(sorted(kw))
+        return base.apply(params, state, x, train=train)
+
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    y = jnp.arange(8) % 3
+    params, _ = base.init(jax.random.key(1))
+    results = []
+    for apply in (old_apply, kw_apply):
+        model = training.Model(base.init, apply, 3)
+        results.append(
+            training.fit(model, params, optax.sgd(0.1), (x, y), key=jax.random.key(2), num_steps=3)
+        )
+    _close = np.testing.assert_allclose
+    jax.tree.map(_close, results[0][0], results[1][0])
+    assert seen and all(names == ["key"] for names in seen)
+
+
 @pytest.mark.parametrize(
     ("init", "std"),
     [

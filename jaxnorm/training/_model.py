@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,10 +31,17 @@ class Model(NamedTuple):
     Attributes:
       init: ``init(key) -> (params, state)``; ``state`` holds batch-norm running statistics (an
         empty tuple when the model has none).
-      apply: ``apply(params, state, x, *, train) -> (logits, new_state)``; ``x`` is ``[N, D]``,
-        logits ``[N, C]``. With ``train=True`` batch norm uses batch statistics and updates the
-        state; with ``train=False`` it uses the running statistics.
+      apply: ``apply(params, state, x, *, train, key=None) -> (logits, new_state)``; ``x`` is
+        ``[N, ...]`` (``[N, D]`` for :func:`mlp`), logits ``[N, C]``. With ``train=True`` batch
+        norm uses batch statistics and updates the state, and dropout draws its masks from
+        ``key`` (the training loop passes a fresh key every step); with ``train=False`` batch
+        norm uses the running statistics and dropout is off. An ``apply`` without a ``key``
+        parameter (a model with no randomness, written for an earlier jaxnorm) still works:
+        the loop passes ``key`` only to an ``apply`` that takes it (a parameter named ``key``,
+        or ``**kwargs``).
       num_classes: C, the width of the last layer.
+
+    Flax models become a ``Model`` through :func:`from_linen` and :func:`from_nnx`.
     """
 
     init: Callable[[jax.Array], tuple[Any, Any]]
@@ -56,16 +64,23 @@ def mlp(
     init: str = "he_normal",
     batch_norm: bool = False,
     momentum: float = 0.9,
+    dropout: float = 0.0,
     dtype: Any = jnp.float32,
 ) -> Model:
     r"""A fully connected classifier, ``widths = [D, H1, ..., C]``, as pure functions.
 
-    Each hidden layer computes :math:`h = f(\mathrm{BN}(h W + b))` (BN only with
-    ``batch_norm=True``, placed before the nonlinearity as in Ioffe & Szegedy 2015); the last layer
-    is linear and returns logits. Weights are drawn with the named :mod:`jaxnorm.initializers`
-    factory (called with its defaults), biases start at 0. Params are a list of per-layer dicts
-    ``{"w": [in, out], "b": [out]}`` (plus ``"scale"``, ``"bias"`` with batch norm), a plain pytree
-    that optax, ``vmap`` and checkpointing handle directly.
+    Each hidden layer computes :math:`h = \mathrm{drop}(f(\mathrm{BN}(h W + b)))` (BN only with
+    ``batch_norm=True``, placed before the nonlinearity as in Ioffe & Szegedy 2015; dropout only
+    with ``dropout > 0`` and ``train=True``); the last layer is linear and returns logits.
+    Dropout is inverted dropout (Srivastava et al. 2014), as flax computes it: each unit is kept
+    with probability :math:`p = 1 - \text{rate}` and scaled by :math:`1/p`, so inference needs
+    no rescaling; the masks come from ``apply``'s ``key`` (a fresh one every training step), one
+    ``jax.random.fold_in(key, layer)`` per hidden layer.
+
+    Weights are drawn with the named :mod:`jaxnorm.initializers` factory (called with its
+    defaults), biases start at 0. Params are a list of per-layer dicts ``{"w": [in, out], "b":
+    [out]}`` (plus ``"scale"``, ``"bias"`` with batch norm), a plain pytree that optax, ``vmap``
+    and checkpointing handle directly.
 
     Args:
       widths: the layer sizes, input first and the number of classes last (at least 2 entries).
@@ -81,17 +96,25 @@ def mlp(
         0.9 ** 40 = 1.5%, so with 0.99 inference mode would normalise with statistics the
         trained network never produced. 0.9 is also PyTorch's default (its momentum 0.1, see
         :func:`jaxnorm.batchnorm.momentum_from_torch`). Pass 0.99 for long runs.
+      dropout: the probability of dropping a hidden unit in training, in [0, 1) (flax's
+        ``rate``; 0 switches dropout off). May be a traced scalar, so that a
+        :func:`random_search` can search it with ``uniform(0.0, 0.5)`` in one program; a traced
+        rate cannot be checked here, and one outside [0, 1) gives NaN or meaningless units.
       dtype: the parameters' dtype.
 
     Returns:
       A :class:`Model`.
 
     Raises:
-      TypeError: if widths are not ints or init/activation are not names.
-      ValueError: if fewer than 2 widths are given, a width is < 1, or a name is unknown.
+      TypeError: if widths are not ints, init/activation are not names, or dropout is not a
+        real number; (from ``apply``) a model with dropout called with ``train=True`` and no
+        ``key``.
+      ValueError: if fewer than 2 widths are given, a width is < 1, a name is unknown, or a
+        concrete dropout rate lies outside [0, 1).
 
     References:
-      Ioffe & Szegedy 2015, "Batch normalization"; He et al. 2015 (he_normal).
+      Ioffe & Szegedy 2015, "Batch normalization"; He et al. 2015 (he_normal); Srivastava et
+      al. 2014, "Dropout: a simple way to prevent neural networks from overfitting".
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -101,6 +124,9 @@ def mlp(
       >>> logits, _ = model.apply(params, state, jnp.ones((5, 4)), train=False)
       >>> logits.shape
       (5, 3)
+      >>> drop = training.mlp([4, 8, 3], dropout=0.5)
+      >>> p, s = drop.init(jax.random.key(0))
+      >>> logits, _ = drop.apply(p, s, jnp.ones((5, 4)), train=True, key=jax.random.key(1))
     """
     widths = tuple(widths)
     if len(widths) < 2:
@@ -119,6 +145,7 @@ def mlp(
     act = activations.get(activation)
     kernel_init = _initializer(init)
     num_hidden = len(widths) - 2
+    rate = _check_rate(dropout)
 
     def init_fn(key):
         keys = jax.random.split(key, len(widths) - 1)
@@ -132,7 +159,13 @@ def mlp(
             params.append(layer)
         return params, tuple(state)
 
-    def apply_fn(params, state, x, *, train: bool):
+    def apply_fn(params, state, x, *, train: bool, key: jax.Array | None = None):
+        drops = train and num_hidden > 0 and not _is_zero(rate)
+        if drops and key is None:
+            raise TypeError(
+                f"this mlp has dropout (rate {rate}): apply(..., train=True) needs key=, a PRNG "
+                "key for the masks (fit and train pass one every step)"
+            )
         if x.ndim != 2 or x.shape[-1] != widths[0]:
             raise ValueError(f"mlp expects x of shape [N, {widths[0]}], got {x.shape}")
         if batch_norm and len(state) != num_hidden:
@@ -152,9 +185,65 @@ def mlp(
                 )
                 new_state.append(s)
             h = act(h)
+            if drops:
+                h = _dropout(jax.random.fold_in(key, i), h, rate)
         return h, tuple(new_state)
 
     return Model(init=init_fn, apply=apply_fn, num_classes=widths[-1])
+
+
+def _check_rate(rate):
+    if _checks.is_tracer(rate):
+        return rate  # a searched rate: unknown until it runs (documented)
+    if isinstance(rate, np.ndarray | jax.Array) and rate.shape == () and rate.dtype != bool:
+        rate = rate.item()
+    if isinstance(rate, bool) or not isinstance(rate, int | float | np.integer | np.floating):
+        raise TypeError(f"mlp: dropout must be a rate in [0, 1) (a float), got {rate!r}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(
+            f"mlp: dropout is the probability of dropping a unit and must be in [0, 1), got {rate}"
+        )
+    return float(rate)
+
+
+def _is_zero(rate) -> bool:
+    """A concrete rate of 0: no dropout at all (no key needed, no random numbers drawn)."""
+    return not _checks.is_tracer(rate) and rate == 0.0
+
+
+def _dropout(key, x, rate):
+    """Inverted dropout, flax.linen.Dropout's formula: keep with p = 1 - rate, scale by 1/p."""
+    # TODO(lead): use jaxnorm.regularization.dropout once regularization.py lands.
+    keep = 1.0 - rate  # a Python float, or a traced float32 rate
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def _takes_key(apply: Callable) -> bool:
+    """Whether ``apply`` accepts ``key=``: a parameter named ``key``, or ``**kwargs``.
+
+    A Model written before ``apply`` had a key (``apply(params, state, x, *, train)``) is called
+    without one, as before.
+    """
+    try:
+        parameters = inspect.signature(apply).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as before
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (
+            p.name == "key"
+            and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        )
+        for p in parameters
+    )
+
+
+def _apply(model: Model, params, state, x, *, train: bool, key):
+    """``model.apply`` with the step's key when the model takes one."""
+    if key is not None and _takes_key(model.apply):
+        return model.apply(params, state, x, train=train, key=key)
+    return model.apply(params, state, x, train=train)
 
 
 def _check_labels(logits, y, who):
@@ -193,6 +282,11 @@ def classification_loss(model: Model) -> Callable:
     Args:
       model: a :class:`Model`.
 
+    The model runs in training mode (``train=True``: batch statistics, dropout on) and receives
+    the loss's ``key`` (``model.apply(..., train=True, key=key)``), from which its dropout draws
+    its masks; :func:`fit` passes a fresh key every step. An ``apply`` without a ``key``
+    parameter is called without it.
+
     Returns:
       ``loss_fn(params, state, (x, y), key) -> (loss, (new_state, {"accuracy": acc}))``, with
       ``y`` integer class labels ``[N]`` in ``[0, C)``. Labels known when the loss is called
@@ -218,9 +312,8 @@ def classification_loss(model: Model) -> Callable:
     """
 
     def loss_fn(params, state, batch, key):
-        del key
         x, y = batch
-        logits, new_state = model.apply(params, state, x, train=True)
+        logits, new_state = _apply(model, params, state, x, train=True, key=key)
         _check_labels(logits, y, "classification_loss")
         return _cross_entropy_and_accuracy(logits, y, new_state)
 
