@@ -833,6 +833,9 @@ def test_labels_out_of_range_raise_when_concrete():
         loss_fn(params, state, (x, y), None)
     with pytest.raises(ValueError, match=f"evaluate: {msg}"):
         training.evaluate(model, params, (x, y))
+    # check_initial_loss compiles the loss, where labels are traced: it reads them first.
+    with pytest.raises(ValueError, match=f"check_initial_loss: {msg}"):
+        training.check_initial_loss(model, params, (x, y), num_classes=3)
     for run in (training.fit, training.train):
         with pytest.raises(ValueError, match=f"{run.__name__}: {msg}"):
             run(model, params, optax.sgd(0.1), (x, np.asarray(y)), key=jax.random.key(0),

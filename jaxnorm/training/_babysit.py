@@ -17,6 +17,7 @@ from jaxnorm.training._loop import (
     DivergenceWarning,
     _adapt_loss,
     _check_int,
+    _check_model_labels,
     _has_nonfinite,
     _nonfinite_names,
     fit,
@@ -74,8 +75,12 @@ def check_initial_loss(
       >>> training.check_initial_loss(model, params, (x, y), num_classes=10).ok
       True
     """
-    loss, state = _adapt_loss(loss_fn, state, "check_initial_loss")
-    value, _ = loss(params, state, batch, jax.random.key(0) if key is None else key)
+    who = "check_initial_loss"
+    loss, state = _adapt_loss(loss_fn, state, who)
+    _check_model_labels(loss_fn, batch, who)  # while they are concrete
+    # One compiled program: run op by op, a CNN's first loss took 2-3x as long (each operation
+    # compiled on its own).
+    value, _ = jax.jit(loss)(params, state, batch, jax.random.key(0) if key is None else key)
     check = diagnostics.check_initial_loss(value, num_classes, rtol=rtol)
     parts = {"parameters": params, "batch": batch, "model state": state}
     bad = [name for name, tree in parts.items() if bool(_has_nonfinite(tree))]
