@@ -718,6 +718,10 @@ class UpdateRatioCheck(NamedTuple):
 
 
 def _path_name(path: tuple) -> str:
+    # An nnx Variable (in an nnx.State) flattens to its array under the attribute "value": name
+    # the variable ("conv/kernel", as linen's dicts read), not its attribute.
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return "/".join(_key_str(k) for k in path) or "<root>"
 
 

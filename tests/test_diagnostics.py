@@ -320,6 +320,22 @@ def test_check_update_ratios_edge_cases():
         diagnostics.check_update_ratios({"w": 1.0}, min_ndim=2.0)
 
 
+def test_check_update_ratios_names_nnx_variables_as_linen_does():
+    """An nnx.State flattens each Variable to its array under the attribute "value"; the check
+    names the variable, as for the same layer in linen."""
+    params = nnx.state(_NnxMLP(nnx.Rngs(0)), nnx.Param)
+    ratios = jax.tree_util.tree_map(lambda p: jnp.float32(0.5), params)
+    check = diagnostics.check_update_ratios(ratios, params)
+    assert set(check.flagged) == {"first/kernel", "layers/0/kernel", "layers/1/kernel"}
+    assert set(check.not_judged) == {
+        "first/bias", "layers/0/bias", "layers/1/bias", "bn/scale", "bn/bias"
+    }  # fmt: skip
+    assert "first/kernel=0.5 (too high" in check.message and "/value" not in check.message
+    linen_params = {"first": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
+    linen = diagnostics.check_update_ratios(jax.tree.map(lambda p: 0.5, linen_params), linen_params)
+    assert set(linen.flagged) == {"first/kernel"} and set(linen.not_judged) == {"first/bias"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Initial loss
 # ---------------------------------------------------------------------------------------------
