@@ -1,8 +1,8 @@
 """jaxnorm: "Training Neural Networks, Part 1" as a JAX library.
 
 Pure functions that run under ``jit``, ``vmap`` and ``grad`` (activations, initializers,
-preprocessing, batch norm, gradient checking, diagnostics) and thin Flax modules over them
-(``jaxnorm.nn`` for linen, ``jaxnorm.nnx`` for nnx). The modules that need flax, optax or
+preprocessing, regularization, batch norm, gradient checking, diagnostics) and thin Flax modules
+over them (``jaxnorm.nn`` for linen, ``jaxnorm.nnx`` for nnx). The modules that need flax, optax or
 matplotlib (``nn``, ``nnx``, ``training``, ``lab``) are imported on first use, so that
 ``import jaxnorm`` stays light.
 
@@ -22,6 +22,7 @@ from jaxnorm import (
     gradcheck,
     initializers,
     preprocessing,
+    regularization,
 )
 from jaxnorm.activations import (
     elu,
@@ -62,6 +63,7 @@ __all__ = [
     "numerical_grad",
     "prelu",
     "preprocessing",
+    "regularization",
     "relative_error",
     "relu",
     "selu",

@@ -3,14 +3,15 @@
 - :class:`PReLU`: a learned leaky-ReLU slope, shared or per channel.
 - :class:`BatchNorm`: a drop-in for ``flax.linen.BatchNorm``, over
   :func:`jaxnorm.batchnorm.batch_norm`.
+- :class:`DropConnectDense`: ``flax.linen.Dense`` with DropConnect on its kernel (Wan et al. 2013).
 - :func:`weight_decay_mask`: an optax mask that keeps slopes, biases and norm parameters out of
-  weight decay.
+  weight decay (defined in :mod:`jaxnorm.regularization`, re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxnorm import _checks, activations, batchnorm
+from jaxnorm import _checks, activations, batchnorm, regularization
+from jaxnorm.regularization import DEFAULT_NO_DECAY as DEFAULT_NO_DECAY
+from jaxnorm.regularization import weight_decay_mask
 
-__all__ = ["BatchNorm", "PReLU", "weight_decay_mask"]
+__all__ = ["BatchNorm", "DropConnectDense", "PReLU", "weight_decay_mask"]
 
 
 def _prelu_slope_shape(num_parameters: Any) -> tuple[int, ...]:
@@ -117,91 +120,103 @@ class PReLU(nn.Module):
         return activations.prelu(x, slope, channel_axis=channel_axis)
 
 
-# Parameter names that hold biases, norm scales/offsets and activation slopes: decaying them toward
-# 0 fights what they are for (He et al. 2015 leave PReLU slopes undecayed; so do most recipes for
-# biases and batch-norm parameters).
-DEFAULT_NO_DECAY = ("bias", "scale", "negative_slope")
+class DropConnectDense(nn.Module):
+    r"""A Dense layer with DropConnect on its kernel (Wan et al. 2013); ``nn.Dense`` otherwise.
 
+    .. math:: y = x\,\frac{M \odot W}{1 - r} + b, \qquad M_{ij} \sim \mathrm{Bernoulli}(1 - r)
 
-def _leaf_name(path) -> str | None:
-    """The innermost name in a pytree path, skipping the fields inside a Variable wrapper."""
-    for entry in reversed(path):
-        name = getattr(entry, "key", getattr(entry, "name", None))
-        if isinstance(name, str) and name not in ("value", "raw_value", "_raw_value"):
-            return name
-    return None
+    Flax has no DropConnect. This module takes ``flax.linen.Dense``'s arguments and keeps its
+    variables (``params/kernel`` ``[in, out]``, ``params/bias``, initialised alike), so with
+    ``deterministic=True`` it *is* ``nn.Dense`` (same parameters, same output); in training it
+    drops each weight with probability ``rate`` through
+    :func:`jaxnorm.regularization.drop_connect` (inverted: kept weights are divided by ``1 -
+    rate``), with a key from the ``'dropout'`` rng collection, as ``flax.linen.Dropout`` takes
+    its key. Inference uses the mean weights W (see :func:`~jaxnorm.regularization.drop_connect`
+    for how that differs from Wan et al.'s moment-matched inference). One mask per call, shared
+    by the minibatch. The bias is not dropped (Wan et al. fold it into W).
 
+    ``deterministic`` is merged as in ``flax.linen.Dropout``: give it as a field or as a call
+    argument (not both).
 
-def weight_decay_mask(
-    params: Any, *, exclude: Collection[str] = DEFAULT_NO_DECAY, min_ndim: int = 2
-) -> Any:
-    """A pytree of bools: True for the parameters weight decay should shrink.
+    Differences from ``flax.linen.Dense``: the extra fields ``rate``, ``deterministic`` and
+    ``rng_collection``; no ``promote_dtype``, ``dot_general`` or ``dot_general_cls`` fields
+    (the computation dtype is ``dtype``, or the promotion of inputs and parameters as flax
+    infers it).
 
-    A leaf is decayed when its name (the last key of its path) is not in ``exclude`` and it has
-    at least ``min_ndim`` dimensions. The defaults decay kernels (dense, convolution, embedding
-    tables) and leave out biases, batch-norm scales and biases, and PReLU slopes, as He et al.
-    2015 advise for the slopes. The mask has the structure of ``params``, so it goes straight to
-    ``optax.add_decayed_weights(..., mask=...)`` or ``optax.adamw(..., mask=...)``. It works on
-    linen ``params`` dicts, on ``flax.nnx`` ``State`` (``nnx.state(model, nnx.Param)``) and on any
-    nested dict; a callable ``mask=lambda p: weight_decay_mask(p)`` works too.
-
-    Args:
-      params: the parameter pytree.
-      exclude: leaf names never decayed, a collection of str such as ``("bias",)``.
-      min_ndim: leaves with fewer dimensions are never decayed (vectors and scalars); an int
-        >= 0.
-
-    Returns:
-      A pytree of Python bools with the structure of ``params``.
-
-    Raises:
-      TypeError: if exclude is a single str (it would be read as its characters) or holds
-        something other than str, or min_ndim is not an int.
-      ValueError: if min_ndim is negative.
+    Attributes:
+      features: the number of output features.
+      use_bias: add a bias.
+      dtype: the computation dtype (None: promote the inputs and the parameters, as nn.Dense).
+      param_dtype: the parameters' dtype.
+      precision: the matrix product's precision (``jax.lax.Precision``).
+      kernel_init: the kernel's initializer (nn.Dense's default, LeCun normal).
+      bias_init: the bias's initializer (zeros).
+      rate: the probability of dropping a weight, in [0, 1] (Wan et al. keep half: 0.5).
+      deterministic: True: no drop (inference); may be given at call time instead.
+      rng_collection: the rng collection the mask's key comes from (``'dropout'``).
 
     References:
-      He, Zhang, Ren & Sun 2015, "Delving deep into rectifiers", section 2.2; Loshchilov &
-      Hutter 2019, "Decoupled weight decay regularization".
+      Wan, Zeiler, Zhang, LeCun & Fergus 2013, "Regularization of neural networks using
+      DropConnect", ICML.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jaxnorm import nn as jnn
-      >>> params = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
-      ...           "PReLU_0": {"negative_slope": jnp.full((4,), 0.25)}}
-      >>> jnn.weight_decay_mask(params)
-      {'Dense_0': {'bias': False, 'kernel': True}, 'PReLU_0': {'negative_slope': False}}
+      >>> layer = jnn.DropConnectDense(3, rate=0.5)
+      >>> x = jnp.ones((2, 4))
+      >>> variables = layer.init(jax.random.key(0), x, deterministic=True)
+      >>> jax.tree.map(jnp.shape, variables["params"])
+      {'bias': (3,), 'kernel': (4, 3)}
+      >>> y = layer.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+      >>> y.shape
+      (2, 3)
     """
-    if isinstance(exclude, str | bytes):
-        raise TypeError(
-            f"weight_decay_mask: exclude must be a collection of leaf names such as "
-            f"({exclude!r},), got the single {type(exclude).__name__} {exclude!r}, which would "
-            f"be read as its characters; write exclude=({exclude!r},)"
-        )
-    try:
-        excluded = frozenset(exclude)
-    except TypeError:
-        raise TypeError(
-            f"weight_decay_mask: exclude must be a collection of leaf names (str) such as "
-            f"('bias',), got {exclude!r} of type {type(exclude).__name__}"
-        ) from None
-    wrong = sorted(repr(n) for n in excluded if not isinstance(n, str))
-    if wrong:
-        raise TypeError(
-            f"weight_decay_mask: exclude must hold leaf names (str) such as 'bias', but it holds "
-            f"{', '.join(wrong)}"
-        )
-    if isinstance(min_ndim, bool) or not isinstance(min_ndim, int | np.integer):
-        raise TypeError(
-            f"weight_decay_mask: min_ndim must be an int (the fewest dimensions a decayed leaf "
-            f"has, e.g. 2), got {min_ndim!r} of type {type(min_ndim).__name__}"
-        )
-    if min_ndim < 0:
-        raise ValueError(f"weight_decay_mask: min_ndim must be >= 0, got {min_ndim}")
 
-    def decide(path, leaf) -> bool:
-        return _leaf_name(path) not in excluded and jnp.ndim(leaf) >= min_ndim
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+    rate: float = 0.5
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
 
-    return jax.tree_util.tree_map_with_path(decide, params)
+    @nn.compact
+    def __call__(
+        self, inputs: ArrayLike, deterministic: bool | None = None, rng: jax.Array | None = None
+    ) -> jax.Array:
+        """Apply the layer (``deterministic`` here or as a field; ``rngs={'dropout': key}``)."""
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        inputs = jnp.asarray(inputs)
+        kernel = self.param(
+            "kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        if not deterministic:
+            rate = regularization._check_rate(self.rate, "DropConnectDense")
+            if not (isinstance(rate, float) and rate in (0.0, 1.0)) and rng is None:
+                rng = self.make_rng(self.rng_collection)
+            kernel = regularization.drop_connect(rng, kernel, rate)
+        return _dense(inputs, kernel, bias, self.dtype, self.precision)
+
+
+def _dense(inputs, kernel, bias, dtype, precision):
+    """flax.linen.Dense's computation: promote, contract the last axis, add the bias."""
+    arrays = [a for a in (inputs, kernel, bias) if a is not None]
+    dtype = _flax_result_dtype(*(a.dtype for a in arrays)) if dtype is None else dtype
+    inputs, kernel = jnp.asarray(inputs, dtype), jnp.asarray(kernel, dtype)
+    y = jax.lax.dot_general(
+        inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())), precision=precision
+    )
+    if bias is not None:
+        y += jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
 
 
 def _flax_result_dtype(*dtypes) -> jnp.dtype:

@@ -3,9 +3,10 @@
 - :class:`PReLU`: a learned leaky-ReLU slope, shared or per channel.
 - :class:`BatchNorm`: a drop-in for ``flax.nnx.BatchNorm``, over
   :func:`jaxnorm.batchnorm.batch_norm`.
+- :class:`DropConnectLinear`: ``flax.nnx.Linear`` with DropConnect on its kernel (Wan et al. 2013).
 
 The optax weight-decay mask for nnx parameters is :func:`jaxnorm.nn.weight_decay_mask` (it works
-on ``nnx.State`` as on linen dicts).
+on ``nnx.State`` as on linen dicts; also :func:`jaxnorm.regularization.weight_decay_mask`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import linear as _linear
 from jax.typing import ArrayLike
 
-from jaxnorm import _checks, activations, batchnorm
-from jaxnorm.nn import _flax_result_dtype, _module_batch_norm, _prelu_slope_shape
+from jaxnorm import _checks, activations, batchnorm, regularization
+from jaxnorm.nn import _dense, _flax_result_dtype, _module_batch_norm, _prelu_slope_shape
 
-__all__ = ["BatchNorm", "PReLU"]
+__all__ = ["BatchNorm", "DropConnectLinear", "PReLU"]
 
 
 class PReLU(nnx.Module):
@@ -85,6 +87,135 @@ class PReLU(nnx.Module):
         """Apply the activation; y has x's shape and dtype."""
         channel_axis = None if self.num_parameters == 1 else self.channel_axis
         return activations.prelu(x, self.negative_slope[...], channel_axis=channel_axis)
+
+
+class DropConnectLinear(nnx.Module):
+    r"""A Linear layer with DropConnect on its kernel (Wan et al. 2013); ``nnx.Linear`` otherwise.
+
+    .. math:: y = x\,\frac{M \odot W}{1 - r} + b, \qquad M_{ij} \sim \mathrm{Bernoulli}(1 - r)
+
+    The nnx twin of :class:`jaxnorm.nn.DropConnectDense`. It takes ``flax.nnx.Linear``'s
+    arguments and keeps its variables (``kernel`` ``[in, out]`` and ``bias``, drawn from
+    ``rngs.params()`` in the same order, so the same ``Rngs`` give the same parameters), plus
+    ``nnx.Dropout``'s: ``rate``, ``deterministic`` (default False, set by ``model.eval()`` /
+    ``model.train()`` and ``nnx.view``), ``rng_collection`` and the stream it forks from
+    ``rngs`` after the parameters are drawn. In training each weight is dropped with
+    probability ``rate`` through :func:`jaxnorm.regularization.drop_connect` (inverted: kept
+    weights divided by ``1 - rate``); with ``deterministic=True`` it computes exactly what
+    ``nnx.Linear`` computes (the mean weights; see
+    :func:`~jaxnorm.regularization.drop_connect`). The bias is not dropped.
+
+    Differences from ``flax.nnx.Linear``: no ``dot_general``, ``promote_dtype``,
+    ``preferred_element_type`` or metadata arguments (the computation dtype is ``dtype``, or
+    the promotion of inputs and parameters as flax infers it).
+
+    Args:
+      in_features: the input width.
+      out_features: the output width.
+      rate: the probability of dropping a weight, in [0, 1] (Wan et al. keep half: 0.5).
+      use_bias: add a bias.
+      dtype: the computation dtype (None: promote the inputs and the parameters).
+      param_dtype: the parameters' dtype.
+      precision: the matrix product's precision (``jax.lax.Precision``).
+      kernel_init: the kernel's initializer (nnx.Linear's default, LeCun normal).
+      bias_init: the bias's initializer (zeros).
+      deterministic: True: no drop (inference).
+      rng_collection: the rng stream the masks' keys come from (``'dropout'``).
+      rngs: an ``nnx.Rngs`` (parameters, then the dropout stream).
+
+    References:
+      Wan, Zeiler, Zhang, LeCun & Fergus 2013, "Regularization of neural networks using
+      DropConnect", ICML.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxnorm import nnx as jnnx
+      >>> layer = jnnx.DropConnectLinear(4, 3, rate=0.5, rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 4))).shape  # a new mask at each call
+      (2, 3)
+      >>> layer.eval()  # deterministic: nnx.Linear's output
+      >>> layer.deterministic
+      True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rate: float = 0.5,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Callable = _linear.default_kernel_init,
+        bias_init: Callable = _linear.default_bias_init,
+        deterministic: bool = False,
+        rng_collection: str = "dropout",
+        rngs: nnx.Rngs,
+    ):
+        regularization._check_rate(rate, "DropConnectLinear")
+        shape = (in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rate = rate
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        if isinstance(rngs, nnx.Rngs):
+            self.rngs = rngs[rng_collection].fork()
+        else:
+            raise TypeError(f"DropConnectLinear: rngs must be an nnx.Rngs, got {type(rngs)}")
+
+    def __call__(
+        self,
+        inputs: ArrayLike,
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+    ) -> jax.Array:
+        """Apply the layer; ``deterministic`` and ``rngs`` here override the attributes."""
+        deterministic = self.deterministic if deterministic is None else deterministic
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        if not deterministic:
+            rate = regularization._check_rate(self.rate, "DropConnectLinear")
+            key = None
+            if not (isinstance(rate, float) and rate in (0.0, 1.0)):
+                key = _stream_key(self.rngs if rngs is None else rngs, self.rng_collection)
+            kernel = regularization.drop_connect(key, kernel, rate)
+        return _dense(jnp.asarray(inputs), kernel, bias, self.dtype, self.precision)
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view``: set ``deterministic`` when given (as flax's Dropout).
+
+        Args:
+          deterministic: if True, disables the DropConnect masking.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+def _stream_key(rngs, collection: str) -> jax.Array:
+    """A key from an Rngs (its ``collection`` stream), an RngStream or a key, as nnx.Dropout."""
+    if isinstance(rngs, nnx.Rngs):
+        return rngs[collection]()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs()
+    if isinstance(rngs, jax.Array):
+        return rngs
+    raise TypeError(
+        f"DropConnectLinear: rngs must be an nnx.Rngs, nnx.RngStream or a key, got {type(rngs)}"
+    )
 
 
 class BatchNorm(nnx.Module):
