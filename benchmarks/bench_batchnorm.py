@@ -11,14 +11,27 @@ Anchors: ``flax.linen.BatchNorm`` with its default (fast, one-pass variance) and
 training mode (forward + backward, autograd on, NCHW contiguous: torch's default layout) when
 torch is installed, and BN+ReLU (jaxnorm's fused ``activation="relu"``) against flax's BatchNorm
 followed by ``jax.nn.relu``.
+
+``batchnorm_versions`` times this batch_norm against an earlier one (git revision
+``$JAXNORM_BATCHNORM_BASELINE``, default: the last commit before issue 16) in the same run, on
+the same shapes: the plain step, the BN+ReLU step, the fused BN+ReLU step relative to BN alone
+(for both versions), a batch whose pivot is an outlier (the refinement pass runs), and a vmapped
+ensemble. ``python -m benchmarks.run batchnorm_versions --save`` writes
+benchmarks/results/<platform>-<size>-batchnorm_versions.md.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import harness
 from jaxnorm import batchnorm
@@ -122,6 +135,19 @@ def _name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+def _both_orders(fns: dict, reps: int) -> dict:
+    """harness.interleaved, half the rounds in each order, the two medians averaged.
+
+    On this CPU the first function of a round ran up to 5-10% slower than the same function
+    later in the round (measured with the two versions swapped), which a fixed order puts on
+    one version only.
+    """
+    half = max(1, reps // 2)
+    a = harness.interleaved(fns, reps=half)
+    b = harness.interleaved(dict(reversed(list(fns.items()))), reps=half)
+    return {k: (a[k] + b[k]) / 2 for k in fns}
+
+
 @harness.benchmark("batchnorm")
 def bench(size: str) -> list[harness.Row]:
     rows = []
@@ -144,7 +170,7 @@ def bench(size: str) -> list[harness.Row]:
                 "copy": functools.partial(copy, x),
             }
             reps = 9 if size == "large" else 15
-            t = harness.interleaved(fns, reps=reps)
+            t = _both_orders(fns, reps=2 * reps)
             torch_step = _torch_step(shape, dtype)
             if torch_step is not None:
                 # Timed on its own, after the JAX functions: torch's OpenMP workers keep spinning
@@ -187,4 +213,134 @@ def bench(size: str) -> list[harness.Row]:
                     note="activation='relu' vs flax BatchNorm then jax.nn.relu",
                 )
             )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# This batch_norm against an earlier one
+
+
+def _baseline_module(rev: str):
+    """jaxnorm/batchnorm.py at git revision ``rev``, loaded as a separate module."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:jaxnorm/batchnorm.py"],
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    name = f"_batchnorm_{rev.replace('~', '_').replace('^', '_')}"
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    exec(compile(source, f"batchnorm.py@{rev}", "exec"), module.__dict__)
+    return module
+
+
+# The last commit before issue 16's changes to batch norm (sampled pivot and refinement,
+# validation): the baseline the results file compares with.
+_BEFORE_ISSUE_16 = "f5dc384"
+# Members of the vmapped ensemble case, and its per-member batch.
+_ENSEMBLE = {"small": (8, (1024, 256)), "large": (8, (8192, 1024))}
+
+
+def _module_step(module, activation=None, vmapped=False):
+    def step(x, dy, scale, bias, mean, var, count):
+        state = module.BatchNormState(mean, var, count)
+
+        def f(x, scale, bias):
+            return module.batch_norm(x, scale, bias, state, train=True, activation=activation)
+
+        y, vjp, new_state = jax.vjp(f, x, scale, bias, has_aux=True)
+        dx, dscale, dbias = vjp(dy)
+        return y, dx, dscale, dbias, new_state
+
+    return jax.jit(jax.vmap(step) if vmapped else step)
+
+
+def _outlier_inputs(shape, dtype):
+    """Sparse post-ReLU features whose sampled rows are outliers: the refinement pass runs."""
+    x, dy, scale, bias, state = _inputs(shape, dtype)
+    rows = jnp.maximum(x.astype(jnp.float32) - 7.0, 0.0).reshape(-1, shape[-1])
+    # The rows the pivot samples (the middles of 64 equal runs, see _rows.sample_rows) large.
+    n = rows.shape[0]
+    sampled = ((2 * np.arange(64) + 1) * n) // 128
+    rows = rows.at[sampled].set(3.0)
+    return (rows.reshape(shape).astype(dtype), dy, scale, bias, state)
+
+
+@harness.benchmark("batchnorm_versions")
+def bench_versions(size: str) -> list[harness.Row]:
+    """This batch_norm against the one at $JAXNORM_BATCHNORM_BASELINE (default: before issue 16)."""
+    rev = os.environ.get("JAXNORM_BATCHNORM_BASELINE", _BEFORE_ISSUE_16)
+    try:
+        old = _baseline_module(rev)
+    except (OSError, subprocess.CalledProcessError) as e:  # not a git checkout, unknown revision
+        print(
+            f"batchnorm_versions skipped: no jaxnorm/batchnorm.py at {rev} ({e})", file=sys.stderr
+        )
+        return []
+    before = f"jaxnorm @ {rev}"
+    reps = 10 if size == "large" else 30
+    steps = {
+        "new": _module_step(batchnorm),
+        "old": _module_step(old),
+        "new_relu": _module_step(batchnorm, "relu"),
+        "old_relu": _module_step(old, "relu"),
+    }
+    rows = []
+    for shape in SHAPES[size]:
+        for dtype in DTYPES:
+            x, dy, scale, bias, state = _inputs(shape, dtype)
+            args = (x, dy, scale, bias, *state)
+            t = _both_orders({k: functools.partial(f, *args) for k, f in steps.items()}, reps=reps)
+            case = f"{shape} {_name(dtype)}"
+            row = functools.partial(harness.Row, case=case)
+            rows += [
+                row("batchnorm step", candidate_s=t["new"], anchor=before, anchor_s=t["old"]),
+                row(
+                    "batchnorm+relu step",
+                    candidate_s=t["new_relu"],
+                    anchor=before,
+                    anchor_s=t["old_relu"],
+                ),
+                row(
+                    "fused relu cost",
+                    candidate_s=t["new_relu"],
+                    anchor="batchnorm alone",
+                    anchor_s=t["new"],
+                    note=f"{before}: {t['old_relu'] / t['old']:.2f}x",
+                ),
+            ]
+    # Worst case for the new code: every feature's sampled pivot is off, the refinement runs.
+    shape = SHAPES[size][0]
+    x, dy, scale, bias, state = _outlier_inputs(shape, jnp.float32)
+    args = (x, dy, scale, bias, *state)
+    t = _both_orders({k: functools.partial(steps[k], *args) for k in ("new", "old")}, reps=reps)
+    rows.append(
+        harness.Row(
+            "batchnorm step",
+            f"{shape} float32, refinement runs",
+            t["new"],
+            before,
+            t["old"],
+            note="sparse features whose sampled rows are outliers: one more pass over x",
+        )
+    )
+    members, mshape = _ENSEMBLE[size]
+    x, dy, scale, bias, state = _inputs((members, *mshape), jnp.float32)
+    c = mshape[-1]
+    stack = lambda a: jnp.broadcast_to(a, (members, *a.shape))
+    args = (x, dy, stack(scale[:c]), stack(bias[:c]), *map(stack, batchnorm.init_state(c)))
+    vsteps = {"new": _module_step(batchnorm, vmapped=True), "old": _module_step(old, vmapped=True)}
+    t = _both_orders({k: functools.partial(f, *args) for k, f in vsteps.items()}, reps=reps)
+    rows.append(
+        harness.Row(
+            "batchnorm step",
+            f"vmap over {members} members of {mshape} float32",
+            t["new"],
+            before,
+            t["old"],
+            note="an ensemble or vmapped search",
+        )
+    )
     return rows
