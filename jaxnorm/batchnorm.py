@@ -493,6 +493,7 @@ def batch_norm(
     r_max: ArrayLike = 3.0,
     d_max: ArrayLike = 5.0,
     dtype: Any = None,
+    refuse_single_value: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
     """Batch normalization with explicit running statistics (and an optional fused activation).
 
@@ -565,6 +566,11 @@ def batch_norm(
       dtype: the dtype of y (None: x's dtype). Flax's modules return the promotion of x with the
         parameters (bfloat16 x, float32 scale: float32 y); passing that here casts once, from the
         float32 computation, instead of rounding y to x's dtype first. dx keeps x's dtype.
+      refuse_single_value: raise, as PyTorch does, when a training batch has a single value per
+        feature. By default such a batch is normalised as flax does: its variance is 0, so y is
+        the bias (``nnx.tabulate`` with a batch of one, batch-of-one ensemble members under
+        ``vmap``, the one-example ``init`` of a model ending in 1x1 features); the running
+        variance moves towards 0 (the unbiased one keeps the biased 0 where N = 1).
 
     Returns:
       ``(y, new_state)``: y of x's shape and dtype; the updated (train) or same (eval) state.
@@ -580,7 +586,8 @@ def batch_norm(
         scalar; r_max < 1 or d_max < 0 (with renorm); the activation changes the shape; the
         mask's shape does not fit or a numeric mask holds values other than 0 and 1;
         axis_index_groups is given without axis_name; a training batch has a single value per
-        feature; or virtual_batch_size does not divide the batch.
+        feature with ``refuse_single_value=True``; or virtual_batch_size does not divide the
+        batch.
 
     References:
       Ioffe & Szegedy 2015, "Batch normalization"; Ioffe 2017, "Batch renormalization: towards
@@ -619,6 +626,7 @@ def batch_norm(
         (unbiased_running_var, "unbiased_running_var"),
         (cumulative, "cumulative"),
         (renorm, "renorm"),
+        (refuse_single_value, "refuse_single_value"),
     ):
         _check_flag(flag, name)
     _check_renorm_bounds(r_max, d_max, renorm)
@@ -653,10 +661,11 @@ def batch_norm(
             x, mask_b, faxes, raxes, pshape, virtual_batch_size
         )
     per_feature = math.prod(x.shape[a] for a in raxes)
-    if per_feature <= 1 and axis_name is None:
+    if refuse_single_value and per_feature <= 1 and axis_name is None:
         raise ValueError(
-            "train-mode batch norm needs more than one value per feature, but x of shape "
-            f"{shape} gives {per_feature} per feature (reducing over axes {raxes}"
+            "train-mode batch norm with refuse_single_value=True needs more than one value per "
+            f"feature, but x of shape {shape} gives {per_feature} per feature (reducing over "
+            f"axes {raxes}"
             + (f" of each virtual batch of {virtual_batch_size}" if virtual_batch_size else "")
             + "); use train=False, a larger batch, or axis_name to pool devices"
         )

@@ -312,6 +312,8 @@ class BatchNorm(nn.Module):
         ``momentum=None``); adds ``batch_stats/count``.
       virtual_batch_size: ghost batch norm: normalise groups of this many rows of axis 0 separately.
       renorm, r_max, d_max: Batch Renormalization (Ioffe 2017) and its clipping bounds.
+      refuse_single_value: PyTorch's ValueError for a training batch with one value per feature
+        (by default it is normalised as flax does: y is the bias).
 
     References:
       Ioffe & Szegedy 2015, "Batch normalization"; Ioffe 2017, "Batch renormalization";
@@ -354,6 +356,7 @@ class BatchNorm(nn.Module):
     renorm: bool = False
     r_max: float = 3.0
     d_max: float = 5.0
+    refuse_single_value: bool = False
 
     @nn.compact
     def __call__(
@@ -416,8 +419,6 @@ class BatchNorm(nn.Module):
         out_dtype = self.dtype or _flax_result_dtype(
             x.dtype, *(p.dtype for p in (scale, bias) if p is not None)
         )
-        if initializing and train and _values_per_feature(x.shape, feature_axes) <= 1:
-            train = False
         # As in flax, the named axis need not exist while initialising.
         y, new_state = _module_batch_norm(
             self, x, scale, bias, state, train, mask, out_dtype, collective=not initializing
@@ -452,6 +453,7 @@ def _module_batch_norm(module, x, scale, bias, state, train, mask, out_dtype, *,
         r_max=module.r_max,
         d_max=module.d_max,
         dtype=out_dtype,
+        refuse_single_value=module.refuse_single_value,
     )
 
 

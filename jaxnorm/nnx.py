@@ -292,6 +292,8 @@ class BatchNorm(nnx.Module):
       unbiased_running_var, cumulative: PyTorch's running-variance and ``momentum=None`` behaviour.
       virtual_batch_size: ghost batch norm over groups of this many rows of axis 0.
       renorm, r_max, d_max: Batch Renormalization (Ioffe 2017) and its clipping bounds.
+      refuse_single_value: PyTorch's ValueError for a training batch with one value per feature
+        (by default it is normalised as flax does: y is the bias).
       rngs: the ``nnx.Rngs`` for the initializers.
       bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables, as in flax.
 
@@ -342,6 +344,7 @@ class BatchNorm(nnx.Module):
         renorm: bool = False,
         r_max: float = 3.0,
         d_max: float = 5.0,
+        refuse_single_value: bool = False,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
@@ -396,6 +399,7 @@ class BatchNorm(nnx.Module):
         self.renorm = renorm
         self.r_max = r_max
         self.d_max = d_max
+        self.refuse_single_value = refuse_single_value
 
     def __call__(
         self,

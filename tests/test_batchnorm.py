@@ -1393,11 +1393,31 @@ def test_error_activation_that_cannot_be_fused(name):
         bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, activation=name)
 
 
-def test_error_single_value_per_feature():
+def test_single_value_per_feature_trains_as_flax_or_refuses_on_request():
+    # flax: var 0, y = bias, the running variance moves towards 0; PyTorch's error is opt-in.
+    x, bias = _x((1, 3)), jnp.array([0.5, -1.0, 2.0])
+    y, s = bn.batch_norm(x, None, bias, bn.init_state(3), train=True, momentum=0.9)
+    np.testing.assert_array_equal(y, np.broadcast_to(bias, (1, 3)))
+    np.testing.assert_allclose(s.mean, 0.1 * np.asarray(x[0]), rtol=1e-6)
+    np.testing.assert_allclose(s.var, np.full(3, 0.9), rtol=1e-6)
+    y, s = bn.batch_norm(x, None, None, bn.init_state(3), train=True, unbiased_running_var=True)
+    assert np.isfinite(np.asarray(s.var)).all() and np.isfinite(np.asarray(y)).all()
+    g = jax.grad(lambda x: jnp.sum(bn.batch_norm(x, None, None, bn.init_state(3), train=True)[0]))
+    assert np.isfinite(np.asarray(g(x))).all()
+    with pytest.raises(ValueError, match="refuse_single_value=True needs more than one value"):
+        bn.batch_norm(x, None, None, bn.init_state(3), train=True, refuse_single_value=True)
     with pytest.raises(ValueError, match="more than one value per feature"):
-        bn.batch_norm(_x((1, 3)), None, None, bn.init_state(3), train=True)
-    with pytest.raises(ValueError, match="more than one value per feature"):
-        bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=True, virtual_batch_size=1)
+        bn.batch_norm(
+            _x((4, 3)),
+            None,
+            None,
+            bn.init_state(3),
+            train=True,
+            virtual_batch_size=1,
+            refuse_single_value=True,
+        )
+    with pytest.raises(TypeError, match="refuse_single_value"):
+        bn.batch_norm(x, None, None, bn.init_state(3), train=True, refuse_single_value="yes")
     # Eval mode with one row is fine.
     bn.batch_norm(_x((1, 3)), None, None, bn.init_state(3), train=False)
 

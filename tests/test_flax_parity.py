@@ -342,7 +342,6 @@ def test_nnx_complex_input_keeps_the_complex_running_mean_as_linen():
 # Item 1 (core): training on one value per feature returns flax's result.
 
 
-@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
 def test_linen_train_on_one_value_per_feature_matches_flax():
     x = _data((1, 5))
     y, stats, _ = _linen_train(jnn.BatchNorm, x, init_x=_data((4, 5), seed=1))
@@ -360,7 +359,6 @@ class _OneByOne(nn.Module):
         return self.norm(use_running_average=False)(x)
 
 
-@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
 def test_linen_one_example_init_of_a_model_ending_1x1_matches_flax():
     # nn.BatchNorm's init computes the batch statistics (and discards them) as flax does; the
     # module's fallback to the running statistics goes with the core change.
@@ -371,7 +369,6 @@ def test_linen_one_example_init_of_a_model_ending_1x1_matches_flax():
     jax.tree.map(_close, v, v_t)
 
 
-@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
 def test_nnx_tabulate_with_a_batch_of_one_as_flax():
     x = jnp.ones((1, 4))
     assert nnx.tabulate(_Net(jnnx.BatchNorm, rngs=nnx.Rngs(0)), x) == nnx.tabulate(
@@ -379,7 +376,6 @@ def test_nnx_tabulate_with_a_batch_of_one_as_flax():
     )
 
 
-@_core_change("one value per feature trains as flax (var 0, y = bias); PyTorch's error opt-in")
 def test_nnx_vmap_of_members_with_a_batch_of_one_matches_flax():
     # flax's tests/nnx/transforms_test.py (TestVmap.test_state_axes_simple): one row per member.
     def members(norm):
