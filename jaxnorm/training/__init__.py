@@ -31,7 +31,9 @@ from jaxnorm.training._babysit import (
     learning_rate_scan,
     overfit_small_subset,
 )
+from jaxnorm.training._batch_stats import update_batch_stats
 from jaxnorm.training._ensemble import ensemble_predict, snapshot_ensemble, train_ensemble
+from jaxnorm.training._flax import FlaxModel, from_linen, from_nnx
 from jaxnorm.training._loop import (
     DivergenceWarning,
     History,
@@ -71,6 +73,7 @@ __all__ = [
     "BorderWarning",
     "Choice",
     "DivergenceWarning",
+    "FlaxModel",
     "History",
     "LearningRateScan",
     "LogUniform",
@@ -90,6 +93,8 @@ __all__ = [
     "ensemble_predict",
     "evaluate",
     "fit",
+    "from_linen",
+    "from_nnx",
     "inverse_time_decay",
     "learning_rate_scan",
     "log_uniform",
@@ -107,4 +112,5 @@ __all__ = [
     "train",
     "train_ensemble",
     "uniform",
+    "update_batch_stats",
 ]
