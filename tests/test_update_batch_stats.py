@@ -70,7 +70,7 @@ def test_functional_mlp_matches_numpy(momentum):
     expected = _np_stats(_mlp_layers(params), batches)
     # relative error up to 2**-25 / (1 - m) from reading m off the update (the docstring's bound)
     rtol = max(2e-6, 2.0**-25 / (1 - momentum) * 1.5)
-    for s, (_mean, var) in zip(new, expected, strict=True):
+    for s, (mean, var) in zip(new, expected, strict=True):
         assert isinstance(s, batchnorm.BatchNormState) and s.mean.dtype == jnp.float32
         np.testing.assert_allclose(s.mean, mean, rtol=rtol, atol=1e-6)
         np.testing.assert_allclose(s.var, var, rtol=rtol)
@@ -107,7 +107,7 @@ def test_a_single_batch_gives_its_own_statistics():
     x = _batches(num=1)
     new = training.update_batch_stats(model, params, state, x)
     expected = _np_stats(_mlp_layers(params), x)
-    for s, (_mean, var) in zip(new, expected, strict=True):
+    for s, (mean, var) in zip(new, expected, strict=True):
         np.testing.assert_allclose(s.var, var, rtol=1e-6)
         np.testing.assert_allclose(s.mean, mean, rtol=1e-6, atol=1e-6)
 
