@@ -104,6 +104,9 @@ def sample_rows(x, raxes: tuple[int, ...], size: int):
       (the features) in their order, and that axis: ``raxes[0]`` when ``raxes`` are adjacent,
       else 0 (NumPy's rule for advanced indices).
     """
+    if not raxes:
+        # No example axes (a 1-D x of features, as flax allows): x is the one example.
+        return x[None], 0
     sizes = tuple(x.shape[a] for a in raxes)
     total = math.prod(sizes)
     size = max(1, min(size, total))
