@@ -44,7 +44,8 @@ FIELDS = {
     ),
     "preprocessing": (
         lab.PreprocessingViews,
-        "stages points mean cov var_population digit_images digit_zca digit_offdiag_corr "
+        "stages points mean cov var_population digit_images digit_zca digit_pca "
+        "digit_offdiag_corr "
         "digit_distance zca_eps notes",
     ),
     "batchnorm": (
@@ -66,6 +67,20 @@ FIELDS = {
         lab.Search,
         "learning_rate weight_decay val_accuracy round diverged spaces best round_median "
         "round_best at_border notes num_steps",
+    ),
+    "regularization": (
+        lab.Regularization,
+        "num_train l2_strengths l2_train l2_val dropout_rates dropout_train dropout_val "
+        "max_norms max_norm_train max_norm_val learning_rate high_learning_rates "
+        "chosen_max_norm high_lr_val high_lr_diverged gap best best_val widths num_steps "
+        "batch_size num_seeds",
+    ),
+    "updates": (
+        lab.Updates,
+        "methods digits_learning_rates loss final_loss val_accuracy surface_learning_rate "
+        "ravine_path ravine_final saddle_path saddle_escape schedules schedule_loss "
+        "schedule_final schedule_val_accuracy widths num_steps surface_steps batch_size "
+        "num_seeds",
     ),
     "ensembles": (
         lab.Ensembles,

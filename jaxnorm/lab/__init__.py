@@ -21,8 +21,10 @@ The experiments, in the lecture's order (the names are ``--only``'s):
 ``init``           :func:`init_statistics`: a 10-layer net's activation statistics per init
 ``preprocessing``  :func:`preprocessing_views`: a 2-D cloud through each step; ZCA on digits
 ``batchnorm``      :func:`batchnorm_grid`: with/without BN over learning rates x init scales
+``regularization`` :func:`regularization`: L2, dropout, max-norm on a small split that overfits
 ``gradcheck``      :func:`gradient_check`: a BN+ReLU network's gradients vs finite differences
 ``babysitting``    :func:`babysitting`: initial loss, overfitting 20 examples, update ratios
+``updates``        :func:`updates`: SGD, momentum, Nesterov, Adagrad, RMSProp, Adam; decay
 ``search``         :func:`hyperparameter_search`: coarse-to-fine random search on log axes
 ``ensembles``      :func:`ensembles`: a vmapped ensemble vs its members; Polyak averaging
 =================  ==============================================================================
@@ -41,7 +43,17 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxnorm.lab import plots
-from jaxnorm.lab._util import Verdict, as_key
+from jaxnorm.lab._util import TIE, Verdict, as_key
+from jaxnorm.lab.regularization_experiments import (
+    Regularization,
+    Updates,
+    regularization,
+    regularization_table,
+    regularization_verdict,
+    updates,
+    updates_table,
+    updates_verdict,
+)
 from jaxnorm.lab.setup_experiments import (
     ActivationCurves,
     GradientCheck,
@@ -85,6 +97,7 @@ from jaxnorm.lab.training_experiments import (
 
 __all__ = [
     "EXPERIMENTS",
+    "TIE",
     "ActivationCurves",
     "Babysitting",
     "BatchNormGrid",
@@ -95,7 +108,9 @@ __all__ = [
     "InitStatistics",
     "Outcome",
     "PreprocessingViews",
+    "Regularization",
     "Search",
+    "Updates",
     "Verdict",
     "activation_curves",
     "babysitting",
@@ -107,8 +122,10 @@ __all__ = [
     "init_statistics",
     "plots",
     "preprocessing_views",
+    "regularization",
     "relu_convergence",
     "run_experiment",
+    "updates",
 ]
 
 
@@ -176,8 +193,16 @@ EXPERIMENTS: dict[str, Experiment] = {
             plots.plot_batchnorm_grid,
         ),
         Experiment(
+            "regularization",
+            "6. Regularization: L2, dropout, max-norm",
+            regularization,
+            regularization_verdict,
+            regularization_table,
+            plots.plot_regularization,
+        ),
+        Experiment(
             "gradcheck",
-            "6. Gradient check of a BN + ReLU network",
+            "7. Gradient check of a BN + ReLU network",
             gradient_check,
             gradient_check_verdict,
             gradient_check_table,
@@ -185,15 +210,23 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "babysitting",
-            "7. Babysitting the learning process",
+            "8. Babysitting the learning process",
             babysitting,
             babysitting_verdict,
             babysitting_table,
             plots.plot_babysitting,
         ),
         Experiment(
+            "updates",
+            "9. Parameter updates: SGD, momentum, Nesterov, Adagrad, RMSProp, Adam",
+            updates,
+            updates_verdict,
+            updates_table,
+            plots.plot_updates,
+        ),
+        Experiment(
             "search",
-            "8. Hyperparameter search: coarse to fine",
+            "10. Hyperparameter search: coarse to fine",
             hyperparameter_search,
             hyperparameter_search_verdict,
             hyperparameter_search_table,
@@ -201,7 +234,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "ensembles",
-            "9. Model ensembles and Polyak averaging",
+            "11. Model ensembles and Polyak averaging",
             ensembles,
             ensembles_verdict,
             ensembles_table,

@@ -18,6 +18,10 @@ DISAGREES = "disagrees"
 INCONCLUSIVE = "inconclusive"
 
 
+# A comparison that came out equal: neither support for a "beats" claim nor a defeat of it.
+TIE = "tie"
+
+
 class Verdict(NamedTuple):
     """Whether an experiment's numbers agree with the lecture's claim.
 
@@ -26,7 +30,8 @@ class Verdict(NamedTuple):
         experiment could not decide, e.g. a run diverged where a number was needed).
       claim: the lecture's claim, in one sentence.
       text: what the numbers say, with the numbers.
-      checks: ``{name: bool}`` the individual tests the status is computed from.
+      checks: ``{name: True | False | "tie" | None}`` the individual tests the status is
+        computed from (``"tie"``: a "beats" comparison that came out equal; None: not checked).
     """
 
     status: str
@@ -35,18 +40,49 @@ class Verdict(NamedTuple):
     checks: dict
 
 
-def verdict_from_checks(claim: str, checks: Mapping[str, bool | None], text: str) -> Verdict:
+def beats(a: Any, b: Any, *, higher_is_better: bool = True, tol: float = 0.0) -> bool | str | None:
+    """Whether ``a`` beats ``b``: True, False, :data:`TIE` (within ``tol``) or None (unknown).
+
+    A tie is never a win: "A beats B" needs ``a`` better than ``b`` by more than ``tol``.
+
+    Example:
+      >>> from jaxnorm.lab._util import beats
+      >>> beats(0.989, 0.989), beats(0.99, 0.98), beats(0.1, 0.2, higher_is_better=False)
+      ('tie', True, True)
+    """
+    if a is None or b is None:
+        return None
+    a, b = float(a), float(b)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    diff = (a - b) if higher_is_better else (b - a)
+    if abs(diff) <= tol:
+        return TIE
+    return diff > 0
+
+
+def check_mark(value: Any) -> str:
+    """How a check value reads in a text: ``yes``, ``no``, ``tie`` or ``not checked``."""
+    if value is None:
+        return "not checked"
+    if value == TIE:
+        return TIE
+    return "yes" if value else "no"
+
+
+def verdict_from_checks(claim: str, checks: Mapping[str, Any], text: str) -> Verdict:
     """The verdict from the checks: a check that was not run never counts as a pass.
 
     A check that is None could not be computed (e.g. skipped in quick mode, or a run diverged
-    where a number was needed). The status is ``agrees`` when every check was computed and
-    passes, ``partly agrees`` when some pass and the others fail or were not computed,
-    ``disagrees`` when none passes and at least one fails, ``inconclusive`` when none could be
-    computed.
+    where a number was needed). A check that is :data:`TIE` (a "beats" comparison that came
+    out equal) is not support: it counts as a check that does not pass. The status is
+    ``agrees`` when every check was computed and passes, ``partly agrees`` when some pass and
+    the others fail, tie or were not computed, ``disagrees`` when none passes and at least one
+    fails or ties, ``inconclusive`` when none could be computed.
     """
-    values = [None if v is None else bool(v) for v in checks.values()]
+    values = [v if v is None or v == TIE else bool(v) for v in checks.values()]
     passed = sum(v is True for v in values)
-    failed = sum(v is False for v in values)
+    failed = sum(v is False or v == TIE for v in values)
     if passed == failed == 0:
         status = INCONCLUSIVE
     elif passed == len(values):
@@ -111,6 +147,26 @@ INIT_LABELS = {
 def init_label(name: str) -> str:
     """The lab's label of the jaxnorm initializer ``name`` (itself when it has none)."""
     return INIT_LABELS.get(name, name)
+
+
+def fmt_floor(value: Any, decimals: int = 3) -> str:
+    """``value`` truncated (not rounded) to ``decimals`` decimals; ``nan`` as such.
+
+    For accuracies compared with a threshold: a shown value reaches the threshold exactly when
+    the value does (0.8996 shows as ``0.899``, never as ``0.900`` under a 90% threshold).
+
+    Example:
+      >>> from jaxnorm.lab._util import fmt_floor
+      >>> fmt_floor(0.8996), fmt_floor(0.9), fmt_floor(0.8996, 2), fmt_floor(1.0)
+      ('0.899', '0.900', '0.89', '1.000')
+    """
+    v = float(value)
+    if not math.isfinite(v):
+        return f"{v:g}"
+    scale = 10**decimals
+    # The tiny nudge keeps 0.9 (0.899999... in binary) at 0.900.
+    floored = math.floor(v * scale + 1e-9) / scale
+    return f"{floored:.{decimals}f}"
 
 
 def finite_or_none(value: Any) -> float | None:

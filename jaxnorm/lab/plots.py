@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxnorm.lab._util import init_label
+from jaxnorm.lab._util import fmt_floor, init_label
 
 
 def new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Any:
@@ -28,6 +28,87 @@ def new_figure(width: float, height: float, *, layout: str | None = "constrained
     fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
+
+
+# The report shows a figure at most this wide (its page: 1200 CSS px less padding, 96 px an
+# inch) and saves it at REPORT_DPI; text must read at MIN_FONT_PT or more at that width.
+PAGE_WIDTH_IN = 1168 / 96
+REPORT_DPI = 150
+MIN_FONT_PT = 9.0
+
+
+def displayed_scale(fig: Any) -> float:
+    """How much the report page scales the figure's text (1 = its nominal point sizes).
+
+    The page shows the PNG (saved at :data:`REPORT_DPI`) at its natural size, or shrunk to the
+    page's width when wider.
+    """
+    width_in = float(fig.get_figwidth())
+    shown_px = min(width_in * REPORT_DPI, PAGE_WIDTH_IN * 96)
+    return shown_px / (width_in * 96)
+
+
+def min_font_size(fig: Any) -> float:
+    """The smallest point size that reads as :data:`MIN_FONT_PT` once the page shows ``fig``."""
+    return MIN_FONT_PT / min(1.0, displayed_scale(fig))
+
+
+def finish(fig: Any) -> Any:
+    """Raise every tick label and legend text of ``fig`` to :func:`min_font_size`; returns fig."""
+    floor = min_font_size(fig)
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for which in ("major", "minor"):
+                ticks = axis.get_major_ticks() if which == "major" else axis.get_minor_ticks()
+                size = min((t.label1.get_fontsize() for t in ticks), default=floor)
+                if size < floor:
+                    axis.set_tick_params(which=which, labelsize=floor)
+        legend = ax.get_legend()
+        if legend is not None:
+            for t in legend.get_texts():
+                t.set_fontsize(max(t.get_fontsize(), floor))
+    return fig
+
+
+def note_hidden_curves(ax: Any, curves: list, labels: list, *, rel_tol: float = 0.01) -> list:
+    """Write on ``ax`` which curves lie under an earlier one (closer than ``rel_tol`` of the
+    y-range everywhere); returns the pairs ``(hidden, under)``.
+
+    ``curves``: 1-D arrays on a shared x grid (NaN entries are ignored).
+    """
+    arrays = [np.asarray(c, np.float64) for c in curves]
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.zeros(0)
+    if finite.size == 0:
+        return []
+    lo, hi = ax.get_ylim() if ax.get_yscale() == "linear" else (finite.min(), finite.max())
+    scale = max(abs(hi - lo), 1e-12)
+    pairs = []
+    for j in range(len(arrays)):
+        for i in range(j):
+            both = np.isfinite(arrays[i]) & np.isfinite(arrays[j])
+            if not both.any() or (np.isfinite(arrays[i]) != np.isfinite(arrays[j])).any():
+                continue
+            a, b = arrays[i][both], arrays[j][both]
+            if ax.get_yscale() == "log":
+                a, b = np.log10(np.maximum(a, 1e-300)), np.log10(np.maximum(b, 1e-300))
+                scale = max(np.log10(max(hi, 1e-300)) - np.log10(max(lo, 1e-300)), 1e-12)
+            if np.max(np.abs(a - b)) <= rel_tol * scale:
+                pairs.append((labels[j], labels[i]))
+                break
+    if pairs:
+        text = "; ".join(f"{h} lies under {u}" for h, u in pairs)
+        ax.text(
+            0.01,
+            0.01,
+            "hidden: " + text,
+            transform=ax.transAxes,
+            fontsize=MIN_FONT_PT,
+            va="bottom",
+            ha="left",
+            wrap=True,
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+        )
+    return pairs
 
 
 _HIGHLIGHT = {"sigmoid": "C0", "tanh": "C1", "relu": "C3"}
@@ -58,8 +139,12 @@ def plot_activation_curves(r) -> Any:
         ax.axhline(0, color="k", lw=0.5)
         ax.axvline(0, color="k", lw=0.5)
         ax.grid(alpha=0.3)
-    ax_d.legend(fontsize=8, ncol=2, loc="upper left")
-    return fig
+    ax_d.legend(fontsize=9, ncol=2, loc="upper left")
+    ax_f.legend(fontsize=9, ncol=2, loc="upper left")
+    names = list(r.names)
+    note_hidden_curves(ax_f, list(r.values), names)
+    note_hidden_curves(ax_d, list(r.derivatives), names)
+    return finish(fig)
 
 
 _ACT_COLORS = {"relu": "C3", "tanh": "C1", "sigmoid": "C0"}
@@ -86,12 +171,12 @@ def plot_relu_convergence(r) -> Any:
     ax_r.bar(pos + 0.2, times, 0.4, label="wall time")
     for p, v in zip(pos, ratios, strict=True):
         if not np.isfinite(v):
-            ax_r.text(p, 0.02, "never", ha="center", rotation=90, fontsize=8)
+            ax_r.text(p, 0.02, "never", ha="center", rotation=90, fontsize=9)
     ax_r.axhline(1, color="k", lw=0.6)
     ax_r.set_xticks(pos, r.activations)
     ax_r.set(title="to target, ratio to tanh\n(wall time without compilation)")
-    ax_r.legend(fontsize=8)
-    return fig
+    ax_r.legend(fontsize=9)
+    return finish(fig)
 
 
 def plot_init_statistics(r) -> Any:
@@ -102,7 +187,7 @@ def plot_init_statistics(r) -> Any:
     # Fixed grids: constrained layout over 50 small panels costs seconds per figure. Two grids,
     # so that the curves' x labels and the histograms' "layer k" titles get rows of their own.
     height = 2.6 + 1.2 * num_cfg
-    fig = new_figure(13, height, layout=None)
+    fig = new_figure(12, height, layout=None)
     inch = 1.0 / height  # figure fraction of one inch, to place the grids in inches
     top = fig.add_gridspec(1, 2, left=0.12, right=0.99, top=1 - 0.3 * inch, bottom=1 - 2.2 * inch)
     grid = fig.add_gridspec(
@@ -121,9 +206,10 @@ def plot_init_statistics(r) -> Any:
     for label, m, s in zip(r.labels, r.layer_mean, r.layer_std, strict=True):
         ax_m.plot(layers, m, marker="o", ms=3, label=label)
         ax_s.semilogy(layers, np.maximum(s, 1e-30), marker="o", ms=3, label=label)
-    ax_m.set(title="layer mean", xlabel="layer")
+    ax_m.set(title="layer mean (colours: the legend on the right)", xlabel="layer")
     ax_s.set(title="layer std (log)", xlabel="layer")
-    ax_s.legend(fontsize=7, loc="lower left")
+    ax_s.legend(fontsize=9, loc="lower left")
+    note_hidden_curves(ax_m, list(r.layer_mean), list(r.labels))
     for ax in (ax_m, ax_s):
         ax.grid(alpha=0.3)
         ax.set_xticks(layers)
@@ -138,21 +224,21 @@ def plot_init_statistics(r) -> Any:
             # Three ticks, so that neighbouring panels' labels do not run into each other.
             ax.set_xticks([lo, (lo + hi) / 2, hi], [f"{v:g}" for v in (lo, (lo + hi) / 2, hi)])
             ax.set_yticks([])
-            ax.tick_params(labelsize=6, pad=1)
+            ax.tick_params(labelsize=MIN_FONT_PT, pad=1)
             if c == 0:
-                ax.set_title(f"layer {layer + 1}", fontsize=8)
+                ax.set_title(f"layer {layer + 1}", fontsize=9)
             if layer == 0:
                 act, init = r.activation[c], r.init[c]
                 ax.set_ylabel("\n".join([act, *textwrap.wrap(init, 20)]), fontsize=6.5)
-    return fig
+    return finish(fig)
 
 
 def plot_preprocessing_views(r) -> Any:
-    """The 2-D cloud after each step (top) and digits before and after ZCA whitening (bottom)."""
+    """The 2-D cloud after each step (top); digits raw, PCA-whitened and ZCA-whitened (bottom)."""
     k = r.digit_images.shape[0]
-    fig = new_figure(12, 8.2)
+    fig = new_figure(12, 9.4)
     ncols = 3 * max(2, math.ceil(k / 3))  # three scatter panels a row, k digits a row
-    grid = fig.add_gridspec(4, ncols, height_ratios=[3, 3, 1, 1])
+    grid = fig.add_gridspec(5, ncols, height_ratios=[3, 3, 1, 1, 1])
     for i, stage in enumerate(r.stages):
         row, col = divmod(i, 3)
         cols = ncols // 3
@@ -168,14 +254,18 @@ def plot_preprocessing_views(r) -> Any:
         ax.set_title(stage, fontsize=10)
         ax.tick_params(labelsize=7)
     for j in range(k):
-        for row, images, name in ((2, r.digit_images, "digits"), (3, r.digit_zca, "ZCA")):
+        for row, images, name in (
+            (2, r.digit_images, "digits"),
+            (3, r.digit_pca, "PCA-\nwhitened"),
+            (4, r.digit_zca, "ZCA-\nwhitened"),
+        ):
             ax = fig.add_subplot(grid[row, j])
             ax.imshow(images[j], cmap="gray")
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
-                ax.set_ylabel(name, fontsize=8)
-    return fig
+                ax.set_ylabel(name, fontsize=9)
+    return finish(fig)
 
 
 def plot_batchnorm_grid(r) -> Any:
@@ -191,21 +281,22 @@ def plot_batchnorm_grid(r) -> Any:
         image = ax.imshow(shown, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         for i in range(acc.shape[0]):
             for j in range(acc.shape[1]):
-                text = "NaN" if r.diverged[b, i, j] else f"{acc[i, j]:.2f}"
+                # Truncated, not rounded: a cell reads 0.90 only when it reaches 90%.
+                text = "diverged" if r.diverged[b, i, j] else fmt_floor(acc[i, j], 2)
                 ax.text(
                     j,
                     i,
                     text,
                     ha="center",
                     va="center",
-                    fontsize=8,
+                    fontsize=9,
                     color="w" if shown[i, j] < 0.6 else "k",
                 )
         ax.set_xticks(range(len(r.init_stds)), [f"{s:g}" for s in r.init_stds])
         ax.set_yticks(range(len(r.learning_rates)), [f"{v:g}" for v in r.learning_rates])
         ax.set(xlabel="initial weight std", ylabel="learning rate (SGD)", title=title)
     fig.colorbar(image, ax=axes, label="validation accuracy", shrink=0.9)
-    return fig
+    return finish(fig)
 
 
 def plot_gradient_check(r) -> Any:
@@ -221,12 +312,12 @@ def plot_gradient_check(r) -> Any:
     ax.set(ylabel="max relative error", title="jax.grad vs centred differences (float64)")
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
-    return fig
+    return finish(fig)
 
 
 def plot_babysitting(r) -> Any:
     """Initial loss vs log(10); the overfit-20 curves; update/weight ratios over training."""
-    fig = new_figure(13, 3.8)
+    fig = new_figure(12, 4.2)
     ax_l, ax_o, ax_u = fig.subplots(1, 3, width_ratios=[1, 1.4, 1.6])
     ax_l.bar(["initial loss", "log(10)"], [r.initial_loss, r.expected_loss], color=["C0", "C7"])
     ax_l.set(title="initial loss, no regularisation")
@@ -237,6 +328,8 @@ def plot_babysitting(r) -> Any:
     ax_acc.plot(steps, r.overfit_accuracy, color="C2", label="accuracy")
     ax_acc.set(ylabel="training accuracy", ylim=(0, 1.05))
     ax_o.grid(alpha=0.3)
+    lines = ax_o.get_lines() + ax_acc.get_lines()
+    ax_acc.legend(lines, [ln.get_label() for ln in lines], loc="center right")
     for lr, ratio in zip(r.learning_rates, r.update_ratio, strict=True):
         ax_u.semilogy(
             np.arange(len(ratio)),
@@ -247,8 +340,8 @@ def plot_babysitting(r) -> Any:
     ax_u.axhspan(1e-4, 1e-2, color="C2", alpha=0.1)
     ax_u.axhline(1e-3, color="k", ls="--", lw=0.8, label="1e-3")
     ax_u.set(xlabel="step", title="||update|| / ||W|| (layer 1)")
-    ax_u.legend(fontsize=7, ncol=2)
-    return fig
+    ax_u.legend(fontsize=9, ncol=2)
+    return finish(fig)
 
 
 def plot_hyperparameter_search(r) -> Any:
@@ -294,7 +387,7 @@ def plot_hyperparameter_search(r) -> Any:
     ax.legend(fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=ax, label="validation accuracy")
-    return fig
+    return finish(fig)
 
 
 def _rectangle(x, y, w, h, i):
@@ -314,6 +407,12 @@ def plot_ensembles(r) -> Any:
     ax_l.set(xlabel="step", ylabel="training loss (smoothed)", title="members trained with vmap")
     ax_l.set_yscale("log")
     ax_l.grid(alpha=0.3)
+    ax_l.legend()
+    note_hidden_curves(
+        ax_l,
+        [np.convolve(loss, kernel, mode="valid") for loss in r.train_loss],
+        [f"member {i}" for i in range(len(r.train_loss))],
+    )
     k = r.num_members
     pos = np.arange(k)
     ax_a.bar(pos - 0.2, r.member_accuracy, 0.4, label="final parameters")
@@ -323,5 +422,158 @@ def plot_ensembles(r) -> Any:
     lo = min(np.min(r.member_accuracy), np.min(r.polyak_accuracy), r.ensemble_accuracy)
     ax_a.set_ylim(max(0.0, math.floor((lo - 0.02) * 50) / 50), 1.0)
     ax_a.set(ylabel="test accuracy")
-    ax_a.legend(fontsize=8)
-    return fig
+    ax_a.legend(fontsize=9)
+    return finish(fig)
+
+
+def plot_regularization(r) -> Any:
+    """Train and validation accuracy against L2 strength, dropout rate and max-norm radius;
+    validation accuracy at high learning rates without and with max-norm."""
+    fig = new_figure(12, 7.0)
+    axes = fig.subplots(2, 2).ravel()
+    sweeps = (
+        ("L2 strength lambda", r.l2_strengths, r.l2_train, r.l2_val, "symlog"),
+        (
+            "dropout rate (flax's rate = 1 - keep p)",
+            r.dropout_rates,
+            r.dropout_train,
+            r.dropout_val,
+            "linear",
+        ),
+        (
+            "max-norm radius c (smaller = stronger)",
+            r.max_norms,
+            r.max_norm_train,
+            r.max_norm_val,
+            "log",
+        ),
+    )
+    for ax, (label, xs, tr, va, scale) in zip(axes, sweeps, strict=False):
+        xs = np.asarray(xs, np.float64)
+        t, v = np.median(tr, axis=1), np.median(va, axis=1)
+        ax.plot(xs, t, marker="o", color="C0", label="train (median)")
+        ax.plot(xs, v, marker="s", color="C3", label="validation (median)")
+        ax.axhline(r.best_val["none"], color="k", ls=":", lw=1, label="validation, none")
+        if scale == "symlog":
+            ax.set_xscale("symlog", linthresh=float(np.min(xs[xs > 0])))
+            ax.set_xlim(0, float(xs.max()) * 1.5)
+        elif scale == "log":
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.minorticks_off()
+            ax.invert_xaxis()
+        ax.set(xlabel=label, ylabel="accuracy", ylim=(min(0.8, float(np.min(v)) - 0.02), 1.01))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left")
+        note_hidden_curves(ax, [t, v], ["validation", "train"])
+    ax = axes[3]
+    hs = np.asarray(r.high_learning_rates, np.float64)
+    for k, (name, color) in enumerate(
+        (("no constraint", "C7"), (f"max-norm c = {r.chosen_max_norm:g}", "C2"))
+    ):
+        vals = r.high_lr_val[k]
+        med = np.median(np.where(np.isfinite(vals), vals, 1.0 / 10), axis=1)
+        ax.plot(hs, med, marker="o", color=color, label=name)
+        for h, m, d in zip(hs, med, r.high_lr_diverged[k].any(axis=1), strict=True):
+            if d:
+                ax.annotate("diverged", (h, m), textcoords="offset points", xytext=(0, 6))
+    ax.axhline(0.1, color="k", ls=":", lw=1, label="chance")
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="learning rate (SGD, momentum 0.9)",
+        ylabel="validation accuracy",
+        ylim=(0, 1.02),
+        title=f"too-high learning rates (base {r.learning_rate:g})",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.suptitle(
+        f"{r.num_train} training examples of the digits, MLP {list(r.widths)}, "
+        f"{r.num_seeds} seed(s)"
+    )
+    return finish(fig)
+
+
+_METHOD_COLORS = {
+    "sgd": "C7",
+    "momentum": "C0",
+    "nesterov": "C9",
+    "adagrad": "C2",
+    "rmsprop": "C1",
+    "adam": "C3",
+}
+
+
+def _smooth(v, window):
+    kernel = np.ones(window) / window
+    return np.convolve(v, kernel, mode="valid")
+
+
+def plot_updates(r) -> Any:
+    """Digits loss per step per method; trajectories on the ravine and the saddle; schedules."""
+    fig = new_figure(12, 8.0)
+    axes = fig.subplots(2, 2).ravel()
+    ax = axes[0]
+    window = max(1, r.num_steps // 30)
+    curves, labels = [], []
+    for m, lr, loss in zip(r.methods, r.digits_learning_rates, r.loss, strict=True):
+        c = _METHOD_COLORS.get(m)
+        for seed in loss:
+            ax.plot(_smooth(seed, window), color=c, lw=0.5, alpha=0.35)
+        med = _smooth(np.median(loss, axis=0), window)
+        ax.plot(med, color=c, lw=2, label=f"{m} (lr {lr:g})")
+        curves.append(med)
+        labels.append(m)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="step",
+        ylabel="training loss (smoothed)",
+        title=f"digits: median of {r.num_seeds} seed(s), thin: each seed",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2)
+    note_hidden_curves(ax, curves, labels)
+    for ax, path, title, f in (
+        (axes[1], r.ravine_path, "ravine f = 0.5 (0.1 x² + 10 y²)", "ravine"),
+        (axes[2], r.saddle_path, "saddle f = x² + y⁴/4 - y²/2", "saddle"),
+    ):
+        xs = np.linspace(-9, 3, 200) if f == "ravine" else np.linspace(-1.2, 1.2, 200)
+        ys = np.linspace(-1.5, 1.5, 200)
+        gx, gy = np.meshgrid(xs, ys)
+        z = (
+            0.5 * (0.1 * gx**2 + 10 * gy**2)
+            if f == "ravine"
+            else gx**2 + 0.25 * gy**4 - 0.5 * gy**2
+        )
+        ax.contour(gx, gy, z, levels=20, colors="0.8", linewidths=0.6)
+        for m, p in zip(r.methods, path, strict=True):
+            ax.plot(
+                p[:, 0], p[:, 1], color=_METHOD_COLORS.get(m), lw=1.4, marker=".", ms=2, label=m
+            )
+        ax.plot(*path[0, 0], marker="*", color="k", ms=10, ls="none", label="start")
+        ax.set(
+            xlim=(xs[0], xs[-1]),
+            ylim=(ys[0], ys[-1]),
+            xlabel="x",
+            ylabel="y",
+            title=f"{title}, lr {r.surface_learning_rate:g}, {r.surface_steps} steps",
+        )
+        ax.legend(ncol=2, loc="lower right" if f == "ravine" else "upper left")
+        note_hidden_curves(ax, [p.T.ravel() for p in path], list(r.methods))
+    ax = axes[3]
+    window = max(1, r.num_steps // 30)
+    curves = []
+    for k, (name, loss) in enumerate(zip(r.schedules, r.schedule_loss, strict=True)):
+        med = _smooth(np.median(loss, axis=0), window)
+        ax.plot(med, color=f"C{k}", lw=1.8, label=name)
+        curves.append(med)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="step",
+        ylabel="training loss (smoothed)",
+        title="learning-rate decay (SGD + momentum 0.9, from 0.1)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    note_hidden_curves(ax, curves, list(r.schedules))
+    return finish(fig)

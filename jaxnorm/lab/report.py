@@ -50,7 +50,7 @@ ul.checks { margin: 0.3em 0; }
 """
 
 
-def figure_png_base64(fig: Any, *, dpi: int = 80) -> str:
+def figure_png_base64(fig: Any, *, dpi: int = 150) -> str:
     """A matplotlib Figure as base64-encoded PNG text."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
@@ -138,26 +138,29 @@ def _verdict_html(verdict: Any) -> str:
     elif verdict.status == "partly agrees":
         # A check that was not run is not a pass: say which kind of gap there is.
         gaps = []
-        if False in states:
+        if any(v is False for v in states):
             gaps.append("some checks fail (marked ✗ below)")
-        if None in states:
+        if any(v == "tie" for v in states):
+            gaps.append("some comparisons are ties, which do not count as support (marked =)")
+        if any(v is None for v in states):
             gaps.append("some checks could not be made (marked ? below)")
         lead = "Partly agrees with the lecture: " + "; ".join(gaps) + "."
     else:
         lead = "Inconclusive: the run could not decide."
-    checks = "".join(
-        f"<li>✓ {_esc(name)}</li>"
-        if ok
-        else f"<li>✗ {_esc(name)}</li>"
-        if ok is not None
-        else f"<li>? {_esc(name)} (not checked)</li>"
-        for name, ok in verdict.checks.items()
-    )
+    checks = "".join(_check_html(name, ok) for name, ok in verdict.checks.items())
     return (
         f'<p class="claim">Lecture: {_esc(verdict.claim)}</p>'
         f'<div class="verdict {cls}"><b>Verdict: {_esc(lead)}</b> {_esc(verdict.text)}'
         f'<ul class="checks">{checks}</ul></div>'
     )
+
+
+def _check_html(name: str, ok: Any) -> str:
+    if ok is None:
+        return f"<li>? {_esc(name)} (not checked)</li>"
+    if ok == "tie":
+        return f"<li>= {_esc(name)} (tie: not support)</li>"
+    return f"<li>✓ {_esc(name)}</li>" if ok else f"<li>✗ {_esc(name)}</li>"
 
 
 def _figure_html(outcome: Any, plot: Callable[[Any], Any] | None) -> str:

@@ -466,6 +466,8 @@ class PreprocessingViews(NamedTuple):
       var_population: ``[S, 2]`` per-stage variance with denominator N (normalize's convention).
       digit_images: ``[K, 8, 8]`` digits from the training split (pixels in [0, 1]).
       digit_zca: ``[K, 8, 8]`` the same digits ZCA-whitened (fitted on the training split).
+      digit_pca: ``[K, 8, 8]`` the same digits PCA-whitened (same eps), shown beside the ZCA
+        ones: PCA whitening rotates to the eigenbasis, so its images no longer look like digits.
       digit_offdiag_corr: ``(raw, zca)`` mean |off-diagonal correlation| between pixels.
       digit_distance: ``(zca, pca_whitened)`` mean squared distance of the whitened digits to the
         centred input (ZCA is the whitening closest to its input).
@@ -480,6 +482,7 @@ class PreprocessingViews(NamedTuple):
     var_population: np.ndarray
     digit_images: np.ndarray
     digit_zca: np.ndarray
+    digit_pca: np.ndarray
     digit_offdiag_corr: tuple
     digit_distance: tuple
     zca_eps: float
@@ -559,6 +562,7 @@ def preprocessing_views(key: Any = 0, *, quick: bool = False) -> PreprocessingVi
         var_population=pts.var(axis=1),
         digit_images=np.asarray(xd[:k]).reshape(k, 8, 8),
         digit_zca=zd[:k].reshape(k, 8, 8),
+        digit_pca=pd[:k].reshape(k, 8, 8),
         digit_offdiag_corr=(_mean_abs_offdiag_corr(xc), _mean_abs_offdiag_corr(zd)),
         digit_distance=(
             float(np.mean(np.sum((zd - xc) ** 2, axis=1))),
