@@ -1149,16 +1149,40 @@ def _resolve_k(num_components, ratio, d, name):
     return int(min(np.searchsorted(cum, num_components, side="right") + 1, d))
 
 
-def _warn_rank(ok, k, count, d, name):
+def _constant_features(m2) -> list[int]:
+    """Indices of the features with zero variance (an exact 0 on the diagonal of m2)."""
+    if m2 is None or _checks.is_tracer(m2):
+        return []
+    a = np.asarray(m2)
+    diag = np.diagonal(a) if a.ndim == 2 else a.reshape(-1)
+    return [int(i) for i in np.flatnonzero(diag == 0)]
+
+
+def _warn_rank(ok, k, count, d, name, m2=None):
     if _checks.is_tracer(ok) or _checks.is_tracer(count):
         return
     rank = int(np.sum(np.asarray(ok)[:k]))
     if rank < k:
+        full = int(np.sum(np.asarray(ok)))
+        constant = _constant_features(m2)
+        # Name the cause: constant features (image corners that are always 0) lower the rank
+        # however many samples there are; more samples only help when count <= d.
+        if constant:
+            shown = ", ".join(map(str, constant[:10])) + (", ..." if len(constant) > 10 else "")
+            cause = (
+                f"{len(constant)} feature(s) are constant (zero variance: {shown}), and more "
+                "samples will not change that. Drop the constant features before fitting, or "
+                "keep fewer components"
+            )
+            if int(count) <= d:
+                cause += "; there are also no more samples than features"
+        else:
+            cause = "Fit on more samples than features, or keep fewer components"
         warnings.warn(
             f"{name}: the covariance of {int(count)} samples with {d} features has numerical "
-            f"rank {int(np.sum(np.asarray(ok)))} < {k} kept components; the {k - rank} "
+            f"rank {full} < {k} kept components; the {k - rank} "
             "direction(s) beyond the rank are left unscaled (not multiplied by 1/sqrt(eps)). "
-            "Fit on more samples than features, or keep fewer components",
+            + cause,
             RuntimeWarning,
             stacklevel=4,
         )
@@ -1187,7 +1211,7 @@ def _pca_transform(num_components, eps, eps_mode, whiten: bool, name: str) -> Tr
         k = _resolve_k(num_components, ratio, d, name)
         state, ok = _pca_state_jit(m.mean, m.count, lam, vec, ratio, k, whiten, eps, eps_mode)
         if whiten:
-            _warn_rank(ok, k, m.count, d, name)
+            _warn_rank(ok, k, m.count, d, name, m.m2)
         return state
 
     def apply(state, x):
@@ -1341,7 +1365,7 @@ def zca_whiten(eps: float = 1e-5, *, eps_mode: str = "absolute") -> Transform:
         _check_moments(m, True, name)
         d = m.mean.size
         state, ok = _zca_state_jit(m.mean, m.m2, m.count, eps, eps_mode)
-        _warn_rank(ok, d, m.count, d, name)
+        _warn_rank(ok, d, m.count, d, name, m.m2)
         return state
 
     def _map(state, x, what, sign):

@@ -427,6 +427,22 @@ def test_zca_symmetric_inverse_sqrt_covariance():
 
 
 @pytest.mark.parametrize("make", [pp.pca_whiten, pp.zca_whiten])
+def test_rank_warning_names_constant_features(make):
+    # Many samples, but two features never vary (the digits' corner pixels): the warning must
+    # name them, not advise fitting on more samples.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(500, 6)).astype(np.float32)
+    x[:, 1] = 0.0
+    x[:, 4] = 3.0
+    with pytest.warns(RuntimeWarning) as caught:
+        make(eps=1e-5).fit(x)
+    message = str(caught[0].message)
+    assert "rank 4" in message
+    assert "2 feature(s) are constant (zero variance: 1, 4)" in message
+    assert "more samples" in message and "Fit on more samples" not in message
+
+
+@pytest.mark.parametrize("make", [pp.pca_whiten, pp.zca_whiten])
 def test_fewer_samples_than_features_warns_and_leaves_null_directions(make):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(4, 8)).astype(np.float32)  # rank of the centred data: 3
