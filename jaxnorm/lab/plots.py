@@ -330,12 +330,16 @@ def plot_babysitting(r) -> Any:
     ax_o.grid(alpha=0.3)
     lines = ax_o.get_lines() + ax_acc.get_lines()
     ax_acc.legend(lines, [ln.get_label() for ln in lines], loc="center right")
-    for lr, ratio in zip(r.learning_rates, r.update_ratio, strict=True):
+    for lr, ratio, trains, diverged in zip(
+        r.learning_rates, r.update_ratio, r.trains, r.diverged, strict=True
+    ):
+        tag = "diverged" if diverged else ("trains" if trains else "does not train")
         ax_u.semilogy(
             np.arange(len(ratio)),
             np.where(np.isfinite(ratio), ratio, np.nan),
-            label=f"lr {lr:g}",
+            label=f"lr {lr:g} ({tag})",
             lw=1,
+            ls="-" if trains else "--",
         )
     ax_u.axhspan(1e-4, 1e-2, color="C2", alpha=0.1)
     ax_u.axhline(1e-3, color="k", ls="--", lw=0.8, label="1e-3")
