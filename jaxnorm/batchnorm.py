@@ -277,7 +277,7 @@ def to_torch_state(state: BatchNormState) -> dict[str, np.ndarray]:
 
     Raises:
       TypeError: if state is not a :class:`BatchNormState` (None, a plain tuple, another
-        transform's state).
+        transform's state), or its mean is complex (that of complex x).
 
     Example:
       >>> from jaxnorm import batchnorm
@@ -285,6 +285,11 @@ def to_torch_state(state: BatchNormState) -> dict[str, np.ndarray]:
       ['num_batches_tracked', 'running_mean', 'running_var']
     """
     _check_state_type(state)
+    if jnp.issubdtype(jnp.result_type(state.mean), jnp.complexfloating):
+        raise TypeError(
+            "to_torch_state needs a real running mean (PyTorch's BatchNorm buffers are real), "
+            f"but state.mean is {jnp.result_type(state.mean)} (the running mean of complex x)"
+        )
     return {
         "running_mean": np.array(state.mean, np.float32, copy=True),
         "running_var": np.array(state.var, np.float32, copy=True),
@@ -340,8 +345,10 @@ def fold(
     a = jax.lax.rsqrt(var.astype(dtype) + jnp.asarray(epsilon, dtype))
     if scale is not None:
         a = a * jnp.asarray(scale).astype(dtype)
-    b = jnp.zeros((), dtype) if bias is None else jnp.asarray(bias).astype(dtype)
-    return a, b - mean.astype(dtype) * a
+    # A complex running mean (complex x) gives a complex b; a stays real.
+    bdt = mean.dtype if jnp.issubdtype(mean.dtype, jnp.complexfloating) else dtype
+    b = jnp.zeros((), bdt) if bias is None else jnp.asarray(bias).astype(dtype).astype(bdt)
+    return a, b - mean.astype(bdt) * a.astype(bdt)
 
 
 def fold_into_dense(
@@ -522,6 +529,11 @@ def batch_norm(
 
     Args:
       x: input, any floating dtype; float16/bfloat16 reduce in float32 and y keeps x's dtype.
+        Complex x (complex64, complex128) is normalised as flax.linen does it: the batch mean
+        :math:`E[x]` is complex, the variance :math:`E|x - E[x]|^2` real, y complex (``scale``
+        and ``bias`` real); the running mean becomes complex (the promotion of its dtype with
+        x's) and the running variance stays real. Complex x takes no fused ``activation`` and
+        no ``renorm``, and its gradient is JAX's own through a two-pass about the accurate mean.
       scale: :math:`\\gamma` of the feature shape, or None (no scale, 1).
       bias: :math:`\\beta` of the feature shape, or None (no bias, 0).
       state: the running statistics (:func:`init_state`).
@@ -577,10 +589,12 @@ def batch_norm(
 
     Raises:
       TypeError: if x, scale or bias is not an array (a list, a dict, None for x) or not
-        floating; the state is not a :class:`BatchNormState`; axis is not an int or a tuple
-        of ints; epsilon, momentum, r_max or d_max is not a number; a flag (train, renorm,
-        cumulative, unbiased_running_var) is not a bool; the activation returns a non-floating
-        array; dtype is not a floating dtype.
+        floating (x may be complex); complex x comes with an activation, renorm or a real
+        dtype, or real x with a complex running mean; the state is not a
+        :class:`BatchNormState`; axis is not an int or a tuple of ints; epsilon, momentum,
+        r_max or d_max is not a number; a flag (train, renorm, cumulative,
+        unbiased_running_var) is not a bool; the activation returns a non-floating array;
+        dtype is not a floating dtype (complex for complex x).
       ValueError: if the feature sizes of x, scale, bias and state differ; momentum is outside
         [0, 1]; epsilon is not positive and finite; epsilon, momentum, r_max or d_max is not a
         scalar; r_max < 1 or d_max < 0 (with renorm); the activation changes the shape; the
@@ -613,11 +627,18 @@ def batch_norm(
         )
     _checks.check_array(x, "x")
     x = jnp.asarray(x)
-    _checks.check_floating(x, "x")
+    is_complex = jnp.issubdtype(x.dtype, jnp.complexfloating)
+    if not is_complex:
+        _checks.check_floating(x, "x")
     faxes = _checks.normalize_axes(axis, x.ndim, "axis")
     fshape = tuple(x.shape[a] for a in faxes)
     where = f"x's feature shape on axis {_axis_str(axis)}"
     _check_state(state, fshape, where)
+    if not is_complex and jnp.issubdtype(jnp.result_type(state.mean), jnp.complexfloating):
+        raise TypeError(
+            f"state.mean is complex ({jnp.result_type(state.mean)}), the running mean of complex "
+            f"x, but x is real ({x.dtype})"
+        )
     _check_param_shape(scale, fshape, "scale", where)
     _check_param_shape(bias, fshape, "bias", where)
     _check_momentum(momentum, "momentum")
@@ -636,21 +657,26 @@ def batch_norm(
             f"but axis_name is None and axis_index_groups={axis_index_groups!r}"
         )
     act = _resolve_activation(activation)
+    if is_complex:
+        _check_complex_options(act, renorm)
     out_dtype = _out_dtype(x, dtype)
     raxes = tuple(a for a in range(x.ndim) if a not in faxes)
-    cdt = _compute_dtype(x)
+    # cdt: the real dtype of the statistics (float32 at least); xdt: that of x's values
+    # (complex64 or complex128 for complex x, whose running mean is complex, its variance real).
+    cdt = _real_dtype(x.dtype) if is_complex else _compute_dtype(x)
+    xdt = x.dtype if is_complex else cdt
     _check_activation(act, x.shape, cdt)
     pshape = tuple(x.shape[a] if a in faxes else 1 for a in range(x.ndim))
     mask_b = None if mask is None else _broadcast_mask(mask, x.shape, faxes, raxes)
 
     if not train:
-        mean = jnp.asarray(state.mean).astype(cdt).reshape(pshape)
+        mean = jnp.asarray(state.mean).astype(xdt).reshape(pshape)
         a = jax.lax.rsqrt(jnp.asarray(state.var).astype(cdt).reshape(pshape) + _const(epsilon, cdt))
         if scale is not None:
             a = a * jnp.asarray(scale).astype(cdt).reshape(pshape)
-        pre = (x.astype(cdt) - mean) * a
+        pre = (x.astype(xdt) - mean) * a.astype(xdt)
         if bias is not None:
-            pre = pre + jnp.asarray(bias).astype(cdt).reshape(pshape)
+            pre = pre + jnp.asarray(bias).astype(xdt).reshape(pshape)
         y = pre if act is None else act(pre)
         return y.astype(out_dtype), state
 
@@ -687,20 +713,25 @@ def batch_norm(
     ones = jnp.ones(fshape, cdt)
     scale_a = ones if scale is None else jnp.asarray(scale)
     bias_a = jnp.zeros(fshape, cdt) if bias is None else jnp.asarray(bias)
-    ref_mean = jax.lax.stop_gradient(jnp.asarray(state.mean)).astype(cdt).reshape(pshape)
-    ref_var = jax.lax.stop_gradient(jnp.asarray(state.var)).astype(cdt).reshape(pshape)
-    extras = (ref_var, jnp.asarray(r_max, cdt), jnp.asarray(d_max, cdt)) if renorm else ()
     masks = () if mask_b is None else (mask_b,)
-    y, (bmean, bvar, bcount) = _train_op(
-        cfg,
-        x,
-        scale_a.reshape(pshape),
-        bias_a.reshape(pshape),
-        _const(epsilon, cdt),
-        ref_mean,
-        masks,
-        extras,
-    )
+    if is_complex:
+        y, (bmean, bvar, bcount) = _complex_train(
+            cfg, x, scale_a.reshape(pshape), bias_a.reshape(pshape), _const(epsilon, cdt), mask_b
+        )
+    else:
+        ref_mean = jax.lax.stop_gradient(jnp.asarray(state.mean)).astype(cdt).reshape(pshape)
+        ref_var = jax.lax.stop_gradient(jnp.asarray(state.var)).astype(cdt).reshape(pshape)
+        extras = (ref_var, jnp.asarray(r_max, cdt), jnp.asarray(d_max, cdt)) if renorm else ()
+        y, (bmean, bvar, bcount) = _train_op(
+            cfg,
+            x,
+            scale_a.reshape(pshape),
+            bias_a.reshape(pshape),
+            _const(epsilon, cdt),
+            ref_mean,
+            masks,
+            extras,
+        )
     y = y.reshape(shape)
     new_state = _update_state(
         state,
@@ -1121,19 +1152,85 @@ def _activation_jvp(activation, pre, t):
     return t * (s * (1 - step) + step)
 
 
+def _complex_train(cfg, x, scale, bias, epsilon, mask):
+    """Batch norm of complex x, as flax.linen computes it: ``mean = E[x]`` (complex),
+    ``var = E[|x - mean|^2]`` (real), ``y = (x - mean) * scale / sqrt(var + eps) + bias``.
+
+    The statistics' values come from :func:`_moments` on x's (real, imaginary) pairs, a trailing
+    axis of two that is not reduced: ``E|x - mean|^2`` is the sum of the two parts' variances.
+    Their gradient comes from one corrected two-pass about that (constant) mean c:
+    ``mean = c + E[d]`` and ``var = E[|d|^2] - |E[d]|^2`` with ``d = x - c``, an identity in x
+    whose values equal the accurate ones to rounding, differentiated by JAX itself (a complex
+    x takes none of the fused real path's custom rule). Returns ``(y, (mean, var, count))``.
+    """
+    rdt = epsilon.dtype
+    xdt = x.dtype
+    xr = jax.lax.stop_gradient(jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1))
+    mr = None if mask is None else jnp.broadcast_to(mask[..., None], xr.shape)
+    mean_r, _, n = _moments(cfg, xr, xr, mr)
+    n = n if n.ndim == 0 else n[..., 0]
+    c = jax.lax.stop_gradient(jax.lax.complex(mean_r[..., 0], mean_r[..., 1]))
+    d = x - c
+    if mask is not None:
+        d = jnp.where(mask, d, jnp.zeros((), xdt))
+    s1 = jnp.sum(d, axis=cfg.raxes, keepdims=True)
+    s2 = jnp.sum(_abs_sq(d), axis=cfg.raxes, keepdims=True)
+    if cfg.axis_name is not None:
+        s1, s2 = jax.lax.psum((s1, s2), cfg.axis_name, axis_index_groups=cfg.groups)
+    count = jnp.maximum(n, jnp.ones((), rdt))
+    shift = s1 / count.astype(xdt)
+    mean = c + shift
+    var = jnp.maximum(s2 / count - _abs_sq(shift), jnp.zeros((), rdt))
+    gain = jax.lax.rsqrt(var + epsilon) * scale.astype(rdt)
+    y = (x - mean) * gain.astype(xdt) + bias.astype(rdt).astype(xdt)
+    stats = (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), n)
+    return y.astype(cfg.out_dtype), stats
+
+
+def _abs_sq(z):
+    """|z|^2 of a complex array, without the square root of abs."""
+    return jnp.real(z) * jnp.real(z) + jnp.imag(z) * jnp.imag(z)
+
+
+def _real_dtype(dtype) -> np.dtype:
+    """The real dtype of a complex one's parts (complex64: float32)."""
+    return np.dtype(np.finfo(np.dtype(dtype)).dtype)
+
+
+def _check_complex_options(act, renorm):
+    if act is not None:
+        raise TypeError(
+            f"activation={act!r} cannot be fused into batch norm of complex x (a fused "
+            "activation is real): apply it after batch_norm"
+        )
+    if renorm:
+        raise TypeError(
+            "renorm=True is not defined for complex x (its r and d clip real ratios): use "
+            "renorm=False"
+        )
+
+
 def _update_state(
     state, bmean, bvar, bcount, *, fshape, momentum, unbiased, cumulative, ghost, axis_name, groups
 ):
     sdt = jnp.asarray(state.mean).dtype
-    one = jnp.ones((), bmean.dtype)
-    bcount = jnp.broadcast_to(bcount, bmean.shape)
+    mdt = bmean.dtype
+    if jnp.issubdtype(mdt, jnp.complexfloating):
+        # Complex x makes the running mean complex, as flax.linen's does (the variance is real):
+        # the promotion of the stored dtype with the batch mean's.
+        wide = jnp.finfo(sdt).bits > 32 or jnp.finfo(mdt).bits > 32
+        sdt = np.dtype(np.complex128 if wide else np.complex64)
+    # Counts, weights and variances are real (bvar's dtype); only the mean may be complex.
+    one = jnp.ones((), bvar.dtype)
+    bcount = jnp.broadcast_to(bcount, bvar.shape)
     if unbiased:
         bvar = jnp.where(bcount > one, bvar * bcount / jnp.maximum(bcount - one, one), bvar)
     if ghost:
         # As Keras: the running statistics follow the average of the virtual batches' statistics.
-        w = (bcount > 0).astype(bmean.dtype)
-        bmean = jnp.sum(w * bmean, axis=0) / jnp.maximum(jnp.sum(w, axis=0), one)
-        bvar = jnp.sum(w * bvar, axis=0) / jnp.maximum(jnp.sum(w, axis=0), one)
+        w = (bcount > 0).astype(bvar.dtype)
+        total = jnp.maximum(jnp.sum(w, axis=0), one)
+        bmean = jnp.sum(w.astype(mdt) * bmean, axis=0) / total.astype(mdt)
+        bvar = jnp.sum(w * bvar, axis=0) / total
         bcount = jnp.sum(bcount, axis=0)
         if axis_name is not None:
             bmean, bvar = jax.lax.pmean((bmean, bvar), axis_name, axis_index_groups=groups)
@@ -1141,21 +1238,21 @@ def _update_state(
     bmean = bmean.reshape(fshape)
     bvar = bvar.reshape(fshape)
     valid = bcount.reshape(fshape) > 0
-    old_mean = jnp.asarray(state.mean).astype(bmean.dtype)
-    old_var = jnp.asarray(state.var).astype(bmean.dtype)
+    old_mean = jnp.asarray(state.mean).astype(mdt)
+    old_var = jnp.asarray(state.var).astype(bvar.dtype)
     count = jnp.asarray(state.count)
     if cumulative:
-        w = one / (count.astype(bmean.dtype) + one)
+        w = one / (count.astype(bvar.dtype) + one)
         keep = one - w
     else:
-        keep = jnp.asarray(momentum).astype(bmean.dtype)
+        keep = jnp.asarray(momentum).astype(bvar.dtype)
         # 1 - momentum in Python for a Python momentum, as flax computes it: 1 - float32(0.9) is
         # 0.100000024, float32(1 - 0.9) is 0.1.
         w = jnp.asarray(1.0 - momentum if isinstance(momentum, int | float) else one - keep)
-        w = w.astype(bmean.dtype)
+        w = w.astype(bvar.dtype)
     # keep * old + w * batch, as flax and torch write it: exact at the ends (momentum 0 or 1,
     # the first cumulative step), where old + w * (batch - old) would round old + (batch - old).
-    new_mean = keep * old_mean + w * bmean
+    new_mean = keep.astype(mdt) * old_mean + w.astype(mdt) * bmean
     new_var = keep * old_var + w * bvar
     # A batch with no valid row (all masked) leaves the statistics as they were, and is not
     # counted (the count is the cumulative average's denominator).
@@ -1175,12 +1272,17 @@ def _update_state(
 def _out_dtype(x, dtype):
     if dtype is None:
         return x.dtype
+    complex_x = jnp.issubdtype(x.dtype, jnp.complexfloating)
+    kind = "complex" if complex_x else "floating"
     try:
         out = np.dtype(dtype)
     except TypeError as e:
-        raise TypeError(f"dtype must be a floating dtype (the dtype of y), got {dtype!r}") from e
-    if not jnp.issubdtype(out, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype (the dtype of y), got {out}")
+        raise TypeError(f"dtype must be a {kind} dtype (the dtype of y), got {dtype!r}") from e
+    if not jnp.issubdtype(out, jnp.complexfloating if complex_x else jnp.floating):
+        raise TypeError(
+            f"dtype must be a {kind} dtype (the dtype of y) for {x.dtype} x, got {out}"
+            + ("; take jnp.real(y) or jnp.abs(y) after batch_norm" if complex_x else "")
+        )
     return out
 
 
@@ -1263,11 +1365,12 @@ def _check_flag(v, name):
         raise TypeError(f"{name} must be a bool (True or False), got {v!r}")
 
 
-def _check_param_shape(p, fshape, name, what):
+def _check_param_shape(p, fshape, name, what, allow_complex=False):
     if p is None:
         return
     _checks.check_array(p, name)
-    _checks.check_floating(p, name)
+    if not (allow_complex and jnp.issubdtype(jnp.result_type(p), jnp.complexfloating)):
+        _checks.check_floating(p, name)
     pshape = tuple(jnp.shape(p))
     if pshape != tuple(fshape):
         if len(pshape) == 1 and len(fshape) == 1:
@@ -1289,7 +1392,9 @@ def _check_state_type(state, name="state"):
         )
     for field in ("mean", "var", "count"):
         _checks.check_array(getattr(state, field), f"{name}.{field}")
-    _checks.check_floating(state.mean, f"{name}.mean")
+    if not jnp.issubdtype(jnp.result_type(state.mean), jnp.complexfloating):
+        # A complex running mean is that of complex x (the variance stays real).
+        _checks.check_floating(state.mean, f"{name}.mean")
     _checks.check_floating(state.var, f"{name}.var")
     if np.ndim(state.count) != 0:
         raise ValueError(
@@ -1305,7 +1410,7 @@ def _check_state_type(state, name="state"):
 
 def _check_state(state, fshape, where):
     _check_state_type(state)
-    _check_param_shape(state.mean, fshape, "state.mean", where)
+    _check_param_shape(state.mean, fshape, "state.mean", where, allow_complex=True)
     _check_param_shape(state.var, fshape, "state.var", where)
 
 

@@ -1007,6 +1007,144 @@ def test_fully_masked_batch_keeps_state():
     assert np.all(np.isfinite(np.asarray(y)))
 
 
+# --------------------------------------------------------------------------- complex x
+
+
+def _cx(shape, dtype=jnp.complex64, seed=1):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(0.5 - 1j + rng.normal(size=shape) + 1j * rng.normal(size=shape), dtype)
+
+
+def _np_complex_train(x, scale, bias, mean0, var0, raxes, mask, momentum, eps=1e-5):
+    """flax.linen's complex batch norm in NumPy complex128: E[x], E|x - E[x]|^2 (real)."""
+    x = np.asarray(x).astype(np.complex128)
+    m = np.broadcast_to(np.ones(()) if mask is None else np.asarray(mask, np.float64), x.shape)
+    xz = np.where(m > 0, x, 0)
+    n = m.sum(axis=raxes, keepdims=True)
+    mu = xz.sum(axis=raxes, keepdims=True) / n
+    var = (m * np.abs(xz - mu) ** 2).sum(axis=raxes, keepdims=True) / n
+    y = (x - mu) / np.sqrt(var + eps) * to_f64(scale) + to_f64(bias)
+    fshape = scale.shape
+    new_mean = momentum * to_f64(mean0) + (1 - momentum) * mu.reshape(fshape)
+    new_var = momentum * to_f64(var0) + (1 - momentum) * var.reshape(fshape)
+    return y, new_mean, new_var
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.complex128])
+@pytest.mark.parametrize("masked", [False, True])
+def test_complex_train_and_eval_match_numpy(dtype, masked):
+    # As flax.linen (its test_batch_norm_complex): complex y and running mean, real variance
+    # E|x - mean|^2, masked positions holding NaN padding.
+    with jax.enable_x64(dtype == jnp.complex128):
+        x = np.array(_cx((4, 3, 2), dtype))
+        mask = np.random.default_rng(2).random((4, 3, 1)) < 0.7 if masked else None
+        if masked:
+            x = np.where(mask, x, np.nan)
+        scale, bias, state = _params((2,))
+        y, new = bn.batch_norm(x, scale, bias, state, train=True, momentum=0.9, mask=mask)
+        y_ref, m_ref, v_ref = _np_complex_train(
+            x, scale, bias, state.mean, state.var, (0, 1), mask, 0.9
+        )
+        # The running mean's dtype is the promotion of the stored float32 with x's (as flax).
+        assert y.dtype == dtype and new.mean.dtype == dtype
+        assert new.var.dtype == jnp.float32 and int(new.count) == 4
+        valid = np.broadcast_to(True if mask is None else mask, x.shape)
+        np.testing.assert_allclose(np.asarray(y)[valid], y_ref[valid], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(new.mean, m_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new.var, v_ref, rtol=1e-5, atol=1e-6)
+        # Evaluation with the complex running mean and the real running variance.
+        y_e, same = bn.batch_norm(x, scale, bias, new, train=False)
+        assert y_e.dtype == dtype and same is new
+        ref_e = x.astype(np.complex128) - to_f64(new.mean.real) - 1j * to_f64(new.mean.imag)
+        ref_e = ref_e / np.sqrt(to_f64(new.var) + 1e-5) * to_f64(scale) + to_f64(bias)
+        np.testing.assert_allclose(np.asarray(y_e)[valid], ref_e[valid], rtol=2e-5, atol=2e-5)
+
+
+def test_complex_large_offset_is_accurate():
+    # |mean| >> std: E|x|^2 - |E x|^2 (flax's fast variance) cancels; jaxnorm's does not.
+    x = _cx((256, 2), seed=4) + jnp.complex64(1e4 + 1e4j)
+    _, new = bn.batch_norm(x, None, None, bn.init_state(2), train=True, momentum=0.0)
+    xd = np.asarray(x).astype(np.complex128)
+    ref = (np.abs(xd - xd.mean(0)) ** 2).mean(0)
+    np.testing.assert_allclose(new.var, ref, rtol=1e-4)
+
+
+def test_complex_gradient_matches_the_formula_in_float64():
+    # The reference: the textbook two-pass formula, differentiated by JAX in complex128.
+    with jax.enable_x64(True):
+        x = _cx((6, 2), jnp.complex128, seed=5)
+        scale = jnp.array([1.5, 0.5])
+        bias = jnp.array([0.1, -0.2])
+        dy = _cx((6, 2), jnp.complex128, seed=6)
+        mask = jnp.array([True, True, False, True, True, True])[:, None]
+
+        def ref(x, scale, bias):
+            mu = jnp.sum(jnp.where(mask, x, 0), 0, keepdims=True) / 5
+            var = jnp.sum(jnp.where(mask, jnp.abs(x - mu) ** 2, 0), 0, keepdims=True) / 5
+            gain = (scale[None] / jnp.sqrt(var + 1e-5)).astype(x.dtype)
+            return (x - mu) * gain + bias[None].astype(x.dtype)
+
+        def ours(x, scale, bias):
+            state = bn.init_state(2, dtype=jnp.float64)
+            return bn.batch_norm(x, scale, bias, state, train=True, mask=mask)[0]
+
+        (y1, vjp1), (y2, vjp2) = jax.vjp(ours, x, scale, bias), jax.vjp(ref, x, scale, bias)
+        np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
+        for a, b in zip(vjp1(dy), vjp2(dy), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_complex_statistics_over_axis_name_and_ghost_batches():
+    x = _cx((4, 6, 3), seed=7)
+    state = bn.init_state(3)
+    f = lambda xi: bn.batch_norm(xi, None, None, state, train=True, axis_name="d", momentum=0.0)
+    ys, new = jax.vmap(f, axis_name="d")(x)
+    y1, one = bn.batch_norm(x.reshape(24, 3), None, None, state, train=True, momentum=0.0)
+    np.testing.assert_allclose(ys.reshape(24, 3), y1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.mean[0], one.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var[0], one.var, rtol=1e-5, atol=1e-6)
+    # Ghost batches: each group of 6 rows alone; the running statistics average the groups'.
+    y_g, g = bn.batch_norm(
+        x.reshape(24, 3), None, None, state, train=True, momentum=0.0, virtual_batch_size=6
+    )
+    parts = [bn.batch_norm(x[i], None, None, state, train=True, momentum=0.0) for i in range(4)]
+    np.testing.assert_allclose(y_g.reshape(4, 6, 3), jnp.stack([p[0] for p in parts]), atol=1e-5)
+    np.testing.assert_allclose(g.mean, np.mean([p[1].mean for p in parts], 0), atol=1e-6)
+    np.testing.assert_allclose(g.var, np.mean([p[1].var for p in parts], 0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        ({"activation": "relu"}, TypeError, "activation=.* cannot be fused .* complex x"),
+        ({"renorm": True}, TypeError, "renorm=True is not defined for complex x"),
+        ({"dtype": jnp.float32}, TypeError, "dtype must be a complex dtype"),
+        ({"scale": jnp.ones(3, jnp.complex64)}, TypeError, "scale must have a floating dtype"),
+    ],
+    ids=["activation", "renorm", "real dtype", "complex scale"],
+)
+def test_complex_errors(kw, error, match):
+    kw = {"scale": None} | kw
+    scale = kw.pop("scale")
+    with pytest.raises(error, match=match):
+        bn.batch_norm(_cx((4, 3)), scale, None, bn.init_state(3), train=True, **kw)
+
+
+def test_complex_running_mean_folds_and_refuses_real_x_and_torch():
+    x = _cx((4, 3))
+    scale, bias, _ = _params((3,))
+    _, new = bn.batch_norm(x, scale, bias, bn.init_state(3), train=True, momentum=0.5)
+    a, b = bn.fold(scale, bias, new)
+    y, _ = bn.batch_norm(x, scale, bias, new, train=False)
+    assert a.dtype == jnp.float32 and b.dtype == jnp.complex64
+    np.testing.assert_allclose(x * a[None].astype(x.dtype) + b[None], y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match=r"state\.mean is complex"):
+        bn.batch_norm(_x((4, 3)), None, None, new, train=True)
+    with pytest.raises(TypeError, match="to_torch_state needs a real running mean"):
+        bn.to_torch_state(new)
+
+
 # --------------------------------------------------------------------------- PyTorch conventions
 
 

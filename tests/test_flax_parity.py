@@ -307,7 +307,6 @@ def test_running_statistics_agree_with_flax_to_float32_rounding(shape):
 # Item 3 (core): complex inputs, as flax.linen supports and tests them.
 
 
-@_core_change("complex x: mean E[x] complex, var E|x - mean|^2 real, complex running mean")
 @pytest.mark.parametrize("masked", [False, True])
 def test_linen_complex_input_matches_flax(masked):
     x = _complex((4, 3, 2))
@@ -322,7 +321,6 @@ def test_linen_complex_input_matches_flax(masked):
     )
 
 
-@_core_change("complex x: mean E[x] complex, var E|x - mean|^2 real, complex running mean")
 def test_nnx_complex_input_keeps_the_complex_running_mean_as_linen():
     # flax.nnx casts the complex batch mean into its float32 BatchStat (a ComplexWarning, the
     # imaginary part lost); jaxnorm keeps it, as flax.linen does.
