@@ -1149,7 +1149,7 @@ def _resolve_k(num_components, ratio, d, name):
     return int(min(np.searchsorted(cum, num_components, side="right") + 1, d))
 
 
-def _constant_features(m2) -> list[int]:
+def _zero_variance_features(m2) -> list[int]:
     """Indices of the features with zero variance (an exact 0 on the diagonal of m2)."""
     if m2 is None or _checks.is_tracer(m2):
         return []
@@ -1164,7 +1164,7 @@ def _warn_rank(ok, k, count, d, name, m2=None):
     rank = int(np.sum(np.asarray(ok)[:k]))
     if rank < k:
         full = int(np.sum(np.asarray(ok)))
-        constant = _constant_features(m2)
+        constant = _zero_variance_features(m2)
         # Name the cause: constant features (image corners that are always 0) lower the rank
         # however many samples there are; more samples only help when count <= d.
         if constant:
