@@ -13,7 +13,9 @@ import jax.numpy as jnp
 from benchmarks import harness
 from jaxnorm import activations
 
-SHAPES = {"small": (1024, 1024), "large": (8192, 8192)}
+SHAPES = {"small": (1024, 1024), "large": (8192, 8192), "gpu": (8192, 8192), "tiny": (64, 64)}
+# Sizes that also time bfloat16 (relu, gelu, silu).
+BFLOAT16_SIZES = ("large", "gpu", "tiny")
 
 CASES = {
     "relu": (activations.relu, jax.nn.relu),
@@ -63,10 +65,15 @@ def _rows(name, ours, theirs, shape, dtype) -> list[harness.Row]:
 @harness.benchmark("activations")
 def bench(size: str) -> list[harness.Row]:
     shape = SHAPES[size]
+    cases = [(name, jnp.float32) for name in CASES]
+    if size in BFLOAT16_SIZES:
+        cases += [(name, jnp.bfloat16) for name in ("relu", "gelu", "silu")]
     rows = []
-    for name, (ours, theirs) in CASES.items():
-        rows += _rows(name, ours, theirs, shape, jnp.float32)
-    if size == "large":
-        for name in ("relu", "gelu", "silu"):
-            rows += _rows(name, *CASES[name], shape, jnp.bfloat16)
+    for name, dtype in cases:
+        tag = f"{name} {'x'.join(map(str, shape))} {jnp.dtype(dtype).name}"
+        if harness.out_of_time():
+            rows.append(harness.skipped("activations", tag, "time budget spent"))
+            continue
+        harness.progress(f"activations {tag}")
+        rows += _rows(name, *CASES[name], shape, dtype)
     return rows

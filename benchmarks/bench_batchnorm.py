@@ -39,7 +39,12 @@ from jaxnorm import batchnorm
 SHAPES = {
     "large": [(256, 56, 56, 64), (128, 28, 28, 256), (65536, 1024)],
     "small": [(32, 28, 28, 64), (16, 14, 14, 256), (8192, 512)],
+    # benchmarks.device: an accelerator's shapes, and its CPU dry run's.
+    "gpu": [(256, 56, 56, 64), (128, 28, 28, 256), (65536, 1024)],
+    "tiny": [(4, 6, 6, 8), (64, 32)],
 }
+# Rounds per ordering in `bench` (each round times every candidate once).
+REPS = {"large": 9, "small": 15, "gpu": 15, "tiny": 2}
 DTYPES = (jnp.float32, jnp.bfloat16)
 # Passes over x-sized data a training step must make, counted in read+write copies (7 / 2).
 FLOOR_COPIES = 3.5
@@ -86,25 +91,55 @@ def _flax_step(use_fast_variance: bool, relu: bool = False):
     return jax.jit(step)
 
 
-def _torch_step(shape, dtype):
-    """A torch training step on the same data, or None when torch is missing or lacks the dtype."""
+def torch_device() -> str | None:
+    """Where torch runs as the anchor: JAX's CPU -> "cpu", JAX's GPU -> "cuda" when torch has
+    CUDA; None when torch is missing or cannot run where JAX runs (torch on the host is no anchor
+    for an accelerator)."""
     try:
         import torch
     except ImportError:
         return None
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    if backend == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+class _CudaDone:
+    """What a CUDA torch step returns: ``block_until_ready`` waits for the device, as a JAX
+    array's does, so that the harness times torch's kernels, not only their launch."""
+
+    def block_until_ready(self):
+        import torch
+
+        torch.cuda.synchronize()
+        return self
+
+
+def _torch_step(shape, dtype):
+    """A torch training step on the same data (on the device of :func:`torch_device`), or None
+    when torch is missing, cannot run there, or lacks the dtype."""
+    device = torch_device()
+    if device is None:
+        return None
+    import torch
+
     tdtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
     c = shape[-1]
     torch.manual_seed(0)
     if len(shape) == 4:
         # NCHW, contiguous: torch's default layout, the one its CPU and cuDNN kernels expect.
         n, h, w, _ = shape
-        bn = torch.nn.BatchNorm2d(c, momentum=0.01, dtype=tdtype)
-        x = torch.randn((n, c, h, w), dtype=tdtype)
+        bn = torch.nn.BatchNorm2d(c, momentum=0.01, dtype=tdtype, device=device)
+        x = torch.randn((n, c, h, w), dtype=tdtype, device=device)
     else:
-        bn = torch.nn.BatchNorm1d(c, momentum=0.01, dtype=tdtype)
-        x = torch.randn(shape, dtype=tdtype)
+        bn = torch.nn.BatchNorm1d(c, momentum=0.01, dtype=tdtype, device=device)
+        x = torch.randn(shape, dtype=tdtype, device=device)
     x.requires_grad_(True)
     dy = torch.randn_like(x)
+    done = _CudaDone() if device == "cuda" else None
 
     def step():
         x.grad = None
@@ -112,12 +147,19 @@ def _torch_step(shape, dtype):
         bn.bias.grad = None
         y = bn(x)
         y.backward(dy)
-        return y
+        return y if done is None else done
 
     try:
-        step()
+        harness.block(step())
     except RuntimeError:
-        return None
+        if device != "cuda" or tdtype == torch.float32:
+            return None
+        # Mixed precision as torch's autocast runs it: float32 parameters, bfloat16 data.
+        bn.float()
+        try:
+            harness.block(step())
+        except RuntimeError:
+            return None
     return step
 
 
@@ -159,6 +201,11 @@ def bench(size: str) -> list[harness.Row]:
     copy, _, _ = harness.floor_fns((1,))
     for shape in SHAPES[size]:
         for dtype in DTYPES:
+            case = f"{shape} {_name(dtype)}"
+            if harness.out_of_time():
+                rows.append(harness.skipped("batchnorm", case, "time budget spent"))
+                continue
+            harness.progress(f"batchnorm {case}")
             args = _inputs(shape, dtype)
             x = args[0]
             fns = {
@@ -169,7 +216,7 @@ def bench(size: str) -> list[harness.Row]:
                 "flax_relu": functools.partial(flax_relu, *args),
                 "copy": functools.partial(copy, x),
             }
-            reps = 9 if size == "large" else 15
+            reps = REPS[size]
             t = _both_orders(fns, reps=2 * reps)
             torch_step = _torch_step(shape, dtype)
             if torch_step is not None:
@@ -179,7 +226,6 @@ def bench(size: str) -> list[harness.Row]:
                 # flax that way and 0.9-1.0x with torch left out).
                 t["torch"] = harness.timeit(torch_step, reps=reps)
             floor = FLOOR_COPIES * t["copy"]
-            case = f"{shape} {_name(dtype)}"
             layout = "NCHW" if len(shape) == 4 else "NC"
             row = functools.partial(harness.Row, case=case, floor_s=floor)
             rows.append(
@@ -201,7 +247,7 @@ def bench(size: str) -> list[harness.Row]:
                         candidate_s=t["jaxnorm"],
                         anchor="torch",
                         anchor_s=t["torch"],
-                        note=f"torch train fwd+bwd, {layout} contiguous",
+                        note=f"torch {torch_device()} train fwd+bwd, {layout} contiguous",
                     )
                 )
             rows.append(

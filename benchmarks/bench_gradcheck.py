@@ -37,6 +37,8 @@ _SIZES = {
     # (input, hidden, classes, batch, checks, loop coordinates timed)
     "small": (300, 300, 10, 8, 1000, 20),
     "large": (1000, 1000, 10, 8, 1000, 50),
+    "gpu": (1000, 1000, 10, 8, 1000, 50),
+    "tiny": (20, 20, 5, 4, 50, 5),
 }
 
 

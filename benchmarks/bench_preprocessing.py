@@ -14,7 +14,7 @@ import numpy as np
 from benchmarks import harness
 from jaxnorm import preprocessing as pp
 
-SIZES = {"small": (20000, 128), "large": (100000, 512)}
+SIZES = {"small": (20000, 128), "large": (100000, 512), "gpu": (50000, 512), "tiny": (2000, 16)}
 # The data's mean (every feature's): an offset from zero, as real features have.
 MEAN = 3.0
 

@@ -42,7 +42,29 @@ CONFIG = {
         {"trials": 64, "members": 8, "widths": [64, 32, 10], "steps": 500, "batch": 32},
         {"trials": 64, "members": 8, "widths": [64, 256, 256, 10], "steps": 500, "batch": 128},
     ],
+    # benchmarks.device: an accelerator (the lecture-sized MLP first: its 64-trial search is the
+    # GPU target), and its CPU dry run.
+    "gpu": [
+        {"trials": 64, "members": 8, "widths": [64, 32, 10], "steps": 100, "batch": 32},
+        {"trials": 64, "members": 8, "widths": [64, 256, 256, 10], "steps": 100, "batch": 128},
+    ],
+    # The dry run times one minibatch order ("orders"): the other is the same code on other keys.
+    "tiny": [
+        {
+            "trials": 8,
+            "members": 2,
+            "widths": [64, 8, 10],
+            "steps": 3,
+            "batch": 8,
+            "orders": ["own"],
+        }
+    ],
 }
+
+
+def _orders(cfg):
+    """Which minibatch orders to time: "own" (each trial its own) and "shared" (one data_key)."""
+    return cfg.get("orders", ("own", "shared"))
 
 
 def _problem(cfg, data_key=None):
@@ -98,7 +120,7 @@ def _search_rows(cfg):
     hp = {name: jnp.asarray([t.params[name] for t in first.trials], jnp.float32) for name in space}
     keys = jax.random.split(jax.random.split(key)[1], n)
     fns = {}
-    for name, fn in (("own", train_fn), ("shared", shared_fn)):
+    for name, fn in [(o, {"own": train_fn, "shared": shared_fn}[o]) for o in _orders(cfg)]:
         single = jax.jit(fn)
         fns[f"search {name}"] = lambda hp, keys, fn=fn: training.random_search(
             fn, space, n, key, border=0.0
@@ -114,7 +136,7 @@ def _search_rows(cfg):
     t = harness.interleaved(fns, hp, keys, warmup=1, reps=5)
     order = {"own": "each trial its own minibatch order", "shared": "one data_key"}
     rows = []
-    for name in ("own", "shared"):
+    for name in _orders(cfg):
         for kind, what in (
             ("search", f"random_search, compiled ({workers} per-core group(s) at once)"),
             ("vmap", "one jax.jit(jax.vmap) call"),
@@ -187,7 +209,9 @@ def _ensemble_rows(cfg):
     keys = jax.random.split(jax.random.key(3), k)
 
     fns = {}
-    for name, data_key in (("own", None), ("shared", jax.random.key(4))):
+    for name, data_key in [
+        (o, {"own": None, "shared": jax.random.key(4)}[o]) for o in _orders(cfg)
+    ]:
         # Called eagerly, as users call it: train_ensemble compiles its program and, on a
         # multi-core CPU, trains one group of members per core at once.
         fns[f"vmap {name}"] = lambda keys, data_key=data_key: training.train_ensemble(
@@ -216,7 +240,7 @@ def _ensemble_rows(cfg):
             None,
             f"{t[f'loop {name}'] / t[f'vmap {name}']:.1f}x faster",
         )
-        for name in ("own", "shared")
+        for name in _orders(cfg)
     ]
 
 
@@ -224,5 +248,15 @@ def _ensemble_rows(cfg):
 def bench(size: str) -> list[harness.Row]:
     rows = []
     for cfg in CONFIG[size]:
-        rows += _search_rows(cfg) + _ensemble_rows(cfg)
+        what = f"MLP {cfg['widths']}, {cfg['trials']} trials, {cfg['members']} members"
+        if harness.out_of_time():
+            rows.append(harness.skipped("training", what, "time budget spent"))
+            continue
+        harness.progress(f"training search {what}")
+        rows += _search_rows(cfg)
+        if harness.out_of_time():
+            rows.append(harness.skipped("training", f"ensemble, {what}", "time budget spent"))
+            continue
+        harness.progress(f"training ensemble {what}")
+        rows += _ensemble_rows(cfg)
     return rows

@@ -6,13 +6,23 @@ copy of the same bytes). Timing warms up (compiles) first, blocks on the result,
 takes the median. Absolute times mean something only on an accelerator; on CPU read the ratios.
 
 A benchmark module registers functions with :func:`benchmark`; each takes the size name
-(``"small"`` or ``"large"``) and returns a list of :class:`Row`.
+(``"small"`` or ``"large"`` from ``benchmarks.run``; ``"gpu"`` or ``"tiny"`` from
+``benchmarks.device``, the accelerator command and its CPU dry run) and returns a list of
+:class:`Row`. A benchmark that loops over cases checks :func:`out_of_time` before each and records
+a :func:`skipped` row instead of running it once ``DEADLINE`` has passed.
+
+On an accelerator a jitted call returns before its kernels finish, and blocking after every call
+adds the host's round trip (tens of microseconds) to kernels that take about as long; there each
+timed sample is a run of calls, blocked on the last, long enough to take ``SAMPLE_S`` (see
+``PIPELINE``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -20,6 +30,16 @@ import jax
 import jax.numpy as jnp
 
 REGISTRY: dict[str, Callable[[str], list[Row]]] = {}
+
+# Pipelined samples: None = on accelerators only; True/False force it (the device dry run sets
+# True so that CPU runs the accelerator's code path).
+PIPELINE: bool | None = None
+# The least time one pipelined sample should take, and the most calls it may make.
+SAMPLE_S = 2e-3
+MAX_CALLS = 64
+# time.perf_counter() after which benchmarks skip their remaining cases (None: no limit).
+DEADLINE: float | None = None
+_START = time.perf_counter()
 
 
 def benchmark(name: str):
@@ -60,21 +80,62 @@ def block(tree):
     )
 
 
+def out_of_time() -> bool:
+    """Whether ``DEADLINE`` has passed (benchmarks then record :func:`skipped` rows)."""
+    return DEADLINE is not None and time.perf_counter() > DEADLINE
+
+
+def skipped(group: str, case: str, why: str) -> Row:
+    """A row for a case that was not measured, saying why."""
+    return Row(group, case, math.nan, note=f"skipped: {why}")
+
+
+def progress(message: str) -> None:
+    """Print ``message`` to stderr with the seconds elapsed since the harness was imported."""
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _pipelined() -> bool:
+    return jax.default_backend() != "cpu" if PIPELINE is None else PIPELINE
+
+
+def _calls_per_sample(fn: Callable, args) -> int:
+    """1 on CPU; on an accelerator, enough back-to-back calls to last ``SAMPLE_S``."""
+    if not _pipelined():
+        return 1
+    t0 = time.perf_counter()
+    block(fn(*args))
+    dt = time.perf_counter() - t0
+    return max(1, min(MAX_CALLS, math.ceil(SAMPLE_S / max(dt, 1e-9))))
+
+
+def _sample(fn: Callable, args, calls: int) -> float:
+    """Seconds a call of ``fn(*args)``: ``calls`` calls back to back, blocked on the last.
+
+    One device runs its programs in the order they were launched, so the last result is ready
+    only when every earlier call has finished.
+    """
+    t0 = time.perf_counter()
+    for _ in range(calls - 1):
+        fn(*args)
+    block(fn(*args))
+    return (time.perf_counter() - t0) / calls
+
+
 def timeit(fn: Callable, *args, warmup: int = 2, reps: int = 15, min_time: float = 0.0) -> float:
-    """Median wall time of ``fn(*args)`` in seconds, after ``warmup`` calls, blocking each call.
+    """Median wall time of ``fn(*args)`` in seconds, after ``warmup`` calls, blocking each sample.
 
     ``min_time`` repeats further until that many seconds have been spent, for very fast functions.
     """
     for _ in range(warmup):
         block(fn(*args))
+    calls = _calls_per_sample(fn, args)
     times = []
     spent = 0.0
     while len(times) < reps or spent < min_time:
-        t0 = time.perf_counter()
-        block(fn(*args))
-        dt = time.perf_counter() - t0
+        dt = _sample(fn, args, calls)
         times.append(dt)
-        spent += dt
+        spent += dt * calls
     return statistics.median(times)
 
 
@@ -87,12 +148,11 @@ def interleaved(fns: dict[str, Callable], *args, warmup: int = 2, reps: int = 15
     for fn in fns.values():
         for _ in range(warmup):
             block(fn(*args))
+    calls = {k: _calls_per_sample(fn, args) for k, fn in fns.items()}
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            block(fn(*args))
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(_sample(fn, args, calls[k]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -131,6 +191,10 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def _ms(v):
+    return "" if v is None else "skipped" if math.isnan(v) else f"{v * 1e3:.3f}"
+
+
 def table(rows: list[Row]) -> str:
     """A Markdown table of ``rows`` with the ratios against anchor and floor."""
     lines = [
@@ -140,8 +204,8 @@ def table(rows: list[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.group} | {r.case} | {r.candidate_s * 1e3:.3f} | {r.anchor or ''} | "
-            f"{_fmt(r.anchor_s and r.anchor_s * 1e3, '.3f')} | {_fmt(r.vs_anchor, '.2f')} | "
-            f"{_fmt(r.floor_s and r.floor_s * 1e3, '.3f')} | {_fmt(r.vs_floor, '.2f')} | {r.note} |"
+            f"| {r.group} | {r.case} | {_ms(r.candidate_s)} | {r.anchor or ''} | "
+            f"{_ms(r.anchor_s)} | {_fmt(r.vs_anchor, '.2f')} | "
+            f"{_ms(r.floor_s)} | {_fmt(r.vs_floor, '.2f')} | {r.note} |"
         )
     return "\n".join(lines)
