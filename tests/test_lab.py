@@ -35,7 +35,8 @@ FIELDS = {
         lab.Convergence,
         "activations init epoch_accuracy target epochs_to_target seconds_per_epoch "
         "seconds_to_target epoch_ratio_to_tanh time_ratio_to_tanh widths learning_rate "
-        "batch_size epochs num_seeds",
+        "batch_size epochs num_seeds depths depth_epoch_accuracy depth_epochs_to_target "
+        "depth_width depth_epochs depth_seeds",
     ),
     "init": (
         lab.InitStatistics,
@@ -61,7 +62,7 @@ FIELDS = {
         lab.Babysitting,
         "initial_loss expected_loss initial_loss_ok loss_with_regularisation overfit_passed "
         "overfit_steps overfit_loss overfit_accuracy learning_rates update_ratio median_ratio "
-        "final_loss best_lr best_median_ratio",
+        "final_loss best_lr best_median_ratio diverged trains ratio_band",
     ),
     "search": (
         lab.Search,
@@ -84,8 +85,9 @@ FIELDS = {
     ),
     "ensembles": (
         lab.Ensembles,
-        "member_accuracy member_loss ensemble_accuracy ensemble_loss polyak_accuracy "
-        "polyak_loss ema_decay train_loss num_members num_steps learning_rate",
+        "member_accuracy member_loss ensemble_accuracy ensemble_loss ensemble_gain "
+        "lecture_gain polyak_accuracy polyak_loss polyak_stale_accuracy polyak_stale_loss "
+        "ema_decay train_loss num_members num_steps learning_rate",
     ),
 }
 STATUSES = {"agrees", "partly agrees", "disagrees", "inconclusive"}
@@ -407,8 +409,10 @@ def test_babysitting_table_prints_huge_losses_compactly(quick_run):
         median_ratio=np.asarray([1e-3, 1e-2, 0.5]),
         final_loss=np.asarray([0.1474, 3306257754291601991293468672.0, np.nan]),
     )
-    _, rows = lab.EXPERIMENTS["babysitting"].table(huge)
-    assert [row[2] for row in rows] == ["0.1474", "3.31e+27", "diverged"]
+    columns, rows = lab.EXPERIMENTS["babysitting"].table(huge)
+    loss = columns.index("validation loss")
+    # A loss of 3.3e+27 is a blow-up (above 10 log 10): "diverged", as NaN is.
+    assert [row[loss] for row in rows] == ["0.1474", "diverged", "diverged"]
     nobody = r._replace(best_lr=None, best_median_ratio=None)
     text = lab.EXPERIMENTS["babysitting"].verdict(nobody).text
     assert "None" not in text and "no best learning rate (every run diverged)" in text
@@ -464,7 +468,7 @@ def test_xavier_always_says_which_initializer(quick_run):
     assert init.labels[2] == f"tanh, {lecture}" and init.labels[3] == f"relu, {lecture}"
     conv = quick_run.outcomes["convergence"]
     assert conv.result.init == ("he_normal", "xavier_normal", "xavier_normal")
-    assert [row[1] for row in conv.table[1]] == [
+    assert [row[1] for row in conv.table[1][:3]] == [
         "He (he_normal)",
         "Glorot (xavier_normal)",
         "Glorot (xavier_normal)",
@@ -501,6 +505,16 @@ def test_convergence_timing_excludes_the_first_call(quick_run, monkeypatch):
 
     monkeypatch.setattr(te, "compile_all", counting)
     monkeypatch.setattr(te, "Stopwatch", Clock)
+    # The depth sweep reports epochs only (no timing): left out here.
+    sweep = {
+        "depths": (4,),
+        "depth_epoch_accuracy": np.zeros((2, 1, 1, 3)),
+        "depth_epochs_to_target": ((None,), (None,)),
+        "depth_width": 16,
+        "depth_epochs": 3,
+        "depth_seeds": 1,
+    }
+    monkeypatch.setattr(te, "_depth_sweep", lambda *args: sweep)
     te.relu_convergence(0, quick=True)
     # Per activation: an untimed call (no clock started since the previous program's), then
     # one clock started right before each timed call.
@@ -551,3 +565,234 @@ def test_cli_version(capsys):
         cli.main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith(f"jaxnorm {jaxnorm.__version__} (jax ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 18: the new experiments, ties, displayed numbers, figures
+
+
+def test_experiments_in_the_lectures_order():
+    assert list(lab.EXPERIMENTS) == [
+        "activations",
+        "convergence",
+        "init",
+        "preprocessing",
+        "batchnorm",
+        "regularization",  # set-up: ... weight initialization, regularization, gradient checking
+        "gradcheck",
+        "babysitting",
+        "updates",  # dynamics: babysitting, parameter updates, hyperparameter optimization
+        "search",
+        "ensembles",
+    ]
+
+
+def test_new_experiments_in_results_json(quick_run):
+    data = json.loads((quick_run.out / "results.json").read_text(encoding="utf-8"))
+    for name in ("regularization", "updates"):
+        entry = data["experiments"][name]
+        assert entry["status"] == "ok", entry["error"]
+        assert entry["verdict"]["checks"]
+    reg = data["experiments"]["regularization"]["verdict"]
+    assert "0.002" in reg["text"]  # the tie threshold is stated
+    upd = data["experiments"]["updates"]["verdict"]
+    assert "within 1% of each other are ties" in upd["text"]
+    methods = quick_run.outcomes["updates"].result.methods
+    assert methods == ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
+
+
+def test_a_tie_is_not_support():
+    b = _util.beats
+    assert b(0.989, 0.989) == _util.TIE and b(0.99, 0.98) is True and b(0.98, 0.99) is False
+    assert b(1.0, 1.005, tol=0.01) == _util.TIE and b(None, 1.0) is None
+    assert b(0.1, 0.2, higher_is_better=False) is True
+
+    def status(*values):
+        checks = {f"check {i}": v for i, v in enumerate(values)}
+        return _util.verdict_from_checks("claim", checks, "text").status
+
+    assert status(True, _util.TIE) == "partly agrees"
+    assert status(_util.TIE, _util.TIE) == "disagrees"
+    assert status(_util.TIE, None) == "disagrees"
+    v = _util.verdict_from_checks("c", {"a": True, "b": _util.TIE}, "t")
+    html_text = report._verdict_html(v)
+    assert "<li>= b (tie: not support)</li>" in html_text and "ties" in html_text
+
+
+def test_search_and_ensembles_call_equal_numbers_a_tie(quick_run):
+    s = quick_run.outcomes["search"].result
+    equal = s._replace(round_best=np.asarray([0.989] * len(s.round_best)))
+    v = lab.EXPERIMENTS["search"].verdict(equal)
+    assert v.checks["the last round's best beats the coarse round's best"] == "tie"
+    assert v.status != "agrees" and "ties" in v.text
+    e = quick_run.outcomes["ensembles"].result
+    same = e._replace(polyak_accuracy=e.member_accuracy.copy())
+    v = lab.EXPERIMENTS["ensembles"].verdict(same)
+    assert v.checks["Polyak-averaged parameters are more accurate than the final ones"] == "tie"
+    assert v.status != "agrees" and "a tie, not support" in v.text
+
+
+def test_ensembles_measure_the_lectures_two_percent(quick_run):
+    e = quick_run.outcomes["ensembles"].result
+    np.testing.assert_allclose(
+        e.ensemble_gain, 100 * (e.ensemble_accuracy - np.mean(e.member_accuracy)), rtol=1e-6
+    )
+    assert e.lecture_gain == 2.0
+    text = quick_run.outcomes["ensembles"].verdict.text
+    assert f"{e.ensemble_gain:+.2f} points against the lecture's ~2" in text
+    assert f"{abs(2.0 - e.ensemble_gain):.2f} points" in text
+    rows = quick_run.outcomes["ensembles"].table[1]
+    assert rows[-1][0] == "ensemble gain (points)"
+    # update_batch_stats gave the averaged parameters their own statistics (a BN model).
+    assert e.polyak_stale_accuracy.shape == e.polyak_accuracy.shape
+
+
+def test_shown_accuracies_agree_with_the_threshold_counts(quick_run):
+    assert _util.fmt_floor(0.8996) == "0.899" and _util.fmt_floor(0.9) == "0.900"
+    assert _util.fmt_floor(0.8996, 2) == "0.89" and _util.fmt_floor(float("nan")) == "nan"
+    bn = quick_run.outcomes["batchnorm"].result
+    acc = np.full_like(bn.accuracy, 0.5)
+    acc[0, 0, 0] = 0.8996  # below 90%: must not read 0.90 / 0.900
+    acc[1, 0, 0] = 0.9
+    div = np.zeros_like(bn.diverged)
+    div[0, -1, -1] = True
+    acc[0, -1, -1] = np.nan
+    r = bn._replace(accuracy=acc, diverged=div)
+    _, rows = lab.EXPERIMENTS["batchnorm"].table(r)
+    assert rows[0][1] == "0.899" and rows[0][1 + len(bn.init_stds)] == "0.900"
+    assert rows[-1][len(bn.init_stds)] == "diverged"
+    fig = lab.plots.plot_batchnorm_grid(r)
+    texts = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert "0.89" in texts and "0.90" in texts and "diverged" in texts and "NaN" not in texts
+
+
+def test_babysitting_ratio_check_separates_training_rates(quick_run):
+    b = quick_run.outcomes["babysitting"].result
+    lrs = np.asarray([1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    # The default run's numbers: lr 1e-3 has a ratio of 1.3e-3 but does not train.
+    r = b._replace(
+        learning_rates=lrs,
+        median_ratio=np.asarray([9.8e-5, 1.26e-3, 3.7e-3, 1.3e-3, 0.18]),
+        final_loss=np.asarray([2.30, 2.23, 0.133, 0.070, 2.34e28]),
+        update_ratio=np.ones((5, 3)),
+        best_lr=0.1,
+        best_median_ratio=1.3e-3,
+    )
+    v = lab.EXPERIMENTS["babysitting"].verdict(r)
+    name = next(k for k in v.checks if k.startswith("the ratio separates"))
+    assert v.checks[name] is False
+    assert "misclassifies learning rate(s) 0.001" in v.text and "diverged: 1;" in v.text
+    columns, rows = lab.EXPERIMENTS["babysitting"].table(r)
+    assert rows[-1][columns.index("validation loss")] == "diverged"
+    assert [row[columns.index("trains")] for row in rows] == ["no", "no", "yes", "yes", "diverged"]
+    good = r._replace(median_ratio=np.asarray([1e-5, 5e-5, 3.7e-3, 1.3e-3, 0.18]))
+    assert lab.EXPERIMENTS["babysitting"].verdict(good).checks[name] is True
+
+
+def test_regularization_verdict_rules(quick_run):
+    r = quick_run.outcomes["regularization"].result
+    assert r.l2_strengths[0] == 0 and r.dropout_rates[0] == 0
+    v = lab.EXPERIMENTS["regularization"].verdict(r)
+    assert len(v.checks) == 7
+    same = r._replace(
+        best_val={k: r.best_val["none"] for k in r.best_val},
+        gap={k: r.gap["none"] for k in r.gap},
+    )
+    v = lab.EXPERIMENTS["regularization"].verdict(same)
+    ties = [k for k, c in v.checks.items() if c == "tie"]
+    assert len(ties) == 6 and v.status != "agrees"
+    # max-norm survives where the plain net fails; nothing to show when no rate is too high.
+    hv = np.full_like(r.high_lr_val, 0.9)
+    hv[0] = 0.1
+    ok = r._replace(high_lr_val=hv, high_lr_diverged=np.zeros_like(r.high_lr_diverged))
+    check = next(k for k in v.checks if k.startswith("max-norm (c"))
+    assert lab.EXPERIMENTS["regularization"].verdict(ok).checks[check] is True
+    fine = ok._replace(high_lr_val=np.full_like(hv, 0.9))
+    assert lab.EXPERIMENTS["regularization"].verdict(fine).checks[check] is None
+    diverged = ok._replace(high_lr_val=np.where(np.arange(2)[:, None, None] == 0, np.nan, hv))
+    _, rows = lab.EXPERIMENTS["regularization"].table(
+        diverged._replace(high_lr_diverged=np.isnan(diverged.high_lr_val))
+    )
+    assert rows[-1][3].startswith("diverged / ")
+
+
+def test_updates_verdict_rules(quick_run):
+    u = quick_run.outcomes["updates"].result
+    v = lab.EXPERIMENTS["updates"].verdict(u)
+    assert len(v.checks) == 5
+    flat = u._replace(final_loss=np.full_like(u.final_loss, 0.5))
+    v = lab.EXPERIMENTS["updates"].verdict(flat)
+    assert v.checks["momentum and Nesterov reach a lower training loss than SGD on the digits"] == (
+        "tie"
+    )
+    never = u._replace(saddle_escape=(None,) * len(u.methods))
+    v = lab.EXPERIMENTS["updates"].verdict(never)
+    assert v.checks["every other method escapes the saddle sooner than SGD"] == "tie"
+
+
+def test_figures_are_readable_at_page_width(quick_run):
+    from jaxnorm.lab import plots
+
+    for name, outcome in quick_run.outcomes.items():
+        fig = lab.EXPERIMENTS[name].plot(outcome.result)
+        fig.canvas.draw()
+        floor = plots.MIN_FONT_PT / min(1.0, plots.displayed_scale(fig))
+        for ax in fig.axes:
+            for label in ax.get_xticklabels() + ax.get_yticklabels():
+                if label.get_text() and label.get_visible():
+                    assert label.get_fontsize() >= floor - 1e-6, (name, label.get_text())
+            # A panel with several labelled curves has a legend.
+            labelled = [
+                ln for ln in ax.get_lines() if ln.get_label() and not ln.get_label().startswith("_")
+            ]
+            if len(labelled) > 1 and ax.get_legend() is None:
+                twins = [o for o in fig.axes if o is not ax and o.bbox.bounds == ax.bbox.bounds]
+                assert any(o.get_legend() is not None for o in twins) or "colours" in (
+                    ax.get_title()
+                ), (name, ax.get_title())
+    data = report.figure_png_base64(
+        lab.plots.plot_gradient_check(quick_run.outcomes["gradcheck"].result)
+    )
+    import base64
+    import struct
+
+    png = base64.b64decode(data)
+    width = struct.unpack(">I", png[16:20])[0]
+    assert width == (7 * 150)  # 150 dpi
+
+
+def test_hidden_curves_get_a_note():
+    from jaxnorm.lab import plots
+
+    fig = plots.new_figure(4, 3)
+    ax = fig.subplots()
+    x = np.linspace(0, 1, 50)
+    a, b, c = x, x + 1e-4, 1 - x
+    for y, lab_ in ((a, "a"), (b, "b"), (c, "c")):
+        ax.plot(x, y, label=lab_)
+    pairs = plots.note_hidden_curves(ax, [a, b, c], ["a", "b", "c"])
+    assert pairs == [("b", "a")]
+    assert any("b lies under a" in t.get_text() for t in ax.texts)
+
+
+def test_preprocessing_shows_pca_whitened_digits(quick_run):
+    p = quick_run.outcomes["preprocessing"].result
+    assert p.digit_pca.shape == p.digit_zca.shape == p.digit_images.shape
+    fig = lab.plots.plot_preprocessing_views(p)
+    labels = {ax.get_ylabel() for ax in fig.axes}
+    assert "PCA-\nwhitened" in labels and "ZCA-\nwhitened" in labels
+
+
+def test_convergence_depth_sweep(quick_run):
+    c = quick_run.outcomes["convergence"]
+    r = c.result
+    assert r.depth_epoch_accuracy.shape[:2] == (2, len(r.depths))
+    name = next(k for k in c.verdict.checks if k.startswith("without batch norm"))
+    v = lab.EXPERIMENTS["convergence"].verdict(
+        r._replace(depth_epochs_to_target=((3,) * len(r.depths), (3,) * len(r.depths)))
+    )
+    assert v.checks[name] == "tie"
+    v = lab.EXPERIMENTS["convergence"].verdict(
+        r._replace(depth_epochs_to_target=((2,) * len(r.depths), (None,) * len(r.depths)))
+    )
+    assert v.checks[name] is True

@@ -3,6 +3,7 @@
 Usage::
 
     jaxnorm lab [--out DIR] [--quick] [--only NAME [NAME ...]] [--seed N] [--quiet]
+                [--figures DIR]
     python -m jaxnorm lab ...
 
 Writes ``DIR/index.html`` (default ``lab-report/``; one self-contained page) and
@@ -66,10 +67,15 @@ def _parser(names: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Arg
     )
     lab.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     lab.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    lab.add_argument(
+        "--figures",
+        metavar="DIR",
+        help="also write each figure as DIR/<name>.png (150 dpi), e.g. docs/figures",
+    )
     return parser, lab
 
 
-def _check_writable(parser: argparse.ArgumentParser, out: str) -> None:
+def _check_writable(parser: argparse.ArgumentParser, out: str, option: str = "--out") -> None:
     """Create ``out`` and write and remove a probe file there, or exit with a usage error."""
     try:
         os.makedirs(out, exist_ok=True)
@@ -79,8 +85,8 @@ def _check_writable(parser: argparse.ArgumentParser, out: str) -> None:
     except OSError as e:
         reason = e.strerror or str(e)
         parser.error(
-            f"cannot write the report to --out {out!r}: {reason}; choose a folder you can write "
-            "to, e.g. --out ./lab-report"
+            f"cannot write the report to {option} {out!r}: {reason}; choose a folder you can "
+            f"write to, e.g. {option} ./lab-report"
         )
 
 
@@ -119,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"unknown experiment(s) for --only: {', '.join(unknown)}; known: {', '.join(names)}"
         )
     _check_writable(parser, args.out)
+    if args.figures is not None:
+        _check_writable(parser, args.figures, "--figures")
     _check_matplotlib(parser)
     # Keep the page's order whatever the order on the command line.
     selected = [n for n in names if n in only]
@@ -149,9 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         html_path = os.path.join(args.out, "index.html")
         say("writing the report ...")
         report.write_json(json_path, report.results_dict(outcomes, meta))
-        report.write_html(
-            html_path, outcomes, meta, {n: e.plot for n, e in lab.EXPERIMENTS.items()}
-        )
+        plots = {n: e.plot for n, e in lab.EXPERIMENTS.items()}
+        if args.figures is None:
+            report.write_html(html_path, outcomes, meta, plots)
+        else:
+            report.write_html(html_path, outcomes, meta, plots, figures_dir=args.figures)
     except KeyboardInterrupt:
         say("jaxnorm lab: interrupted; index.html not written (an earlier one is left as it was)")
         return 1

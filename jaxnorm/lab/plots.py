@@ -152,8 +152,8 @@ _ACT_COLORS = {"relu": "C3", "tanh": "C1", "sigmoid": "C0"}
 
 def plot_relu_convergence(r) -> Any:
     """Training accuracy per epoch for each activation (each seed thin, the mean bold)."""
-    fig = new_figure(11, 4.0)
-    ax, ax_r = fig.subplots(1, 2, width_ratios=[2, 1])
+    fig = new_figure(12, 4.2)
+    ax, ax_r, ax_d = fig.subplots(1, 3, width_ratios=[2, 1, 1.2])
     epochs = np.arange(1, r.epoch_accuracy.shape[-1] + 1)
     for name, init, acc in zip(r.activations, r.init, r.epoch_accuracy, strict=True):
         c = _ACT_COLORS.get(name)
@@ -176,6 +176,26 @@ def plot_relu_convergence(r) -> Any:
     ax_r.set_xticks(pos, r.activations)
     ax_r.set(title="to target, ratio to tanh\n(wall time without compilation)")
     ax_r.legend(fontsize=9)
+    cap = r.depth_epochs + 1
+    for name, per_depth, marker in zip(
+        ("relu", "tanh"), r.depth_epochs_to_target, "os", strict=True
+    ):
+        ys = [cap if v is None else v for v in per_depth]
+        ax_d.plot(r.depths, ys, marker=marker, color=_ACT_COLORS[name], label=name)
+    ax_d.axhline(cap, color="k", ls=":", lw=0.8, label="never (in the run)")
+    ax_d.set_xticks(r.depths)
+    ax_d.set(
+        xlabel="hidden layers (no batch norm)",
+        ylabel=f"epochs to {r.target:.0%}",
+        title=f"depth sweep, {r.depth_width} units/layer",
+    )
+    ax_d.grid(alpha=0.3)
+    ax_d.legend(fontsize=9)
+    note_hidden_curves(
+        ax_d,
+        [np.asarray([cap if v is None else v for v in p], float) for p in r.depth_epochs_to_target],
+        ["relu", "tanh"],
+    )
     return finish(fig)
 
 

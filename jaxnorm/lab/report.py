@@ -50,11 +50,16 @@ ul.checks { margin: 0.3em 0; }
 """
 
 
-def figure_png_base64(fig: Any, *, dpi: int = 150) -> str:
-    """A matplotlib Figure as base64-encoded PNG text."""
+def figure_png(fig: Any, *, dpi: int = 150) -> bytes:
+    """A matplotlib Figure as PNG bytes (150 dpi: the report's resolution)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def figure_png_base64(fig: Any, *, dpi: int = 150) -> str:
+    """A matplotlib Figure as base64-encoded PNG text."""
+    return base64.b64encode(figure_png(fig, dpi=dpi)).decode("ascii")
 
 
 def results_dict(outcomes: Sequence[Any], meta: dict) -> dict:
@@ -79,7 +84,7 @@ def results_dict(outcomes: Sequence[Any], meta: dict) -> dict:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
+def atomic_writer(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """A text file that appears at ``path`` only if the ``with`` block completes.
 
     Writes to a temporary file in the same folder (so the rename stays on one filesystem), then
@@ -90,7 +95,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -163,12 +168,17 @@ def _check_html(name: str, ok: Any) -> str:
     return f"<li>✓ {_esc(name)}</li>" if ok else f"<li>✗ {_esc(name)}</li>"
 
 
-def _figure_html(outcome: Any, plot: Callable[[Any], Any] | None) -> str:
+def _figure_html(
+    outcome: Any, plot: Callable[[Any], Any] | None, figures_dir: str | None = None
+) -> str:
     if plot is None or outcome.result is None:
         return ""
     try:
-        fig = plot(outcome.result)
-        data = figure_png_base64(fig)
+        png = figure_png(plot(outcome.result))
+        if figures_dir is not None:
+            with atomic_writer(os.path.join(figures_dir, f"{outcome.name}.png"), "wb") as f:
+                f.write(png)
+        data = base64.b64encode(png).decode("ascii")
     except Exception:
         # A broken figure must not cost the rest of a long run's report.
         return f"<p><b>The figure failed:</b></p><pre>{_esc(traceback.format_exc())}</pre>"
@@ -176,7 +186,9 @@ def _figure_html(outcome: Any, plot: Callable[[Any], Any] | None) -> str:
     return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _render_section(outcome: Any, plot: Callable[[Any], Any] | None) -> str:
+def _render_section(
+    outcome: Any, plot: Callable[[Any], Any] | None, figures_dir: str | None = None
+) -> str:
     parts = [f'<section id="{_esc(outcome.name)}"><h2>{_esc(outcome.title)}</h2>']
     parts.append(f'<p class="meta">--only {_esc(outcome.name)} · {outcome.seconds:.1f} s</p>')
     if outcome.error:
@@ -186,7 +198,7 @@ def _render_section(outcome: Any, plot: Callable[[Any], Any] | None) -> str:
         )
         return "".join(parts) + "</section>"
     parts.append(_verdict_html(outcome.verdict))
-    parts.append(_figure_html(outcome, plot))
+    parts.append(_figure_html(outcome, plot, figures_dir))
     parts.append(_table_html(*outcome.table))
     report = getattr(outcome.result, "report", None)
     if isinstance(report, str):
@@ -221,6 +233,7 @@ def write_html(
     outcomes: Sequence[Any],
     meta: dict,
     plots: dict[str, Callable[[Any], Any]],
+    figures_dir: str | os.PathLike | None = None,
 ) -> None:
     """Write the report page to ``path`` atomically, one section per outcome.
 
@@ -229,7 +242,10 @@ def write_html(
       outcomes: :class:`jaxnorm.lab.Outcome` objects, in page order.
       meta: run information shown in the header (seed, quick, versions, devices, ...).
       plots: ``{name: plot(result) -> Figure}``.
+      figures_dir: also write each figure there as ``<name>.png`` (150 dpi), e.g. the
+        README's ``docs/figures``.
     """
+    figures_dir = None if figures_dir is None else os.fspath(figures_dir)
     with atomic_writer(path) as f:
         f.write(
             '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -248,7 +264,10 @@ def write_html(
         )
         f.write(_summary_html(outcomes))
         for outcome in outcomes:
-            f.write(_render_section(outcome, plots.get(outcome.name)))
+            if figures_dir is None:
+                f.write(_render_section(outcome, plots.get(outcome.name)))
+            else:
+                f.write(_render_section(outcome, plots.get(outcome.name), figures_dir))
         f.write("</body></html>\n")
 
 

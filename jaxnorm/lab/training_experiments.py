@@ -88,6 +88,12 @@ class Convergence(NamedTuple):
       epoch_ratio_to_tanh: epochs_to_target over tanh's (None when either is None).
       time_ratio_to_tanh: seconds_to_target over tanh's.
       widths, learning_rate, batch_size, epochs, num_seeds: the set-up.
+      depths: the numbers of hidden layers of the depth sweep (ReLU + He against tanh +
+        Glorot, no batch norm, ``depth_width`` units a layer, ``depth_epochs`` epochs,
+        ``depth_seeds`` seeds, the same optimizer and target).
+      depth_epoch_accuracy: ``[2, D, S, E]`` training accuracy per epoch (ReLU first).
+      depth_epochs_to_target: ``[2, D]`` median epochs to the target (None: most seeds never).
+      depth_width, depth_epochs, depth_seeds: the sweep's set-up.
     """
 
     activations: tuple
@@ -104,6 +110,12 @@ class Convergence(NamedTuple):
     batch_size: int
     epochs: int
     num_seeds: int
+    depths: tuple
+    depth_epoch_accuracy: np.ndarray
+    depth_epochs_to_target: tuple
+    depth_width: int
+    depth_epochs: int
+    depth_seeds: int
 
 
 _CONVERGENCE_ACTS = (("relu", "he_normal"), ("tanh", "xavier_normal"), ("sigmoid", "xavier_normal"))
@@ -176,6 +188,7 @@ def relu_convergence(key: Any = 0, *, quick: bool = False) -> Convergence:
         firsts = [(int(np.argmax(s >= target)) + 1) if np.any(s >= target) else None for s in a]
         to_target.append(_median_or_none(firsts))
     t_secs = tuple(None if e is None else e * s for e, s in zip(to_target, secs, strict=True))
+    depth = _depth_sweep(key, x, y, lr, batch, target, quick)
     i_tanh = 1
 
     def ratio(v):
@@ -196,7 +209,76 @@ def relu_convergence(key: Any = 0, *, quick: bool = False) -> Convergence:
         batch_size=batch,
         epochs=epochs,
         num_seeds=seeds,
+        **depth,
     )
+
+
+def _epochs_to(acc, target):
+    firsts = [(int(np.argmax(s >= target)) + 1) if np.any(s >= target) else None for s in acc]
+    return _median_or_none(firsts)
+
+
+def _depth_sweep(key, x, y, lr, batch, target, quick):
+    """ReLU + He against tanh + Glorot, without batch norm, over several depths."""
+    depths, width, epochs, seeds = ((4,), 16, 3, 1) if quick else ((2, 5, 8), 64, 10, 2)
+    keys = jax.random.split(jax.random.fold_in(key, 7), seeds)
+    steps_per_epoch = x.shape[0] // batch
+    lowered = []
+    for act, init in _CONVERGENCE_ACTS[:2]:
+        for d in depths:
+            model = training.mlp(
+                (x.shape[1], *([width] * d), _NUM_CLASSES), activation=act, init=init
+            )
+
+            def run(k, model=model):
+                k_init, k_fit = jax.random.split(k)
+                params, state = model.init(k_init)
+                _, hist = training.fit(
+                    model,
+                    params,
+                    optax.sgd(lr, momentum=0.9),
+                    (x, y),
+                    key=k_fit,
+                    epochs=epochs,
+                    batch_size=batch,
+                    state=state,
+                )
+                return hist.accuracy
+
+            lowered.append(jit(jax.vmap(run), quick=quick).lower(keys))
+    accs = [
+        np.asarray(c(keys)).reshape(seeds, epochs, steps_per_epoch).mean(axis=-1)
+        for c in compile_all(lowered)
+    ]
+    acc = np.stack(accs).reshape(2, len(depths), seeds, epochs)
+    return {
+        "depths": depths,
+        "depth_epoch_accuracy": acc,
+        "depth_epochs_to_target": tuple(
+            tuple(_epochs_to(acc[a, i], target) for i in range(len(depths))) for a in range(2)
+        ),
+        "depth_width": width,
+        "depth_epochs": epochs,
+        "depth_seeds": seeds,
+    }
+
+
+def _fewer_epochs(relu, tanh):
+    """ReLU reaches the target in fewer epochs than tanh (never = infinitely many)."""
+    if relu is None and tanh is None:
+        return TIE
+    if relu is None:
+        return False
+    if tanh is None:
+        return True
+    return beats(relu, tanh, higher_is_better=False)
+
+
+def _advantage(relu, tanh, cap):
+    """tanh's epochs over ReLU's; "never" counts as one epoch past the run."""
+    r = cap + 1 if relu is None else relu
+    t = cap + 1 if tanh is None else tanh
+    return t / r
 
 
 def relu_convergence_verdict(r: Convergence) -> Verdict:
@@ -218,10 +300,17 @@ def relu_convergence_verdict(r: Convergence) -> Verdict:
             return None if other is None else False
         return True if other is None else relu <= 0.5 * other
 
+    d_relu, d_tanh = r.depth_epochs_to_target
+    adv = [_advantage(a, b, r.depth_epochs) for a, b in zip(d_relu, d_tanh, strict=True)]
     checks = {
         "ReLU reaches the target in fewer epochs than tanh": faster(tanh),
         "ReLU reaches the target in fewer epochs than sigmoid": faster(sig),
         'ReLU needs at most half of tanh\'s epochs ("much faster")': much_faster(tanh),
+        f"without batch norm, ReLU reaches the target in fewer epochs than tanh at the "
+        f"deepest depth ({r.depths[-1]} hidden layers)": _fewer_epochs(d_relu[-1], d_tanh[-1]),
+        "ReLU's advantage over tanh grows with depth (deepest > shallowest)": None
+        if len(r.depths) < 2
+        else beats(adv[-1], adv[0]),
     }
 
     def fmt(v):
@@ -233,6 +322,12 @@ def relu_convergence_verdict(r: Convergence) -> Verdict:
         + ", ".join(
             f"{a} {fmt(None if q is None else round(q, 3))}"
             for a, q in zip(r.activations, r.epoch_ratio_to_tanh, strict=True)
+        )
+        + f". Depth sweep without batch norm ({r.depth_width} units a layer, at most "
+        f"{r.depth_epochs} epochs, {r.depth_seeds} seed(s)), epochs to the target relu / tanh: "
+        + ", ".join(
+            f"{d} layers {fmt(a)} / {fmt(b)} (advantage {q:.2g}x)"
+            for d, a, b, q in zip(r.depths, d_relu, d_tanh, adv, strict=True)
         )
         + "."
     )
@@ -277,6 +372,20 @@ def relu_convergence_table(r: Convergence):
             strict=True,
         )
     ]
+    d_relu, d_tanh = r.depth_epochs_to_target
+    for d, a, b in zip(r.depths, d_relu, d_tanh, strict=True):
+        rows.append(
+            [
+                f"depth {d} (no BN): relu vs tanh",
+                f"{r.depth_width} units/layer",
+                "",
+                f"{fmt(a)} vs {fmt(b)}",
+                fmt(_advantage(a, b, r.depth_epochs) ** -1, ".3g"),
+                "",
+                "",
+                "",
+            ]
+        )
     return columns, rows
 
 
@@ -497,6 +606,16 @@ _TRAINS_LOSS_FACTOR = 0.5
 _RATIO_BAND = (1e-4, 1e-2)
 
 
+def _run_status(final_loss) -> tuple[np.ndarray, np.ndarray]:
+    """``(diverged, trains)`` per run from its final validation loss (the fixed rules above)."""
+    final = np.asarray(final_loss, np.float64)
+    chance = math.log(_NUM_CLASSES)
+    with np.errstate(invalid="ignore"):
+        diverged = ~np.isfinite(final) | (final > _DIVERGED_LOSS_FACTOR * chance)
+        trains = ~diverged & (final < _TRAINS_LOSS_FACTOR * chance)
+    return diverged, trains
+
+
 def babysitting(key: Any = 0, *, quick: bool = False) -> Babysitting:
     """The lecture's checks on a 2-layer net (50 hidden ReLU units, small_normal init) on digits.
 
@@ -555,9 +674,7 @@ def babysitting(key: Any = 0, *, quick: bool = False) -> Babysitting:
     median = np.asarray(
         [np.median(r[np.isfinite(r)]) if np.isfinite(r).any() else np.nan for r in ratios]
     )
-    chance = float(diagnostics.expected_initial_loss(_NUM_CLASSES))
-    diverged = ~np.isfinite(final) | (final > _DIVERGED_LOSS_FACTOR * chance)
-    trains = ~diverged & (final < _TRAINS_LOSS_FACTOR * chance)
+    diverged, trains = _run_status(final)
     kept = np.where(diverged, np.nan, final)
     best = int(np.nanargmin(kept)) if np.isfinite(kept).any() else None
     return Babysitting(
@@ -585,10 +702,11 @@ def babysitting_verdict(r: Babysitting) -> Verdict:
     """Initial loss ~ log 10, reg raises it, 20 examples overfit, best LR has ratio ~1e-3."""
     ratio = r.best_median_ratio
     lo, hi = r.ratio_band
+    diverged, trains = _run_status(r.final_loss)
     in_band = (r.median_ratio >= lo) & (r.median_ratio <= hi)
     wrong = [
         f"{lr:g}"
-        for lr, b, t in zip(r.learning_rates, in_band, r.trains, strict=True)
+        for lr, b, t in zip(r.learning_rates, in_band, trains, strict=True)
         if bool(b) != bool(t)
     ]
     checks = {
@@ -614,12 +732,12 @@ def babysitting_verdict(r: Babysitting) -> Verdict:
         + "; rates that train (validation loss < "
         + f"{_TRAINS_LOSS_FACTOR:g} log 10): "
         + (
-            ", ".join(f"{lr:g}" for lr, t in zip(r.learning_rates, r.trains, strict=True) if t)
+            ", ".join(f"{lr:g}" for lr, t in zip(r.learning_rates, trains, strict=True) if t)
             or "none"
         )
         + "; diverged: "
         + (
-            ", ".join(f"{lr:g}" for lr, d in zip(r.learning_rates, r.diverged, strict=True) if d)
+            ", ".join(f"{lr:g}" for lr, d in zip(r.learning_rates, diverged, strict=True) if d)
             or "none"
         )
         + (
@@ -653,7 +771,7 @@ def babysitting_table(r: Babysitting):
             "diverged" if d else ("yes" if t else "no"),
         ]
         for lr, m, f, d, t in zip(
-            r.learning_rates, r.median_ratio, r.final_loss, r.diverged, r.trains, strict=True
+            r.learning_rates, r.median_ratio, r.final_loss, *_run_status(r.final_loss), strict=True
         )
     ]
     return columns, rows
