@@ -548,6 +548,9 @@ def batch_norm(
         others (``-1`` for NHWC and ``[N, D]`` data, ``1`` for NCHW).
       axis_name: a mapped axis (``shard_map``/``pmap``/``vmap``) over which the statistics are
         global: one all-gather of per-device (count, mean, centred second moment), merged exactly.
+        Under ``jax.jit`` with x sharded over the batch, leave it None (XLA makes the reductions
+        global). In training it must be bound where batch_norm is traced (a NameError naming it
+        otherwise, flax's error type).
       axis_index_groups: groups of devices along ``axis_name`` that share statistics (needs
         ``axis_name``).
       mask: True for rows that count in the statistics (False: padding). Shape either the batch
@@ -602,6 +605,8 @@ def batch_norm(
         axis_index_groups is given without axis_name; a training batch has a single value per
         feature with ``refuse_single_value=True``; or virtual_batch_size does not divide the
         batch.
+      NameError: in training, if axis_name is not bound (not inside a ``shard_map``, ``pmap``
+        or ``vmap`` of that name); the message says how to bind it.
 
     References:
       Ioffe & Szegedy 2015, "Batch normalization"; Ioffe 2017, "Batch renormalization: towards
@@ -680,6 +685,8 @@ def batch_norm(
         y = pre if act is None else act(pre)
         return y.astype(out_dtype), state
 
+    if axis_name is not None:
+        _check_axis_name_bound(axis_name)
     # Ghost batch norm: axis 0 becomes (groups, virtual batch); groups are normalised separately.
     shape = x.shape
     if virtual_batch_size is not None:
@@ -1357,6 +1364,33 @@ def _check_epsilon(epsilon, name="epsilon"):
             f"normal float32), got {e}: it keeps 1 / sqrt(var + {name}) finite for a constant "
             f"feature (var = 0), which {name}=0 would divide by zero (flax's and PyTorch's "
             "default is 1e-5)"
+        )
+
+
+def _check_axis_name_bound(axis_name):
+    """NameError, raised here and naming ``axis_name``, for a mapped axis that is not bound.
+
+    Inside JAX the first collective would raise it, with a message about ``axis_index``, which
+    the caller never called. The type stays NameError (flax's, for code that catches it).
+    """
+    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
+    unbound = []
+    for name in names:
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            unbound.append(name)
+    if unbound:
+        listed = ", ".join(repr(n) for n in unbound)
+        name = unbound[0]
+        raise NameError(
+            f"batch_norm's axis_name={axis_name!r} names a mapped axis whose devices share "
+            f"the batch statistics, but no axis {listed} is bound here. Call batch_norm (or "
+            f"the model) inside jax.shard_map over a mesh with an axis named {name!r}, with "
+            f"the batch split along it (in_specs=P({name!r})), or inside "
+            f"jax.vmap/jax.pmap(..., axis_name={name!r}); or, under jax.jit with x sharded "
+            "over the batch, pass axis_name=None: XLA then makes the statistics global "
+            "itself (docs/batchnorm_modules.md, 'Data parallel')."
         )
 
 

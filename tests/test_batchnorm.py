@@ -886,6 +886,29 @@ def test_vmap_over_batch_axis_name():
     np.testing.assert_allclose(new.mean[0], m_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("axis_name", ["batch", ("data", "batch")])
+def test_unbound_axis_name_is_named_at_the_boundary(axis_name):
+    # JAX's own error spoke of axis_index, which the caller never called; the type stays
+    # NameError (flax's). Raised at trace time, under jit too.
+    f = lambda x: bn.batch_norm(x, None, None, bn.init_state(3), train=True, axis_name=axis_name)
+    for call in (f, jax.jit(f)):
+        with pytest.raises(NameError) as info:
+            call(_x((4, 3)))
+        message = str(info.value)
+        assert f"axis_name={axis_name!r}" in message and "'batch' is bound" in message
+        assert "shard_map" in message and "axis_name=None" in message
+        assert "axis_index" not in message
+        assert info.value.__traceback__ is not None
+    # Bound (here by vmap, the outer name of the tuple too), it runs; evaluation needs no axis.
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    g = f
+    for name in names:
+        g = jax.vmap(g, axis_name=name)
+    y, _ = g(_x((1, 1, 4, 3)) if len(names) == 2 else _x((1, 4, 3)))
+    assert np.all(np.isfinite(y))
+    bn.batch_norm(_x((4, 3)), None, None, bn.init_state(3), train=False, axis_name=axis_name)
+
+
 def test_eval_shape():
     scale, bias, state = _params((6,))
     out = jax.eval_shape(

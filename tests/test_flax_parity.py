@@ -401,7 +401,6 @@ def test_nnx_vmap_of_members_with_a_batch_of_one_matches_flax():
 # Item 8 (core): an unbound axis_name is named in the error.
 
 
-@_core_change("an unbound axis_name is caught at the boundary and named")
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_unbound_axis_name_error_names_axis_name(api):
     x = _data((4, 3))
