@@ -75,5 +75,5 @@ def bench(size: str) -> list[harness.Row]:
             rows.append(harness.skipped("activations", tag, "time budget spent"))
             continue
         harness.progress(f"activations {tag}")
-        rows += _rows(name, *CASES[name], shape, dtype)
+        rows += harness.guarded("activations", tag, _rows, name, *CASES[name], shape, dtype)
     return rows

@@ -199,6 +199,62 @@ def bench(size: str) -> list[harness.Row]:
     flax_exact = _flax_step(False)
     flax_relu = _flax_step(True, relu=True)
     copy, _, _ = harness.floor_fns((1,))
+
+    def case_rows(shape, dtype, case):
+        rows = []
+        args = _inputs(shape, dtype)
+        x = args[0]
+        fns = {
+            "jaxnorm": functools.partial(ours, *args),
+            "jaxnorm_relu": functools.partial(ours_relu, *args),
+            "flax": functools.partial(flax_fast, *args),
+            "flax_exact": functools.partial(flax_exact, *args),
+            "flax_relu": functools.partial(flax_relu, *args),
+            "copy": functools.partial(copy, x),
+        }
+        reps = REPS[size]
+        t = _both_orders(fns, reps=2 * reps)
+        torch_step = _torch_step(shape, dtype)
+        if torch_step is not None:
+            # Timed on its own, after the JAX functions: torch's OpenMP workers keep spinning
+            # for a while after each op, which slowed whichever JAX function ran next when
+            # torch was interleaved with them (jaxnorm, first in each round, read 1.4-1.5x
+            # flax that way and 0.9-1.0x with torch left out).
+            t["torch"] = harness.timeit(torch_step, reps=reps)
+        floor = FLOOR_COPIES * t["copy"]
+        layout = "NCHW" if len(shape) == 4 else "NC"
+        row = functools.partial(harness.Row, case=case, floor_s=floor)
+        rows.append(row("batchnorm", candidate_s=t["jaxnorm"], anchor="flax", anchor_s=t["flax"]))
+        rows.append(
+            row(
+                "batchnorm",
+                candidate_s=t["jaxnorm"],
+                anchor="flax exact var",
+                anchor_s=t["flax_exact"],
+                note="flax use_fast_variance=False",
+            )
+        )
+        if "torch" in t:
+            rows.append(
+                row(
+                    "batchnorm",
+                    candidate_s=t["jaxnorm"],
+                    anchor="torch",
+                    anchor_s=t["torch"],
+                    note=f"torch {torch_device()} train fwd+bwd, {layout} contiguous",
+                )
+            )
+        rows.append(
+            row(
+                "batchnorm+relu",
+                candidate_s=t["jaxnorm_relu"],
+                anchor="flax+relu",
+                anchor_s=t["flax_relu"],
+                note="activation='relu' vs flax BatchNorm then jax.nn.relu",
+            )
+        )
+        return rows
+
     for shape in SHAPES[size]:
         for dtype in DTYPES:
             case = f"{shape} {_name(dtype)}"
@@ -206,59 +262,7 @@ def bench(size: str) -> list[harness.Row]:
                 rows.append(harness.skipped("batchnorm", case, "time budget spent"))
                 continue
             harness.progress(f"batchnorm {case}")
-            args = _inputs(shape, dtype)
-            x = args[0]
-            fns = {
-                "jaxnorm": functools.partial(ours, *args),
-                "jaxnorm_relu": functools.partial(ours_relu, *args),
-                "flax": functools.partial(flax_fast, *args),
-                "flax_exact": functools.partial(flax_exact, *args),
-                "flax_relu": functools.partial(flax_relu, *args),
-                "copy": functools.partial(copy, x),
-            }
-            reps = REPS[size]
-            t = _both_orders(fns, reps=2 * reps)
-            torch_step = _torch_step(shape, dtype)
-            if torch_step is not None:
-                # Timed on its own, after the JAX functions: torch's OpenMP workers keep spinning
-                # for a while after each op, which slowed whichever JAX function ran next when
-                # torch was interleaved with them (jaxnorm, first in each round, read 1.4-1.5x
-                # flax that way and 0.9-1.0x with torch left out).
-                t["torch"] = harness.timeit(torch_step, reps=reps)
-            floor = FLOOR_COPIES * t["copy"]
-            layout = "NCHW" if len(shape) == 4 else "NC"
-            row = functools.partial(harness.Row, case=case, floor_s=floor)
-            rows.append(
-                row("batchnorm", candidate_s=t["jaxnorm"], anchor="flax", anchor_s=t["flax"])
-            )
-            rows.append(
-                row(
-                    "batchnorm",
-                    candidate_s=t["jaxnorm"],
-                    anchor="flax exact var",
-                    anchor_s=t["flax_exact"],
-                    note="flax use_fast_variance=False",
-                )
-            )
-            if "torch" in t:
-                rows.append(
-                    row(
-                        "batchnorm",
-                        candidate_s=t["jaxnorm"],
-                        anchor="torch",
-                        anchor_s=t["torch"],
-                        note=f"torch {torch_device()} train fwd+bwd, {layout} contiguous",
-                    )
-                )
-            rows.append(
-                row(
-                    "batchnorm+relu",
-                    candidate_s=t["jaxnorm_relu"],
-                    anchor="flax+relu",
-                    anchor_s=t["flax_relu"],
-                    note="activation='relu' vs flax BatchNorm then jax.nn.relu",
-                )
-            )
+            rows += harness.guarded("batchnorm", case, case_rows, shape, dtype, case)
     return rows
 
 

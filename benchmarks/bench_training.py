@@ -253,10 +253,10 @@ def bench(size: str) -> list[harness.Row]:
             rows.append(harness.skipped("training", what, "time budget spent"))
             continue
         harness.progress(f"training search {what}")
-        rows += _search_rows(cfg)
+        rows += harness.guarded("training", f"search, {what}", _search_rows, cfg)
         if harness.out_of_time():
             rows.append(harness.skipped("training", f"ensemble, {what}", "time budget spent"))
             continue
         harness.progress(f"training ensemble {what}")
-        rows += _ensemble_rows(cfg)
+        rows += harness.guarded("training", f"ensemble, {what}", _ensemble_rows, cfg)
     return rows

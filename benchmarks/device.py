@@ -152,6 +152,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    harness.KEEP_GOING = True
     if args.dry_run:
         # The accelerator's timing path (pipelined samples) on CPU too.
         harness.PIPELINE = True

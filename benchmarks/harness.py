@@ -24,6 +24,7 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import jax
@@ -39,6 +40,8 @@ SAMPLE_S = 2e-3
 MAX_CALLS = 64
 # time.perf_counter() after which benchmarks skip their remaining cases (None: no limit).
 DEADLINE: float | None = None
+# Record a failing case as a skipped row and go on (benchmarks.device), instead of raising.
+KEEP_GOING = False
 _START = time.perf_counter()
 
 
@@ -88,6 +91,22 @@ def out_of_time() -> bool:
 def skipped(group: str, case: str, why: str) -> Row:
     """A row for a case that was not measured, saying why."""
     return Row(group, case, math.nan, note=f"skipped: {why}")
+
+
+def guarded(group: str, case: str, fn: Callable, *args) -> list[Row]:
+    """``fn(*args)``, the rows of one case; with ``KEEP_GOING`` a failure becomes a skipped row.
+
+    The device command sets ``KEEP_GOING`` so that one failing case (a missing kernel, an
+    out-of-memory) is recorded and the next case runs; elsewhere the error propagates.
+    """
+    if not KEEP_GOING:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # recorded in the table, the traceback printed
+        traceback.print_exc()
+        first = (str(e).splitlines() or [""])[0][:160]
+        return [skipped(group, case, f"failed: {type(e).__name__}: {first}")]
 
 
 def progress(message: str) -> None:
