@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         spent = time.perf_counter() - t0
         skipped = sum(math.isnan(r.candidate_s) for r in rows)
         if skipped and status == "ok":
-            status = f"ok, {skipped} case(s) skipped (time budget)"
+            status = f"ok, {skipped} case(s) skipped (time budget or failure: see the notes)"
         summary.append((section, status, spent))
         harness.progress(f"{section}: {status} in {spent:.1f}s")
         all_rows += rows
