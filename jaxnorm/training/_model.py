@@ -260,6 +260,13 @@ def _check_label_values(y, num_classes, who):
     """Concrete labels must lie in [0, num_classes); traced ones cannot be read (see the loss)."""
     if _checks.is_tracer(y):
         return
+    if isinstance(y, jax.Array) and not y.is_fully_addressable:
+        # Labels sharded over several processes (jax.distributed): each process checks the rows
+        # it holds, at their global indices (no communication: this may run while tracing).
+        local = np.zeros(y.shape, y.dtype)
+        for shard in y.addressable_shards:
+            local[shard.index] = np.asarray(shard.data)
+        y = local
     y = np.asarray(y)
     if not np.issubdtype(y.dtype, np.integer):
         return  # reported by _check_labels with the logits' shape

@@ -1000,7 +1000,7 @@ def _group_program(train_fn, hp, static, keys, chunk_size, devices, workers, met
     """
     n = len(keys)
     on_cpu = all(d.platform == "cpu" for d in devices)
-    _, program = _programs(train_fn, tuple(static.items()), metric, who, on_cpu)
+    one, program = _programs(train_fn, tuple(static.items()), metric, who, on_cpu)
     nd = len(devices)
     chunk = n if chunk_size is None else min(chunk_size, n)
     # On one CPU device the chunk_size trials in flight are split over the cores.
@@ -1019,9 +1019,65 @@ def _group_program(train_fn, hp, static, keys, chunk_size, devices, workers, met
         chunk_keys = keys if chunk == n else keys[idx]
         args = ({k: jnp.asarray(v[idx]) for k, v in hp.items()}, chunk_keys)
         if sharding is not None:
-            args = jax.device_put(args, sharding)
+            args = _shard(args, sharding)
         chunks.append((args, stop - start))
+    if sharding is not None and not sharding.is_fully_addressable:
+        program, consts = _hoisted(one, chunks[0][0], on_cpu)
+        chunks = [((consts, *args), size) for args, size in chunks]
     return program, chunks
+
+
+def _hoisted(one, args, on_cpu):
+    """``jit(vmap(one))`` with the arrays ``one`` closes over passed as arguments.
+
+    A ``train_fn`` closes over its data; under ``jax.distributed`` that data is a global array
+    (``jax.make_array_from_process_local_data``), and ``jit`` refuses to close over an array
+    with devices in other processes. The vmapped function is traced once here, and its constants
+    become the first argument of the compiled program: the same computation, the data sharded as
+    the caller laid it out. Returns the program and the constants.
+    """
+    from jax.extend import core
+
+    closed, shapes = jax.make_jaxpr(jax.vmap(one), return_shape=True)(*args)
+    out_tree = jax.tree.structure(shapes)
+
+    def run(consts, *args):
+        out = core.jaxpr_as_fun(core.ClosedJaxpr(closed.jaxpr, consts))(*jax.tree.leaves(args))
+        return jax.tree.unflatten(out_tree, out)
+
+    options = dict(_CPU_COMPILER_OPTIONS) if on_cpu else None
+    return jax.jit(run, compiler_options=options), list(closed.consts)
+
+
+def _shard(tree, sharding):
+    """``tree``'s arrays laid out by ``sharding``, which may span processes.
+
+    Within one process this is ``jax.device_put``. Under ``jax.distributed`` the mesh has devices
+    of other processes, which ``device_put`` refuses for a JAX array; every process holds the same
+    values (they come from the same key), so each builds its own devices' shards of the global
+    array from its copy.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(a):
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(one, tree)
+
+
+def _to_host(tree):
+    """NumPy copies of ``tree``'s arrays, whole in every process.
+
+    An output sharded over the devices of several processes holds only this process's rows
+    here; ``process_allgather`` assembles every process's rows, so each process gets what one
+    process with as many devices would.
+    """
+    if all(a.is_fully_addressable for a in jax.tree.leaves(tree)):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _run_chunks(program, chunks, workers):
@@ -1030,7 +1086,7 @@ def _run_chunks(program, chunks, workers):
     outs = _parallel.run(program, [args for args, _ in chunks], workers)
     sizes = [size for _, size in chunks]
     outs = [
-        {k: np.asarray(v)[:size] for k, v in o.items()} for o, size in zip(outs, sizes, strict=True)
+        {k: v[:size] for k, v in _to_host(o).items()} for o, size in zip(outs, sizes, strict=True)
     ]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
@@ -1209,7 +1265,11 @@ def random_search(
         multi-core CPU they are split into one vmapped call per core.
       metric: the output to rank by.
       mode: ``"max"`` or ``"min"``.
-      devices: devices to shard the trials over (default ``jax.devices()``).
+      devices: devices to shard the trials over (default ``jax.devices()``: under
+        ``jax.distributed``, the devices of every process). Across processes, every process
+        calls the search alike, ``train_fn`` may close over global arrays (data loaded with
+        ``jax.make_array_from_process_local_data``), and each process gets the whole result,
+        as one process with as many devices would (docs/multihost.md).
       border: fraction of a range (in log space for log_uniform) counted as its border, in
         [0, 0.5) (0 switches the check off).
 
