@@ -94,6 +94,9 @@ __all__ = [
 
 def _as_float(x: ArrayLike, fn: str) -> jax.Array:
     """x as an array, after checking that it is floating (TypeError otherwise)."""
+    # A list, dict, None or str is refused here, as jax.nn refuses it, instead of being
+    # converted (a list) or failing inside JAX with a message that names no argument.
+    _checks.check_array(x, "x")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
@@ -113,6 +116,7 @@ def _upcast(x: jax.Array) -> jax.Array:
 
 def _param(value: ArrayLike, dtype, name: str, fn: str) -> jax.Array:
     """A parameter (alpha, slope) cast to the computation dtype, checked to be real-valued."""
+    _checks.check_array(value, name)
     value = jnp.asarray(value)
     if not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
         raise TypeError(
@@ -405,7 +409,7 @@ def sigmoid(x: ArrayLike) -> jax.Array:
       An array of x's shape and dtype with values in (0, 1).
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included).
 
     References:
       Rumelhart, Hinton & Williams 1986, "Learning representations by back-propagating errors".
@@ -436,7 +440,7 @@ def tanh(x: ArrayLike) -> jax.Array:
       An array of x's shape and dtype with values in (-1, 1).
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included).
 
     References:
       LeCun, Bottou, Orr & Müller 1998, "Efficient BackProp".
@@ -466,7 +470,7 @@ def relu(x: ArrayLike) -> jax.Array:
       An array of x's shape and dtype.
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included).
 
     References:
       Nair & Hinton 2010, "Rectified linear units improve restricted Boltzmann machines";
@@ -507,7 +511,8 @@ def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
       An array of x's shape and dtype.
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included),
+        or negative_slope is not a real array or number.
       ValueError: if negative_slope does not broadcast to x's shape.
 
     References:
@@ -576,7 +581,8 @@ def prelu(x: ArrayLike, alpha: ArrayLike, *, channel_axis: int | None = None) ->
       An array of x's shape and dtype.
 
     Raises:
-      TypeError: if x is not floating, or channel_axis is not an int or None.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included),
+        alpha is not a real array or number, or channel_axis is not an int or None.
       ValueError: if alpha does not broadcast to x's shape, does not match channel_axis, or
         channel_axis is out of range.
 
@@ -626,7 +632,8 @@ def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
       An array of x's shape and dtype, with values in (-alpha, inf).
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included),
+        or alpha is not a real array or number.
       ValueError: if alpha does not broadcast to x's shape.
 
     References:
@@ -667,7 +674,7 @@ def selu(x: ArrayLike) -> jax.Array:
       An array of x's shape and dtype, with values in (-lambda * alpha, inf).
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included).
 
     References:
       Klambauer, Unterthiner, Mayr & Hochreiter 2017, "Self-normalizing neural networks".
@@ -711,7 +718,8 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
       An array of x's shape and dtype.
 
     Raises:
-      TypeError: if x is not floating or approximate is not a bool.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included),
+        or approximate is not a bool.
 
     References:
       Hendrycks & Gimpel 2016, "Gaussian error linear units (GELUs)".
@@ -756,7 +764,7 @@ def silu(x: ArrayLike) -> jax.Array:
       x = -1.2784).
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included).
 
     References:
       Hendrycks & Gimpel 2016, "Gaussian error linear units (GELUs)"; Elfwing, Uchibe & Doya
@@ -786,7 +794,7 @@ def softplus(x: ArrayLike) -> jax.Array:
       An array of x's shape and dtype, with values in (0, inf).
 
     Raises:
-      TypeError: if x is not floating.
+      TypeError: if x is not a floating array or number (a list, dict, str or None included).
 
     References:
       Dugas, Bengio, Bélisle, Nadeau & Garcia 2001, "Incorporating second-order functional
@@ -826,7 +834,8 @@ def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
       entries.
 
     Raises:
-      TypeError: if x is not floating or num_pieces is not an int (bools are refused).
+      TypeError: if x is not a floating array or number (a list, dict, str or None included),
+        or num_pieces is not an int (bools are refused).
       ValueError: if num_pieces is not positive, does not divide ``x.shape[axis]``, or axis is
         out of range.
 

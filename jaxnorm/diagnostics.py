@@ -387,7 +387,8 @@ def layer_stats(
       A :class:`LayerStats`.
 
     Raises:
-      TypeError: non-floating ``y``, a non-int ``bins``, a non-str ``kind``.
+      TypeError: ``y`` not a floating array (a list, dict, str or None included), a non-int
+        ``bins``, a non-str ``kind``, a ``hist_range`` that is not a pair of numbers.
       ValueError: a 0-d or empty ``y``, ``bins < 1``, an unknown ``kind``, thresholds out of range.
 
     References:
@@ -403,6 +404,7 @@ def layer_stats(
       (0.5, -0.25)
     """
     who = "layer_stats"
+    _checks.check_array(y, "y")
     _checks.check_floating(y, "y")
     y = jnp.asarray(y)
     if y.ndim == 0 or y.size == 0:
@@ -417,7 +419,12 @@ def layer_stats(
     t = _check_threshold(tanh_threshold, "tanh_threshold", 0.0, 1.0)
     s = _check_threshold(sigmoid_threshold, "sigmoid_threshold", 0.0, 0.5)
     if hist_range is not None:
-        lo, hi = (float(v) for v in hist_range)
+        try:
+            lo, hi = (float(v) for v in hist_range)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"{who}: hist_range must be a pair of numbers (lo, hi), got {hist_range!r}"
+            ) from e
         if not lo < hi:
             raise ValueError(f"{who}: hist_range must be (lo, hi) with lo < hi, got {hist_range}")
         hist_range = (lo, hi)
@@ -432,9 +439,13 @@ def layer_stats(
     else:
         saturated = jnp.asarray(jnp.nan, cdtype)
     counts, edges = jnp.histogram(y.ravel(), bins=int(bins), range=hist_range)
+    # Mean and std of y scaled by a power of two near 1 / max|y|: finite for every finite y
+    # (a plain sum or square overflows float32 from about 1.8e19 on).
+    _, e = _exponent(jnp.max(jnp.abs(y)))
+    z = jnp.ldexp(y, -e)
     return LayerStats(
-        mean=jnp.mean(y),
-        std=jnp.std(y),
+        mean=jnp.ldexp(jnp.mean(z), e),
+        std=jnp.ldexp(jnp.std(z), e),
         dead_fraction=dead,
         saturated_fraction=saturated,
         hist_counts=counts.astype(jnp.int32),
@@ -517,6 +528,9 @@ def stats_table(stats: Mapping[str, LayerStats]) -> str:
     Columns: layer, mean, std, dead (percent of units), saturated (percent of entries, ``n/a``
     where the kind has no saturated range), and the histogram as a bar of block characters.
 
+    Raises:
+      TypeError: ``stats`` is not a mapping, or one of its values is not a :class:`LayerStats`.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from jaxnorm import diagnostics
@@ -530,6 +544,11 @@ def stats_table(stats: Mapping[str, LayerStats]) -> str:
     width = max([5, *(len(n) for n in stats)])
     lines = [f"{'layer':<{width}}  {'mean':>7} {'std':>7} {'dead':>7}  {'saturated':>9}  histogram"]
     for name, s in stats.items():
+        if not isinstance(s, LayerStats):
+            raise TypeError(
+                f"stats[{name!r}] must be a LayerStats (from layer_stats or activation_stats), but "
+                f"got {type(s).__name__}"
+            )
         sat = float(s.saturated_fraction)
         sat_str = "n/a" if math.isnan(sat) else f"{100 * sat:.1f}%"
         lines.append(
@@ -545,17 +564,41 @@ def stats_table(stats: Mapping[str, LayerStats]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _exponent(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(m, e)`` with 2**e near ``m`` (a max |v|), e clipped to [-100, 100], 0 for m = 0.
+
+    ``jnp.ldexp(v, -e)`` scales v to about 1 exactly; dividing by m instead is compiled as a
+    multiplication by 1 / m, which is subnormal for m > 2**126 and flushed to 0 on XLA:CPU.
+    """
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    return m, jnp.clip(e, -100, 100)
+
+
 def _leaf_ratio(p: jax.Array, u: jax.Array) -> jax.Array:
     # float64 only if a side is float64; never jnp.promote_types (strict promotion rejects
     # float32 with bfloat16, a legitimate mix of parameters and updates).
     wide = any(np.dtype(jnp.result_type(a)) == np.float64 for a in (p, u))
     cdtype = jnp.float64 if wide else jnp.float32
-    pn = jnp.linalg.norm(jnp.ravel(jnp.asarray(p, cdtype)))
-    un = jnp.linalg.norm(jnp.ravel(jnp.asarray(u, cdtype)))
+    p, u = jnp.ravel(jnp.asarray(p, cdtype)), jnp.ravel(jnp.asarray(u, cdtype))
+    # Each norm of v scaled by a power of two near 1 / max|v|: a plain sum of squares
+    # overflows to inf for entries above about 1.8e19 in float32 (and inf / inf is NaN).
+    (ps, ep), (us, eu) = (_exponent(jnp.max(jnp.abs(v), initial=0.0)) for v in (p, u))
+    pn, un = jnp.linalg.norm(jnp.ldexp(p, -ep)), jnp.linalg.norm(jnp.ldexp(u, -eu))
     # Safe inner where: 0 / 0 is 0 (nothing moved); u / 0 is inf (a zero parameter, such as a
     # bias at its initial 0, moved: the relative change is unbounded).
     safe = jnp.where(pn > 0, pn, jnp.ones_like(pn))
-    return jnp.where(pn > 0, un / safe, jnp.where(un > 0, jnp.inf, 0.0).astype(cdtype))
+    ratio = jnp.ldexp(un / safe, eu - ep)
+    return jnp.where(ps > 0, ratio, jnp.where(us > 0, jnp.inf, 0.0).astype(cdtype))
+
+
+def _check_margin(margin: Any) -> float:
+    if isinstance(margin, bool | np.bool_) or not isinstance(
+        margin, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"margin must be a real number, but got {margin!r}")
+    if not (math.isfinite(margin) and margin > 0):
+        raise ValueError(f"margin must be finite and positive, but got {margin!r}")
+    return float(margin)
 
 
 def _check_same_structure(who: str, a: tuple[str, Any], b: tuple[str, Any]) -> None:
@@ -585,6 +628,7 @@ def update_ratio(params: Any, updates: Any) -> Any:
       A pytree with ``params``' structure and one scalar a leaf.
 
     Raises:
+      TypeError: a leaf that is not an array or a number (a str, None).
       ValueError: different tree structures or leaf shapes.
 
     References:
@@ -602,6 +646,9 @@ def update_ratio(params: Any, updates: Any) -> Any:
     p_leaves = jax.tree_util.tree_leaves_with_path(params)
     u_leaves = jax.tree_util.tree_leaves(updates)
     for (path, p), u in zip(p_leaves, u_leaves, strict=True):
+        where = jax.tree_util.keystr(path)
+        _checks.check_array(p, f"params{where}")
+        _checks.check_array(u, f"updates{where}")
         if jnp.shape(p) != jnp.shape(u):
             raise ValueError(
                 f"update_ratio: the update at {jax.tree_util.keystr(path)} has shape "
@@ -879,8 +926,9 @@ def expected_initial_loss(
       The expected loss per example, a Python float (no regularisation term).
 
     Raises:
-      TypeError: non-int ``num_classes``.
-      ValueError: ``num_classes < 2``; an unknown ``kind``.
+      TypeError: non-int ``num_classes``; a ``margin`` that is not a real number.
+      ValueError: ``num_classes < 2``; an unknown ``kind``; a ``margin`` that is not finite and
+        positive (for ``multiclass_svm``).
 
     References:
       CS231n, "Neural Networks Part 3: look for correct loss at chance performance".
@@ -894,7 +942,7 @@ def expected_initial_loss(
     if kind == "softmax_cross_entropy":
         return math.log(c)
     if kind == "multiclass_svm":
-        return (c - 1) * float(margin)
+        return (c - 1) * _check_margin(margin)
     if kind == "sigmoid_binary_cross_entropy":
         return math.log(2.0)
     raise ValueError(f"expected_initial_loss: unknown kind {kind!r}; expected one of {_LOSS_KINDS}")
@@ -943,7 +991,8 @@ def check_initial_loss(
       An :class:`InitialLossCheck`.
 
     Raises:
-      TypeError: ``loss`` is a traced value (inside ``jit``); non-int ``num_classes``.
+      TypeError: ``loss`` is a traced value (inside ``jit``), or not a number or floating array
+        (a str, a bool, a list); non-int ``num_classes``; a non-number ``margin``.
       ValueError: ``loss`` not a scalar; ``num_classes < 2``; ``rtol < 0``; an unknown ``kind``.
 
     Example:
@@ -954,6 +1003,15 @@ def check_initial_loss(
     expected = expected_initial_loss(num_classes, kind=kind, margin=margin)
     if _checks.is_tracer(loss):
         raise TypeError("check_initial_loss reads the loss's value: call it outside jax.jit")
+    # A str such as "2.3" would convert silently below; a bool or an integer array is no loss.
+    _checks.check_array(loss, "loss")
+    if isinstance(loss, bool | np.bool_) or not (
+        jnp.issubdtype(jnp.result_type(loss), jnp.inexact) or isinstance(loss, int | np.integer)
+    ):
+        raise TypeError(
+            f"check_initial_loss: loss must be a real number or a floating scalar array, but "
+            f"got {loss!r} of dtype {jnp.result_type(loss)}"
+        )
     if np.ndim(loss) != 0:
         raise ValueError(
             f"check_initial_loss: loss must be a scalar, but has shape {np.shape(loss)}"

@@ -103,6 +103,17 @@ def relative_error(a, b):
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(denom == 0, 0.0, np.abs(x - y) / np.where(denom == 0, 1.0, denom))
 
+    for name, tree in (("a", a), ("b", b)):
+        leaves = jax.tree_util.tree_leaves(tree)
+        if tree is None or any(
+            isinstance(v, str | bytes)
+            or not any(jnp.issubdtype(jnp.result_type(v), t) for t in (jnp.number, jnp.bool_))
+            for v in leaves
+        ):
+            bad = type(tree).__name__ if tree is None else "a non-numeric leaf"
+            raise TypeError(
+                f"relative_error: {name} must be an array or a pytree of arrays, got {bad}"
+            )
     sa, sb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
     if sa != sb:
         raise ValueError(f"relative_error needs pytrees of equal structure, got {sa} and {sb}")
@@ -1036,6 +1047,16 @@ def _perturbed_values(numeric: _Numeric, leaves64, points, chunk_size):
     ``points`` maps leaf position ``j`` to ``(idx, xp, xm)``; returns ``f(x)``,
     ``{j: (f(xp) - f(x), f(xm) - f(x))}`` and ``{j: exact}`` (see :func:`_sparse_evaluator`).
     """
+    # A zero-size leaf has no coordinate to perturb (and a gather of one row from it is
+    # undefined): it gets empty differences, and f is evaluated for the others only.
+    empty = [j for j, (idx, _, _) in points.items() if len(idx) == 0]
+    if empty:
+        none = {j: (np.zeros(0), np.zeros(0)) for j in empty}
+        rest = {j: p for j, p in points.items() if j not in none}
+        if not rest:
+            return float(jax.jit(numeric.fn)(leaves64)), none, dict.fromkeys(empty, True)
+        f0, values, exact = _perturbed_values(numeric, leaves64, rest, chunk_size)
+        return f0, {**values, **none}, {**exact, **dict.fromkeys(empty, True)}
     requests = []
     for j, (idx, xp, xm) in points.items():
         count = len(idx)
@@ -1125,7 +1146,9 @@ def _steps(x: np.ndarray, eps: float):
 def _check_eps(eps):
     if eps is None:
         return DEFAULT_EPS
-    if not isinstance(eps, float | int | np.floating) or not 0 < eps < 1:
+    if isinstance(eps, bool) or not isinstance(eps, float | int | np.floating | np.integer):
+        raise TypeError(f"eps must be a number in (0, 1), got {eps!r} of type {type(eps).__name__}")
+    if not 0 < eps < 1:
         raise ValueError(f"eps is a relative step and must be in (0, 1), got {eps!r}")
     return float(eps)
 
@@ -1253,6 +1276,12 @@ def _rng(key) -> np.random.Generator:
         return np.random.default_rng(0)
     if isinstance(key, int | np.integer):
         return np.random.default_rng(int(key))
+    dtype = getattr(key, "dtype", None)
+    if not _is_key(key) and (dtype is None or np.dtype(dtype) != np.uint32):
+        raise TypeError(
+            "key must be None, an int seed or a PRNG key (jax.random.key(0)), got "
+            f"{type(key).__name__}" + (f" of dtype {dtype}" if dtype is not None else "")
+        )
     data = jax.random.key_data(key) if _is_key(key) else key
     return np.random.default_rng(np.asarray(data, np.uint32).ravel().tolist())
 
@@ -1398,7 +1427,9 @@ def check_grad(
     if num_checks is not None and num_directions is not None:
         raise ValueError("give num_checks (sampled coordinates) or num_directions, not both")
     for name, v in (("num_checks", num_checks), ("num_directions", num_directions)):
-        if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
+        if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool)):
+            raise TypeError(f"{name} must be a positive integer or None, got {v!r}")
+        if v is not None and v < 1:
             raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
     if not isinstance(num_worst, int | np.integer) or num_worst < 0:
         raise ValueError(f"num_worst must be a non-negative integer, got {num_worst!r}")

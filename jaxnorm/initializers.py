@@ -123,6 +123,19 @@ def _check_shape(shape: Any, who: str) -> tuple[int, ...]:
     return dims
 
 
+def _check_key(key: Any, who: str) -> None:
+    """TypeError unless ``key`` is a PRNG key: typed (``jax.random.key``) or raw uint32."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (
+        jnp.issubdtype(dtype, jax.dtypes.prng_key) or np.dtype(dtype) == np.uint32
+    ):
+        return
+    raise TypeError(
+        f"{who}: key must be a PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)), but got "
+        f"{type(key).__name__}" + (f" of dtype {dtype}" if dtype is not None else "")
+    )
+
+
 def _check_kernel_shape(shape: Any, who: str) -> tuple[int, ...]:
     dims = _check_shape(shape, who)
     if len(dims) < 2:
@@ -261,6 +274,20 @@ def _sample_variance_scaling(key, shape, dtype, variance, distribution: str) -> 
     return _normal(key, shape, dtype, jnp.sqrt(variance), truncated=False)
 
 
+def _check_variance(variance: Any, dtype, who: str) -> None:
+    """ValueError when a concrete variance would draw inf: it must fit the compute dtype (times 3,
+    uniform's limit squared), and 8 standard deviations must fit ``dtype``."""
+    if is_tracer(variance):
+        return
+    v = float(variance)
+    fits = v <= float(np.finfo(compute_dtype(dtype)).max) / 3
+    if not (fits and 8 * math.sqrt(v) <= float(np.finfo(dtype).max)):
+        raise ValueError(
+            f"{who}: the weights' variance {v:.3g} (the gain squared over the fan) overflows "
+            f"{np.dtype(dtype).name}, whose draws would be inf; use a smaller gain"
+        )
+
+
 def _empty(shape: tuple[int, ...], dtype, out_sharding) -> jax.Array:
     """A zero-size shape draws nothing, so it needs no scale (a fan may be 0): jax.nn's zeros."""
     return _place(jnp.zeros(shape, dtype), out_sharding)
@@ -291,12 +318,14 @@ def _variance_scaling(
     def init(
         key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
     ) -> jax.Array:
+        _check_key(key, who)
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
         dims = _check_kernel_shape(shape, who)
         fan_in, fan_out = _fans(dims, in_axis, out_axis, batch_axis, who)
         if math.prod(dims) == 0:
             return _empty(dims, dt, out_sharding)
         variance = variance_of_fans(fan_in, fan_out)
+        _check_variance(variance, dt, who)
         return _place(_sample_variance_scaling(key, dims, dt, variance, distribution), out_sharding)
 
     return init
@@ -332,7 +361,8 @@ def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializ
       ``init(key, shape, dtype=dtype, out_sharding=None)``.
 
     Raises:
-      TypeError: ``stddev`` is not a real number, or ``init`` is asked for an integer or bool dtype.
+      TypeError: ``stddev`` is not a real number, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
       ValueError: ``stddev`` is not finite and positive, or the shape has a negative dimension.
 
     References:
@@ -352,6 +382,7 @@ def small_normal(stddev: float = 0.01, *, dtype: Any = jnp.float32) -> Initializ
     def init(
         key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
     ) -> jax.Array:
+        _check_key(key, who)
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
         # As jax.nn.initializers.normal: the samples times stddev rounded to the sampling dtype
         # (complex: real and imaginary parts each N(0, stddev^2 / 2), so E|w|^2 = stddev^2).
@@ -397,8 +428,10 @@ def xavier_normal(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+      TypeError: a non-number option, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive, or so large that ``init``'s draws
+        overflow the dtype; a kernel shape with fewer than 2 dimensions;
         axes out of range or overlapping.
 
     References:
@@ -455,8 +488,10 @@ def xavier_uniform(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+      TypeError: a non-number option, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive, or so large that ``init``'s draws
+        overflow the dtype; a kernel shape with fewer than 2 dimensions;
         axes out of range or overlapping.
 
     References:
@@ -530,7 +565,8 @@ def he_normal(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
+      TypeError: a non-number option, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
       ValueError: a bad ``mode``; ``negative_slope`` not finite; a kernel shape with fewer than 2
         dimensions; axes out of range or overlapping.
 
@@ -588,7 +624,8 @@ def he_uniform(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
+      TypeError: a non-number option, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
       ValueError: a bad ``mode``; ``negative_slope`` not finite; a kernel shape with fewer than 2
         dimensions; axes out of range or overlapping.
 
@@ -645,8 +682,10 @@ def lecun_normal(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+      TypeError: a non-number option, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive, or so large that ``init``'s draws
+        overflow the dtype; a kernel shape with fewer than 2 dimensions;
         axes out of range or overlapping.
 
     References:
@@ -700,8 +739,10 @@ def lecun_uniform(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: a non-number option, or ``init`` is asked for an integer or bool dtype.
-      ValueError: ``gain`` not finite and positive; a kernel shape with fewer than 2 dimensions;
+      TypeError: a non-number option, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
+      ValueError: ``gain`` not finite and positive, or so large that ``init``'s draws
+        overflow the dtype; a kernel shape with fewer than 2 dimensions;
         axes out of range or overlapping.
 
     References:
@@ -759,7 +800,7 @@ def torch_linear_default(
       dimensions; a zero-size shape gives an empty array.
 
     Raises:
-      TypeError: ``init`` is asked for an integer or bool dtype.
+      TypeError: ``init`` is given a non-key ``key`` or asked for an integer or bool dtype.
       ValueError: a kernel shape with fewer than 2 dimensions; axes out of
         range or overlapping.
 
@@ -802,7 +843,8 @@ def torch_linear_bias_default(fan_in: int, *, dtype: Any = jnp.float32) -> Initi
       ``flax.nnx.Linear(..., bias_init=...)``.
 
     Raises:
-      TypeError: ``fan_in`` is not an int, or ``init`` is asked for an integer or bool dtype.
+      TypeError: ``fan_in`` is not an int, ``init`` is given a non-key ``key`` or
+        asked for an integer or bool dtype.
       ValueError: ``fan_in`` < 1, or the shape has a negative dimension.
 
     References:
@@ -826,6 +868,7 @@ def torch_linear_bias_default(fan_in: int, *, dtype: Any = jnp.float32) -> Initi
     def init(
         key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
     ) -> jax.Array:
+        _check_key(key, who)
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
         dims, cdtype = _check_shape(shape, who), compute_dtype(dt)
         if _is_complex(dt):
@@ -896,6 +939,7 @@ def orthogonal(
     def init(
         key: jax.Array, shape: Sequence[int], dtype: Any = default_dtype, out_sharding: Any = None
     ) -> jax.Array:
+        _check_key(key, who)
         dt = _check_dtype(default_dtype if dtype is None else dtype, who)
         dims = _check_shape(shape, who)
         if len(dims) < 2:

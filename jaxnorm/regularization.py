@@ -199,6 +199,9 @@ def _selected(params: Any, mask: Any, who: str) -> list[jax.Array]:
 
 def _float_leaf(where: str, leaf: Any, explicit: bool, who: str):
     """The leaf as an array when it is a real floating parameter; None when it is skipped."""
+    # A str leaf would reach jnp.result_type, which reads it as a dtype name ("abc" -> an
+    # error from NumPy that names no leaf); lists and dicts are subtrees, not leaves.
+    _checks.check_array(leaf, where)
     dtype = jnp.result_type(leaf)
     if jnp.issubdtype(dtype, jnp.floating):
         return jnp.asarray(leaf)
@@ -308,7 +311,7 @@ def l2_penalty(params: Any, lam: ArrayLike, mask: Any = None) -> jax.Array:
 
     Raises:
       TypeError: if lam is not a real number, a mask leaf is not a bool, or an explicit mask
-        selects a non-floating leaf.
+        selects a non-floating leaf; a selected leaf that is not an array or a number (a str).
       ValueError: if lam is negative, NaN or infinite (when concrete) or not a scalar, or the
         mask's structure does not match params.
 
