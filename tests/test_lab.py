@@ -786,13 +786,17 @@ def test_preprocessing_shows_pca_whitened_digits(quick_run):
 def test_convergence_depth_sweep(quick_run):
     c = quick_run.outcomes["convergence"]
     r = c.result
-    assert r.depth_epoch_accuracy.shape[:2] == (2, len(r.depths))
     name = next(k for k in c.verdict.checks if k.startswith("without batch norm"))
+    assert r.depths == () and c.verdict.checks[name] is None  # not run in quick mode
+    deep = r._replace(depths=(2, 5, 8), depth_epochs=10)
     v = lab.EXPERIMENTS["convergence"].verdict(
-        r._replace(depth_epochs_to_target=((3,) * len(r.depths), (3,) * len(r.depths)))
+        deep._replace(depth_epochs_to_target=((3, 3, 3), (3, 3, 3)))
     )
     assert v.checks[name] == "tie"
+    grows = "ReLU's advantage over tanh grows with depth (deepest > shallowest)"
+    assert v.checks[grows] == "tie"
     v = lab.EXPERIMENTS["convergence"].verdict(
-        r._replace(depth_epochs_to_target=((2,) * len(r.depths), (None,) * len(r.depths)))
+        deep._replace(depth_epochs_to_target=((3, 3, 2), (3, 4, None)))
     )
-    assert v.checks[name] is True
+    assert v.checks[name] is True and v.checks[grows] is True
+    assert "8 layers 2 / never" in v.text

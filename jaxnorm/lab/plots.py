@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxnorm.lab._util import fmt_floor, init_label
+from jaxnorm.lab._util import INIT_LABELS, fmt_floor, init_label
 
 
 def new_figure(width: float, height: float, *, layout: str | None = "constrained") -> Any:
@@ -70,11 +70,15 @@ def finish(fig: Any) -> Any:
     return fig
 
 
-def note_hidden_curves(ax: Any, curves: list, labels: list, *, rel_tol: float = 0.01) -> list:
+def note_hidden_curves(
+    ax: Any, curves: list, labels: list, *, rel_tol: float = 0.015, where: str = "inside"
+) -> list:
     """Write on ``ax`` which curves lie under an earlier one (closer than ``rel_tol`` of the
-    y-range everywhere); returns the pairs ``(hidden, under)``.
+    y-range at 90% of the points or more); returns the pairs ``(hidden, under)``.
 
-    ``curves``: 1-D arrays on a shared x grid (NaN entries are ignored).
+    ``curves``: 1-D arrays on a shared x grid (NaN entries are ignored). ``where``:
+    ``"inside"`` (a boxed note in the lower left corner) or ``"title"`` (a line under the
+    panel's title). The note is wrapped to the panel's width.
     """
     arrays = [np.asarray(c, np.float64) for c in curves]
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays]) if arrays else np.zeros(0)
@@ -92,15 +96,23 @@ def note_hidden_curves(ax: Any, curves: list, labels: list, *, rel_tol: float = 
             if ax.get_yscale() == "log":
                 a, b = np.log10(np.maximum(a, 1e-300)), np.log10(np.maximum(b, 1e-300))
                 scale = max(np.log10(max(hi, 1e-300)) - np.log10(max(lo, 1e-300)), 1e-12)
-            if np.max(np.abs(a - b)) <= rel_tol * scale:
+            if np.mean(np.abs(a - b) <= rel_tol * scale) >= 0.9:
                 pairs.append((labels[j], labels[i]))
                 break
     if pairs:
-        text = "; ".join(f"{h} lies under {u}" for h, u in pairs)
+        import textwrap
+
+        text = "hidden: " + "; ".join(f"{h} lies under {u}" for h, u in pairs)
+        # About 14 characters an inch at 9 pt.
+        width_in = ax.get_position().width * ax.figure.get_figwidth()
+        text = textwrap.fill(text, max(20, int(width_in * 14)))
+        if where == "title":
+            ax.set_title(f"{ax.get_title()}\n{text}", fontsize=MIN_FONT_PT)
+            return pairs
         ax.text(
             0.01,
             0.01,
-            "hidden: " + text,
+            text,
             transform=ax.transAxes,
             fontsize=MIN_FONT_PT,
             va="bottom",
@@ -177,6 +189,16 @@ def plot_relu_convergence(r) -> Any:
     ax_r.set(title="to target, ratio to tanh\n(wall time without compilation)")
     ax_r.legend(fontsize=9)
     cap = r.depth_epochs + 1
+    if not r.depths:
+        ax_d.text(
+            0.5,
+            0.5,
+            "depth sweep not run\n(quick mode)",
+            ha="center",
+            va="center",
+            transform=ax_d.transAxes,
+            fontsize=MIN_FONT_PT,
+        )
     for name, per_depth, marker in zip(
         ("relu", "tanh"), r.depth_epochs_to_target, "os", strict=True
     ):
@@ -209,7 +231,7 @@ def plot_init_statistics(r) -> Any:
     height = 2.6 + 1.2 * num_cfg
     fig = new_figure(12, height, layout=None)
     inch = 1.0 / height  # figure fraction of one inch, to place the grids in inches
-    top = fig.add_gridspec(1, 2, left=0.12, right=0.99, top=1 - 0.3 * inch, bottom=1 - 2.2 * inch)
+    top = fig.add_gridspec(1, 2, left=0.12, right=0.99, top=1 - 0.6 * inch, bottom=1 - 2.2 * inch)
     grid = fig.add_gridspec(
         num_cfg,
         num_layers,
@@ -226,10 +248,13 @@ def plot_init_statistics(r) -> Any:
     for label, m, s in zip(r.labels, r.layer_mean, r.layer_std, strict=True):
         ax_m.plot(layers, m, marker="o", ms=3, label=label)
         ax_s.semilogy(layers, np.maximum(s, 1e-30), marker="o", ms=3, label=label)
-    ax_m.set(title="layer mean (colours: the legend on the right)", xlabel="layer")
+    ax_m.set(title="layer mean (colours as on the right)", xlabel="layer")
     ax_s.set(title="layer std (log)", xlabel="layer")
     ax_s.legend(fontsize=9, loc="lower left")
-    note_hidden_curves(ax_m, list(r.layer_mean), list(r.labels))
+    short = {"small_normal(0.01)": "N(0, 0.01²)", "small_normal(1.0)": "N(0, 1)"}
+    short.update({v: k for k, v in INIT_LABELS.items()})
+    names = [f"{a} {short.get(i, i)}" for a, i in zip(r.activation, r.init, strict=True)]
+    note_hidden_curves(ax_m, list(r.layer_mean), names, where="title")
     for ax in (ax_m, ax_s):
         ax.grid(alpha=0.3)
         ax.set_xticks(layers)
@@ -243,6 +268,10 @@ def plot_init_statistics(r) -> Any:
             ax.set_xlim(lo, hi)
             # Three ticks, so that neighbouring panels' labels do not run into each other.
             ax.set_xticks([lo, (lo + hi) / 2, hi], [f"{v:g}" for v in (lo, (lo + hi) / 2, hi)])
+            # The end labels inside their panel, so that neighbours' labels never touch.
+            ends = ax.get_xticklabels()
+            ends[0].set_horizontalalignment("left")
+            ends[-1].set_horizontalalignment("right")
             ax.set_yticks([])
             ax.tick_params(labelsize=MIN_FONT_PT, pad=1)
             if c == 0:
@@ -555,7 +584,7 @@ def plot_updates(r) -> Any:
         title=f"digits: median of {r.num_seeds} seed(s), thin: each seed",
     )
     ax.grid(alpha=0.3)
-    ax.legend(ncol=2)
+    ax.legend(ncol=2, loc="upper right")
     note_hidden_curves(ax, curves, labels)
     for ax, path, title, f in (
         (axes[1], r.ravine_path, "ravine f = 0.5 (0.1 x² + 10 y²)", "ravine"),
@@ -570,10 +599,12 @@ def plot_updates(r) -> Any:
             else gx**2 + 0.25 * gy**4 - 0.5 * gy**2
         )
         ax.contour(gx, gy, z, levels=20, colors="0.8", linewidths=0.6)
-        for m, p in zip(r.methods, path, strict=True):
-            ax.plot(
-                p[:, 0], p[:, 1], color=_METHOD_COLORS.get(m), lw=1.4, marker=".", ms=2, label=m
-            )
+        # Widest first: a path that runs under a later one still shows as a wider band.
+        widths = np.linspace(4.5, 1.2, len(r.methods))
+        for m, p, lw in zip(r.methods, path, widths, strict=True):
+            color = _METHOD_COLORS.get(m)
+            ax.plot(p[:, 0], p[:, 1], color=color, lw=lw, alpha=0.85, label=m)
+            ax.plot(*p[-1], marker="o", color=color, ms=6, mec="k", ls="none")
         ax.plot(*path[0, 0], marker="*", color="k", ms=10, ls="none", label="start")
         ax.set(
             xlim=(xs[0], xs[-1]),
@@ -583,6 +614,17 @@ def plot_updates(r) -> Any:
             title=f"{title}, lr {r.surface_learning_rate:g}, {r.surface_steps} steps",
         )
         ax.legend(ncol=2, loc="lower right" if f == "ravine" else "upper left")
+        top = f == "ravine"
+        ax.text(
+            0.99,
+            0.99 if top else 0.01,
+            "paths drawn widest first; dots: last step",
+            transform=ax.transAxes,
+            ha="right",
+            va="top" if top else "bottom",
+            fontsize=MIN_FONT_PT,
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+        )
         note_hidden_curves(ax, [p.T.ravel() for p in path], list(r.methods))
     ax = axes[3]
     window = max(1, r.num_steps // 30)
