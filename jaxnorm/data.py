@@ -65,6 +65,26 @@ def _check_count(value: Any, name: str, who: str, *, minimum: int) -> int:
     return int(value)
 
 
+def _check_key(key: Any, who: str) -> None:
+    dtype = getattr(key, "dtype", None)
+    if dtype is None or not (
+        jnp.issubdtype(dtype, jax.dtypes.prng_key) or np.dtype(dtype) == np.uint32
+    ):
+        raise TypeError(
+            f"{who}: key must be a PRNG key (jax.random.key(0)), but got {type(key).__name__}"
+            + (f" of dtype {dtype}" if dtype is not None else "")
+        )
+
+
+def _check_real(value: Any, name: str, who: str) -> float:
+    """A real Python/NumPy number as a float (TypeError otherwise: math.isfinite's names none)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"{who}: {name} must be a real number, but got {value!r}")
+    return float(value)
+
+
 def _check_fraction(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
         raise TypeError(f"digits: {name} must be a number in [0, 1), but got {value!r}")
@@ -128,7 +148,7 @@ def digits(
 
     Raises:
       ImportError: scikit-learn is not installed.
-      TypeError: a non-int seed, a non-number fraction, a non-float dtype.
+      TypeError: a non-int seed, a non-number fraction, a non-float dtype, a non-bool flatten.
       ValueError: a negative seed, fractions outside [0, 1) or leaving no training example.
 
     References:
@@ -150,6 +170,9 @@ def digits(
             f"but they are {val_fraction} + {test_fraction}"
         )
     dt = _check_float_dtype(dtype, "digits")
+    if not isinstance(flatten, bool | np.bool_):
+        # A str such as "no" is truthy: it would flatten silently.
+        raise TypeError(f"digits: flatten must be True or False, but got {flatten!r}")
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -201,7 +224,8 @@ def gaussian_clouds(
       ``Dataset(x [n, dim], y [n] int32)``.
 
     Raises:
-      TypeError: non-int ``n``, ``num_classes`` or ``dim``; a non-float dtype.
+      TypeError: non-int ``n``, ``num_classes`` or ``dim``; a non-float dtype; a non-number
+        ``stddev`` or ``separation``; a ``key`` that is not a PRNG key.
       ValueError: ``num_classes < 2``, ``n < num_classes``, ``dim < 1``, ``stddev <= 0``.
 
     Example:
@@ -212,6 +236,9 @@ def gaussian_clouds(
       ((300, 2), (300,))
     """
     who = "gaussian_clouds"
+    _check_key(key, who)
+    stddev = _check_real(stddev, "stddev", who)
+    separation = _check_real(separation, "separation", who)
     num_classes = _check_count(num_classes, "num_classes", who, minimum=2)
     n = _check_count(n, "n", who, minimum=num_classes)
     dim = _check_count(dim, "dim", who, minimum=1)
@@ -263,7 +290,8 @@ def spirals(
       ``Dataset(x [n, 2], y [n] int32)``, every ``|x| <= 1``.
 
     Raises:
-      TypeError: non-int ``n`` or ``num_classes``; a non-float dtype.
+      TypeError: non-int ``n`` or ``num_classes``; a non-float dtype; a non-number ``noise``;
+        a ``key`` that is not a PRNG key.
       ValueError: ``num_classes < 2``, ``n < 2 * num_classes``, ``noise < 0``.
 
     References:
@@ -278,6 +306,8 @@ def spirals(
       ((300, 2), 2)
     """
     who = "spirals"
+    _check_key(key, who)
+    noise = _check_real(noise, "noise", who)
     num_classes = _check_count(num_classes, "num_classes", who, minimum=2)
     n = _check_count(n, "n", who, minimum=2 * num_classes)
     if not (math.isfinite(noise) and noise >= 0):

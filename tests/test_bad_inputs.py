@@ -1636,6 +1636,65 @@ for _n in (
 
 
 # ---------------------------------------------------------------------------------------------
+# Data (jaxnorm.data): bad options fail before anything is loaded or drawn.
+
+from jaxnorm import data as DATA  # noqa: E402
+
+for _id, _kw, _e in [
+    ("val_fraction=1.5", {"val_fraction": 1.5}, err(ValueError, "val_fraction")),
+    ("val_fraction=nan", {"val_fraction": float("nan")}, err(ValueError, "val_fraction")),
+    ("test_fraction=str", {"test_fraction": "0.1"}, err(TypeError, "test_fraction")),
+    ("fractions>1", {"val_fraction": 0.6, "test_fraction": 0.6}, err(ValueError, "fraction")),
+    ("seed=str", {"seed": "a"}, err(TypeError, "seed")),
+    ("dtype=int", {"dtype": jnp.int32}, err(TypeError, "dtype")),
+    ("flatten=str", {"flatten": "no"}, err(TypeError, "flatten")),
+]:
+    case(f"data.digits[{_id}]", lambda kw=_kw: DATA.digits(**kw), _e)
+for _fname, _f, _extra in [
+    ("gaussian_clouds", DATA.gaussian_clouds, [("stddev", -1.0), ("separation", np.inf)]),
+    ("spirals", DATA.spirals, [("noise", -1.0)]),
+]:
+    case(f"data.{_fname}[ok]", lambda f=_f: f(KEY, 12), FINITE)
+    case(f"data.{_fname}[key=None]", lambda f=_f: f(None, 12), err(TypeError, "key"))
+    case(f"data.{_fname}[key=int]", lambda f=_f: f(0, 12), err(TypeError, "key"))
+    case(f"data.{_fname}[n=-1]", lambda f=_f: f(KEY, -1), err(ValueError, "n"))
+    case(f"data.{_fname}[n=float]", lambda f=_f: f(KEY, 12.0), err(TypeError, "n"))
+    case(
+        f"data.{_fname}[num_classes=1]",
+        lambda f=_f: f(KEY, 12, num_classes=1),
+        err(ValueError, "num_classes"),
+    )
+    case(
+        f"data.{_fname}[dtype=int]",
+        lambda f=_f: f(KEY, 12, dtype=jnp.int32),
+        err(TypeError, "dtype"),
+    )
+    for _arg, _bad in _extra:
+        case(
+            f"data.{_fname}[{_arg}={_bad}]",
+            lambda f=_f, a=_arg, v=_bad: f(KEY, 12, **{a: v}),
+            err(ValueError, _arg),
+        )
+        case(
+            f"data.{_fname}[{_arg}=nan]",
+            lambda f=_f, a=_arg: f(KEY, 12, **{a: float("nan")}),
+            err(ValueError, _arg),
+        )
+        case(
+            f"data.{_fname}[{_arg}=str]",
+            lambda f=_f, a=_arg: f(KEY, 12, **{a: "1"}),
+            err(TypeError, _arg),
+        )
+case(
+    "data.gaussian_clouds[huge]",
+    lambda: DATA.gaussian_clouds(KEY, 12, separation=1e30, stddev=1e30),
+    FINITE,
+)
+for _n in ("Dataset", "Splits"):
+    case(f"data.{_n}", lambda n=_n: getattr(DATA, n), "ok")
+
+
+# ---------------------------------------------------------------------------------------------
 # The runner.
 
 
