@@ -1022,19 +1022,21 @@ def _group_program(train_fn, hp, static, keys, chunk_size, devices, workers, met
             args = _shard(args, sharding)
         chunks.append((args, stop - start))
     if sharding is not None and not sharding.is_fully_addressable:
-        program, consts = _hoisted(one, chunks[0][0], on_cpu)
+        program, consts = _hoisted(one, chunks[0][0], on_cpu, sharding.mesh)
         chunks = [((consts, *args), size) for args, size in chunks]
     return program, chunks
 
 
-def _hoisted(one, args, on_cpu):
+def _hoisted(one, args, on_cpu, mesh):
     """``jit(vmap(one))`` with the arrays ``one`` closes over passed as arguments.
 
     A ``train_fn`` closes over its data; under ``jax.distributed`` that data is a global array
     (``jax.make_array_from_process_local_data``), and ``jit`` refuses to close over an array
     with devices in other processes. The vmapped function is traced once here, and its constants
     become the first argument of the compiled program: the same computation, the data sharded as
-    the caller laid it out. Returns the program and the constants.
+    the caller laid it out. A constant this process holds whole (data every process loaded
+    alike, a NumPy array) is replicated over ``mesh`` from each process's copy. Returns the
+    program and the constants.
     """
     from jax.extend import core
 
@@ -1045,8 +1047,13 @@ def _hoisted(one, args, on_cpu):
         out = core.jaxpr_as_fun(core.ClosedJaxpr(closed.jaxpr, consts))(*jax.tree.leaves(args))
         return jax.tree.unflatten(out_tree, out)
 
+    replicated = NamedSharding(mesh, P())
+    consts = [
+        c if isinstance(c, jax.Array) and not c.is_fully_addressable else _shard(c, replicated)
+        for c in closed.consts
+    ]
     options = dict(_CPU_COMPILER_OPTIONS) if on_cpu else None
-    return jax.jit(run, compiler_options=options), list(closed.consts)
+    return jax.jit(run, compiler_options=options), consts
 
 
 def _shard(tree, sharding):
@@ -1061,7 +1068,7 @@ def _shard(tree, sharding):
         return jax.device_put(tree, sharding)
 
     def one(a):
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+        return jax.make_array_from_callback(jnp.shape(a), sharding, lambda index: a[index])
 
     return jax.tree.map(one, tree)
 
