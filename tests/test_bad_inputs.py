@@ -1747,18 +1747,6 @@ KNOWN_DEFECTS = {
     "preprocessing.moments[axis_name_unbound]": "NameError from inside JAX, no jaxnorm message",
     "preprocessing.merge[float_count]": "a non-integer count is merged silently",
     "preprocessing.load[path=None]": "TypeError from os, names no argument",
-    "training.polyak_average[decay=array]": "a NumPy scalar is refused as a type, naming ema_decay",
-    "training.shuffled_indices[key=None]": "TypeError from inside JAX",
-    "training.mlp[widths=int]": "TypeError from Python ('int' object is not iterable)",
-    "training.mlp[momentum=2]": "a momentum outside [0, 1] is accepted",
-    "training.mlp[dtype=int]": "an integer dtype is accepted",
-    "training.classification_loss[None]": "model=None is accepted (fails later)",
-    "training.evaluate[model=None]": "AttributeError",
-    "training.evaluate[data=array]": "ValueError from unpacking, names no argument",
-    "training.overfit_small_subset[target=2]": "an unreachable target accuracy is accepted",
-    "training.train_ensemble[init_fn=None]": "TypeError from Python ('NoneType' not callable)",
-    "training.ensemble_predict[apply_fn=None]": "TypeError from Python ('NoneType' not callable)",
-    "training.ensemble_predict[x=list]": "AttributeError",
 }
 
 

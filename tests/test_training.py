@@ -353,7 +353,7 @@ def test_polyak_average_transform():
         opt.update(g, state)
     with pytest.raises(ValueError, match="one PolyakState"):
         training.polyak_params(optax.sgd(0.1).init(w))
-    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"polyak_average: decay must be in \[0, 1\)"):
         training.polyak_average(1.0)
 
 

@@ -171,7 +171,9 @@ def overfit_small_subset(
       NaN/Inf step). A run that met a NaN or Inf anywhere (see :func:`fit`) does not pass.
 
     Raises:
-      ValueError: if the loss reports no accuracy or data has fewer than num_examples examples.
+      TypeError: if target is not a number.
+      ValueError: if the loss reports no accuracy, data has fewer than num_examples examples, or
+        target is outside (0, 1].
 
     Warns:
       DivergenceWarning: when the run met a NaN or Inf, naming the step and what held it.
@@ -188,6 +190,11 @@ def overfit_small_subset(
     """
     who = "overfit_small_subset"
     num_examples = _check_int(num_examples, "num_examples", who, 1)
+    # An accuracy is in [0, 1]: a target above 1 (or NaN) would train and fail by construction.
+    if isinstance(target, bool) or not isinstance(target, int | float | np.integer | np.floating):
+        raise TypeError(f"{who}: target must be an accuracy in (0, 1], got {target!r}")
+    if not 0 < target <= 1:
+        raise ValueError(f"{who}: target must be an accuracy in (0, 1], got {target!r}")
     n = jax.tree.leaves(data)[0].shape[0]
     if n < num_examples:
         raise ValueError(f"{who}: data has {n} examples, fewer than num_examples={num_examples}")

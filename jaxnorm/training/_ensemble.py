@@ -63,6 +63,7 @@ def train_ensemble(
       holds the members' batch-norm statistics).
 
     Raises:
+      TypeError: if ``init_fn`` is not callable.
       ValueError: if keys is not a 1-D array of keys; if, for a :class:`Model`, ``init_fn``'s
         output is neither ``(params, state)`` nor (for a model without state) the params, with
         ``model.init``'s structure; or anything :func:`fit` rejects.
@@ -81,6 +82,8 @@ def train_ensemble(
       >>> params[0]["w"].shape, hist.loss.shape
       ((3, 2, 4), (3, 5))
     """
+    if not callable(init_fn):
+        raise TypeError(f"train_ensemble: init_fn must be callable, got {type(init_fn).__name__}")
     keys = jnp.asarray(keys)
     typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     # Typed keys are [K]; raw uint32 keys (jax.random.PRNGKey) are [K, 2].
@@ -229,6 +232,7 @@ def ensemble_predict(
       probabilities when ``return_members``.
 
     Raises:
+      TypeError: if ``apply_fn`` is not callable or ``x`` is not an array (a list, a dict).
       ValueError: if the stacked parameters have no common leading axis.
 
     Example:
@@ -239,6 +243,11 @@ def ensemble_predict(
       >>> training.ensemble_predict(apply, ws, jnp.array([[5.0, 0.0]]))
       Array([[0.5, 0.5]], dtype=float32)
     """
+    if not callable(apply_fn):
+        raise TypeError(
+            f"ensemble_predict: apply_fn must be callable, got {type(apply_fn).__name__}"
+        )
+    _checks.check_array(x, "x")
     sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree.leaves(stacked_params)}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(

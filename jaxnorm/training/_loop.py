@@ -208,7 +208,8 @@ def shuffled_indices(key: jax.Array, n: int, num: int | None = None) -> jax.Arra
       int32 ``[n]`` or ``[num, n]``.
 
     Raises:
-      TypeError, ValueError: ``n`` is not an int >= 0, or ``num`` not an int >= 1.
+      TypeError, ValueError: ``n`` is not an int >= 0, or ``num`` not an int >= 1; ``key`` is
+        not a PRNG key (TypeError).
 
     Example:
       >>> import jax
@@ -216,6 +217,7 @@ def shuffled_indices(key: jax.Array, n: int, num: int | None = None) -> jax.Arra
       >>> sorted(training.shuffled_indices(jax.random.key(0), 5).tolist())
       [0, 1, 2, 3, 4]
     """
+    _check_key(key, "key", "shuffled_indices")
     n = _check_int(n, "n", "shuffled_indices", 0)
     if num is not None:
         num = _check_int(num, "num", "shuffled_indices", 1)
@@ -298,13 +300,16 @@ def _make_step(loss, optimizer, plan: _Plan, ema_decay, track_ratio, who):
     return step
 
 
-def _check_decay(ema_decay, who):
+def _check_decay(ema_decay, who, name="ema_decay"):
     if ema_decay is None:
         return None
-    if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float):
-        raise TypeError(f"{who}: ema_decay must be a float in [0, 1), got {ema_decay!r}")
+    # NumPy scalars are numbers (np.float32(-0.5) is a bad value, not a bad type).
+    if isinstance(ema_decay, bool | np.bool_) or not isinstance(
+        ema_decay, int | float | np.integer | np.floating
+    ):
+        raise TypeError(f"{who}: {name} must be a float in [0, 1), got {ema_decay!r}")
     if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"{who}: ema_decay must be in [0, 1), got {ema_decay}")
+        raise ValueError(f"{who}: {name} must be in [0, 1), got {ema_decay}")
     return float(ema_decay)
 
 
@@ -675,7 +680,7 @@ def polyak_average(decay: float) -> optax.GradientTransformation:
       >>> training.polyak_params(s)
       Array(1., dtype=float32)
     """
-    decay = _check_decay(decay, "polyak_average")
+    decay = _check_decay(decay, "polyak_average", "decay")
 
     def init_fn(params):
         return PolyakState(average=jax.tree.map(jnp.asarray, params))

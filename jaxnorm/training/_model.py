@@ -106,11 +106,11 @@ def mlp(
       A :class:`Model`.
 
     Raises:
-      TypeError: if widths are not ints, init/activation are not names, or dropout is not a
-        real number; (from ``apply``) a model with dropout called with ``train=True`` and no
-        ``key``.
-      ValueError: if fewer than 2 widths are given, a width is < 1, a name is unknown, or a
-        concrete dropout rate lies outside [0, 1).
+      TypeError: if widths are not a sequence of ints, init/activation are not names, dtype is
+        not floating, or dropout is not a real number; (from ``apply``) a model with dropout
+        called with ``train=True`` and no ``key``.
+      ValueError: if fewer than 2 widths are given, a width is < 1, a name is unknown, a
+        concrete dropout rate lies outside [0, 1), or a concrete momentum outside [0, 1].
 
     References:
       Ioffe & Szegedy 2015, "Batch normalization"; He et al. 2015 (he_normal); Srivastava et
@@ -128,7 +128,10 @@ def mlp(
       >>> p, s = drop.init(jax.random.key(0))
       >>> logits, _ = drop.apply(p, s, jnp.ones((5, 4)), train=True, key=jax.random.key(1))
     """
-    widths = tuple(widths)
+    try:
+        widths = tuple(widths)
+    except TypeError:
+        raise TypeError(f"mlp: widths must be a sequence of ints, got {widths!r}") from None
     if len(widths) < 2:
         raise ValueError(f"mlp needs at least an input and an output width, got widths={widths}")
     for w in widths:
@@ -142,6 +145,10 @@ def mlp(
             raise TypeError(f"mlp: widths must be ints, got {widths!r}")
         if w < 1:
             raise ValueError(f"mlp: every width must be at least 1, got widths={widths}")
+    if isinstance(momentum, int | float | np.integer | np.floating) and not 0 <= momentum <= 1:
+        raise ValueError(f"mlp: momentum must be in [0, 1], got {momentum!r}")
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"mlp: dtype must be a floating dtype (e.g. jnp.float32), got {dtype!r}")
     act = activations.get(activation)
     kernel_init = _initializer(init)
     num_hidden = len(widths) - 2
@@ -281,6 +288,14 @@ def _check_label_values(y, num_classes, who):
         )
 
 
+def _check_model(model: Any, who: str) -> None:
+    if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
+        raise TypeError(
+            f"{who}: model must be a Model (init and apply functions, e.g. from mlp or "
+            f"from_linen), got {type(model).__name__}"
+        )
+
+
 def classification_loss(model: Model) -> Callable:
     r"""The mean softmax cross-entropy of ``model``, as a stateful loss for :func:`fit`.
 
@@ -303,6 +318,7 @@ def classification_loss(model: Model) -> Callable:
       last class), so the run reports it.
 
     Raises:
+      TypeError: ``model`` without ``init`` and ``apply`` functions.
       (from the returned loss) ValueError: labels of the wrong shape or, when concrete, outside
       ``[0, C)``; TypeError: labels that are not integers.
 
@@ -317,6 +333,7 @@ def classification_loss(model: Model) -> Callable:
       >>> round(float(loss), 4)  # log(3): uniform predictions
       1.0986
     """
+    _check_model(model, "classification_loss")
 
     def loss_fn(params, state, batch, key):
         x, y = batch
@@ -355,7 +372,8 @@ def evaluate(model: Model, params: Any, data: tuple, *, state: Any = ()) -> dict
 
     Raises:
       ValueError: labels of the wrong shape or, when concrete, outside ``[0, C)``, naming the
-        offending values; TypeError: labels that are not integers.
+        offending values; TypeError: labels that are not integers, ``model`` without ``init``
+        and ``apply``, ``data`` that is not a pair ``(x, y)``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -365,6 +383,9 @@ def evaluate(model: Model, params: Any, data: tuple, *, state: Any = ()) -> dict
       >>> sorted(training.evaluate(model, params, (jnp.ones((3, 2)), jnp.zeros(3, jnp.int32))))
       ['accuracy', 'loss']
     """
+    _check_model(model, "evaluate")
+    if not isinstance(data, tuple | list) or len(data) != 2:
+        raise TypeError(f"evaluate: data must be a pair (x, y), got {type(data).__name__}")
     x, y = data
     logits, _ = model.apply(params, state, jnp.asarray(x), train=False)
     y = jnp.asarray(y)
