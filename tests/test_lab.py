@@ -401,23 +401,6 @@ def test_fmt_number():
     assert f(float("nan")) == "nan" and f(float("inf")) == "inf" and f(float("-inf")) == "-inf"
 
 
-def test_babysitting_table_prints_huge_losses_compactly(quick_run):
-    r = quick_run.outcomes["babysitting"].result
-    lrs = np.asarray([1e-2, 1e-1, 1.0])
-    huge = r._replace(
-        learning_rates=lrs,
-        median_ratio=np.asarray([1e-3, 1e-2, 0.5]),
-        final_loss=np.asarray([0.1474, 3306257754291601991293468672.0, np.nan]),
-    )
-    columns, rows = lab.EXPERIMENTS["babysitting"].table(huge)
-    loss = columns.index("validation loss")
-    # A loss of 3.3e+27 is a blow-up (above 10 log 10): "diverged", as NaN is.
-    assert [row[loss] for row in rows] == ["0.1474", "diverged", "diverged"]
-    nobody = r._replace(best_lr=None, best_median_ratio=None)
-    text = lab.EXPERIMENTS["babysitting"].verdict(nobody).text
-    assert "None" not in text and "no best learning rate (every run diverged)" in text
-
-
 def test_batchnorm_text_when_no_learning_rate_reaches_the_threshold(quick_run):
     r = quick_run.outcomes["batchnorm"].result
     v = lab.EXPERIMENTS["batchnorm"].verdict(r._replace(max_good_lr=(None, 3.0)))
@@ -619,17 +602,42 @@ def test_a_tie_is_not_support():
     assert "<li>= b (tie: not support)</li>" in html_text and "ties" in html_text
 
 
-def test_search_and_ensembles_call_equal_numbers_a_tie(quick_run):
-    s = quick_run.outcomes["search"].result
-    equal = s._replace(round_best=np.asarray([0.989] * len(s.round_best)))
-    v = lab.EXPERIMENTS["search"].verdict(equal)
+def _fake(cls, **fields):
+    """A result NamedTuple with the given fields (the rest None): verdict rules need no run."""
+    return cls(**{f: fields.get(f) for f in cls._fields})
+
+
+def test_search_and_ensembles_call_equal_numbers_a_tie():
+    s = _fake(
+        lab.Search,
+        round_median=np.asarray([0.9, 0.95, 0.97]),
+        round_best=np.asarray([0.989, 0.99, 0.989]),
+        best={"learning_rate": 0.05, "weight_decay": 1e-4, "val_accuracy": 0.99},
+        at_border={},
+    )
+    v = lab.EXPERIMENTS["search"].verdict(s)
     assert v.checks["the last round's best beats the coarse round's best"] == "tie"
-    assert v.status != "agrees" and "ties" in v.text
-    e = quick_run.outcomes["ensembles"].result
-    same = e._replace(polyak_accuracy=e.member_accuracy.copy())
-    v = lab.EXPERIMENTS["ensembles"].verdict(same)
+    assert v.status == "partly agrees" and "ties the coarse round's" in v.text
+    acc = np.asarray([0.95, 0.96, 0.97])
+    e = _fake(
+        lab.Ensembles,
+        member_accuracy=acc,
+        member_loss=np.asarray([0.2, 0.2, 0.2]),
+        ensemble_accuracy=0.98,
+        ensemble_loss=0.1,
+        ensemble_gain=2.0,
+        lecture_gain=2.0,
+        polyak_accuracy=acc.copy(),  # equal for every member: a tie, not "at least as good"
+        polyak_loss=np.asarray([0.19, 0.19, 0.19]),
+        polyak_stale_accuracy=acc.copy(),
+        polyak_stale_loss=np.asarray([0.3, 0.3, 0.3]),
+        num_members=3,
+        ema_decay=0.99,
+    )
+    v = lab.EXPERIMENTS["ensembles"].verdict(e)
     assert v.checks["Polyak-averaged parameters are more accurate than the final ones"] == "tie"
-    assert v.status != "agrees" and "a tie, not support" in v.text
+    assert v.status == "partly agrees" and "a tie, not support" in v.text
+    assert "+2.00 points against the lecture's ~2, 0.00 points" in v.text
 
 
 def test_ensembles_measure_the_lectures_two_percent(quick_run):
@@ -647,34 +655,44 @@ def test_ensembles_measure_the_lectures_two_percent(quick_run):
     assert e.polyak_stale_accuracy.shape == e.polyak_accuracy.shape
 
 
-def test_shown_accuracies_agree_with_the_threshold_counts(quick_run):
+def test_shown_accuracies_agree_with_the_threshold_counts():
     assert _util.fmt_floor(0.8996) == "0.899" and _util.fmt_floor(0.9) == "0.900"
     assert _util.fmt_floor(0.8996, 2) == "0.89" and _util.fmt_floor(float("nan")) == "nan"
-    bn = quick_run.outcomes["batchnorm"].result
-    acc = np.full_like(bn.accuracy, 0.5)
+    lrs, stds = np.asarray([1e-2, 1e-1, 1.0]), np.asarray([1e-2, 1.0])
+    acc = np.full((2, 3, 2), 0.5)
     acc[0, 0, 0] = 0.8996  # below 90%: must not read 0.90 / 0.900
     acc[1, 0, 0] = 0.9
-    div = np.zeros_like(bn.diverged)
+    div = np.zeros((2, 3, 2), bool)
     div[0, -1, -1] = True
     acc[0, -1, -1] = np.nan
-    r = bn._replace(accuracy=acc, diverged=div)
+    r = _fake(lab.BatchNormGrid, learning_rates=lrs, init_stds=stds, accuracy=acc, diverged=div)
     _, rows = lab.EXPERIMENTS["batchnorm"].table(r)
-    assert rows[0][1] == "0.899" and rows[0][1 + len(bn.init_stds)] == "0.900"
-    assert rows[-1][len(bn.init_stds)] == "diverged"
+    assert rows[0][1] == "0.899" and rows[0][3] == "0.900"
+    assert rows[-1][2] == "diverged"
     fig = lab.plots.plot_batchnorm_grid(r)
     texts = {t.get_text() for ax in fig.axes for t in ax.texts}
     assert "0.89" in texts and "0.90" in texts and "diverged" in texts and "NaN" not in texts
 
 
-def test_babysitting_ratio_check_separates_training_rates(quick_run):
-    b = quick_run.outcomes["babysitting"].result
-    lrs = np.asarray([1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+def _babysitting(**kw):
+    base = dict(
+        initial_loss=2.303,
+        expected_loss=float(np.log(10)),
+        initial_loss_ok=True,
+        loss_with_regularisation=190.0,
+        overfit_passed=True,
+        overfit_steps=11,
+        ratio_band=(1e-4, 1e-2),
+    )
+    return _fake(lab.Babysitting, **{**base, **kw})
+
+
+def test_babysitting_ratio_check_separates_training_rates():
     # The default run's numbers: lr 1e-3 has a ratio of 1.3e-3 but does not train.
-    r = b._replace(
-        learning_rates=lrs,
+    r = _babysitting(
+        learning_rates=np.asarray([1e-4, 1e-3, 1e-2, 1e-1, 1.0]),
         median_ratio=np.asarray([9.8e-5, 1.26e-3, 3.7e-3, 1.3e-3, 0.18]),
         final_loss=np.asarray([2.30, 2.23, 0.133, 0.070, 2.34e28]),
-        update_ratio=np.ones((5, 3)),
         best_lr=0.1,
         best_median_ratio=1.3e-3,
     )
@@ -683,51 +701,151 @@ def test_babysitting_ratio_check_separates_training_rates(quick_run):
     assert v.checks[name] is False
     assert "misclassifies learning rate(s) 0.001" in v.text and "diverged: 1;" in v.text
     columns, rows = lab.EXPERIMENTS["babysitting"].table(r)
-    assert rows[-1][columns.index("validation loss")] == "diverged"
+    assert rows[-1][columns.index("validation loss")] == "diverged"  # 2.34e+28
     assert [row[columns.index("trains")] for row in rows] == ["no", "no", "yes", "yes", "diverged"]
     good = r._replace(median_ratio=np.asarray([1e-5, 5e-5, 3.7e-3, 1.3e-3, 0.18]))
     assert lab.EXPERIMENTS["babysitting"].verdict(good).checks[name] is True
 
 
-def test_regularization_verdict_rules(quick_run):
-    r = quick_run.outcomes["regularization"].result
-    assert r.l2_strengths[0] == 0 and r.dropout_rates[0] == 0
-    v = lab.EXPERIMENTS["regularization"].verdict(r)
-    assert len(v.checks) == 7
-    same = r._replace(
-        best_val={k: r.best_val["none"] for k in r.best_val},
-        gap={k: r.gap["none"] for k in r.gap},
+def test_babysitting_table_calls_huge_losses_diverged():
+    r = _babysitting(
+        learning_rates=np.asarray([1e-2, 1e-1, 1.0]),
+        median_ratio=np.asarray([1e-3, 1e-2, 0.5]),
+        final_loss=np.asarray([0.1474, 3306257754291601991293468672.0, np.nan]),
+        best_lr=None,
+        best_median_ratio=None,
     )
-    v = lab.EXPERIMENTS["regularization"].verdict(same)
-    ties = [k for k, c in v.checks.items() if c == "tie"]
-    assert len(ties) == 6 and v.status != "agrees"
-    # max-norm survives where the plain net fails; nothing to show when no rate is too high.
-    hv = np.full_like(r.high_lr_val, 0.9)
-    hv[0] = 0.1
-    ok = r._replace(high_lr_val=hv, high_lr_diverged=np.zeros_like(r.high_lr_diverged))
+    columns, rows = lab.EXPERIMENTS["babysitting"].table(r)
+    assert [row[columns.index("validation loss")] for row in rows] == [
+        "0.1474",
+        "diverged",
+        "diverged",
+    ]
+    text = lab.EXPERIMENTS["babysitting"].verdict(r).text
+    assert "None" not in text and "no best learning rate (every run diverged)" in text
+
+
+def _regularization(**kw):
+    seeds = 2
+    ones = np.ones((1, seeds))
+    base = dict(
+        num_train=150,
+        l2_strengths=np.asarray([0.0, 1e-3, 1e-2]),
+        l2_train=np.ones((3, seeds)),
+        l2_val=np.asarray([[0.90], [0.91], [0.93]]) * ones,
+        dropout_rates=np.asarray([0.0, 0.5]),
+        dropout_train=np.ones((2, seeds)),
+        dropout_val=np.asarray([[0.90], [0.92]]) * ones,
+        max_norms=np.asarray([3.0, 1.0]),
+        max_norm_train=np.ones((2, seeds)),
+        max_norm_val=np.asarray([[0.90], [0.925]]) * ones,
+        learning_rate=0.05,
+        high_learning_rates=np.asarray([3.0, 30.0]),
+        chosen_max_norm=1.0,
+        high_lr_val=np.asarray([[[0.45] * seeds, [0.1] * seeds], [[0.92] * seeds, [0.1] * seeds]]),
+        high_lr_diverged=np.zeros((2, 2, seeds), bool),
+        gap={"none": 0.10, "l2": 0.07, "dropout": 0.08, "max_norm": 0.075},
+        best={"l2": 1e-2, "dropout": 0.5, "max_norm": 1.0},
+        best_val={"none": 0.90, "l2": 0.93, "dropout": 0.92, "max_norm": 0.925},
+        num_seeds=seeds,
+    )
+    return _fake(lab.Regularization, **{**base, **kw})
+
+
+def test_regularization_verdict_rules():
+    verdict = lab.EXPERIMENTS["regularization"].verdict
+    r = _regularization()
+    v = verdict(r)
+    assert v.status == "agrees" and len(v.checks) == 7
     check = next(k for k in v.checks if k.startswith("max-norm (c"))
-    assert lab.EXPERIMENTS["regularization"].verdict(ok).checks[check] is True
-    fine = ok._replace(high_lr_val=np.full_like(hv, 0.9))
-    assert lab.EXPERIMENTS["regularization"].verdict(fine).checks[check] is None
-    diverged = ok._replace(high_lr_val=np.where(np.arange(2)[:, None, None] == 0, np.nan, hv))
+    # Equal numbers (within 0.002) are ties, never support.
+    same = r._replace(
+        best_val={k: 0.90 + 0.001 * (k != "none") for k in r.best_val},
+        gap={k: 0.10 for k in r.gap},
+    )
+    v = verdict(same)
+    assert sum(c == "tie" for c in v.checks.values()) == 6 and v.status == "partly agrees"
+    # No learning rate too high for the plain net: nothing to show, not a pass.
+    fine = r._replace(high_lr_val=np.full_like(r.high_lr_val, 0.9))
+    assert verdict(fine).checks[check] is None
+    # Max-norm failing too where the plain net fails: the check fails.
+    both = r._replace(high_lr_val=np.full_like(r.high_lr_val, 0.1))
+    assert verdict(both).checks[check] is False
+    hv = r.high_lr_val.copy()
+    hv[0, 0] = np.nan
+    div = np.isnan(hv)
     _, rows = lab.EXPERIMENTS["regularization"].table(
-        diverged._replace(high_lr_diverged=np.isnan(diverged.high_lr_val))
+        r._replace(high_lr_val=hv, high_lr_diverged=div)
     )
-    assert rows[-1][3].startswith("diverged / ")
+    assert rows[-2][3] == "diverged / 0.920"
 
 
-def test_updates_verdict_rules(quick_run):
-    u = quick_run.outcomes["updates"].result
-    v = lab.EXPERIMENTS["updates"].verdict(u)
-    assert len(v.checks) == 5
-    flat = u._replace(final_loss=np.full_like(u.final_loss, 0.5))
-    v = lab.EXPERIMENTS["updates"].verdict(flat)
-    assert v.checks["momentum and Nesterov reach a lower training loss than SGD on the digits"] == (
-        "tie"
+def _updates(**kw):
+    methods = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
+    base = dict(
+        methods=methods,
+        digits_learning_rates=(1e-2, 1e-2, 1e-2, 1e-2, 1e-3, 1e-3),
+        final_loss=np.asarray([0.6, 0.07, 0.07, 0.14, 0.09, 0.19]),
+        val_accuracy=np.asarray([[0.83], [0.97], [0.97], [0.95], [0.97], [0.96]]),
+        surface_learning_rate=0.1,
+        ravine_final=np.asarray([0.4, 1e-5, 1e-6, 0.3, 1e-5, 0.04]),
+        saddle_escape=(67, 25, 22, 7, 1, 6),
+        schedules=("constant", "1/t"),
+        schedule_final=np.asarray([0.002, 0.006]),
+        num_steps=300,
+        surface_steps=100,
+        num_seeds=1,
     )
-    never = u._replace(saddle_escape=(None,) * len(u.methods))
-    v = lab.EXPERIMENTS["updates"].verdict(never)
-    assert v.checks["every other method escapes the saddle sooner than SGD"] == "tie"
+    return _fake(lab.Updates, **{**base, **kw})
+
+
+def test_updates_verdict_rules():
+    verdict = lab.EXPERIMENTS["updates"].verdict
+    assert verdict(_updates()).status == "agrees"
+    momentum = "momentum and Nesterov reach a lower training loss than SGD on the digits"
+    # Within 1% of SGD's loss: a tie, not support.
+    v = verdict(_updates(final_loss=np.asarray([0.6, 0.597, 0.5, 0.1, 0.1, 0.1])))
+    assert v.checks[momentum] == "tie" and v.status == "partly agrees"
+    never = verdict(_updates(saddle_escape=(None,) * 6))
+    assert never.checks["every other method escapes the saddle sooner than SGD"] == "tie"
+    late = verdict(_updates(saddle_escape=(5, 25, 22, 7, 1, 6)))
+    assert late.checks["every other method escapes the saddle sooner than SGD"] is False
+    adam = next(k for k in v.checks if k.startswith("Adam"))
+    assert verdict(_updates(val_accuracy=np.asarray([[0.8]] * 5 + [[0.7]]))).checks[adam] is False
+
+
+def _convergence(**kw):
+    base = dict(
+        activations=("relu", "tanh", "sigmoid"),
+        epochs_to_target=(3, 3, 23),
+        epoch_ratio_to_tanh=(1.0, 1.0, 7.7),
+        target=0.95,
+        epochs=25,
+        num_seeds=3,
+        depths=(2, 5, 8),
+        depth_epochs_to_target=((3, 3, 3), (3, 3, 3)),
+        depth_width=64,
+        depth_epochs=10,
+        depth_seeds=2,
+    )
+    return _fake(lab.Convergence, **{**base, **kw})
+
+
+def test_convergence_depth_sweep_rules():
+    verdict = lab.EXPERIMENTS["convergence"].verdict
+    deepest = (
+        "without batch norm, ReLU reaches the target in fewer epochs than tanh at the deepest depth"
+    )
+    grows = "ReLU's advantage over tanh grows with depth (deepest > shallowest)"
+    v = verdict(_convergence())
+    assert v.checks[deepest] == "tie" and v.checks[grows] == "tie"
+    v = verdict(_convergence(depth_epochs_to_target=((3, 3, 2), (3, 4, None))))
+    assert v.checks[deepest] is True and v.checks[grows] is True
+    assert "8 layers 2 / never" in v.text
+    v = verdict(_convergence(depth_epochs_to_target=((3, 4, 5), (3, 3, 3))))
+    assert v.checks[deepest] is False and v.checks[grows] is False
+    quick = verdict(_convergence(depths=(), depth_epochs_to_target=((), ())))
+    assert quick.checks[deepest] is None and "not run (quick mode)" in quick.text
 
 
 def test_figures_are_readable_at_page_width(quick_run):
@@ -781,22 +899,3 @@ def test_preprocessing_shows_pca_whitened_digits(quick_run):
     fig = lab.plots.plot_preprocessing_views(p)
     labels = {ax.get_ylabel() for ax in fig.axes}
     assert "PCA-\nwhitened" in labels and "ZCA-\nwhitened" in labels
-
-
-def test_convergence_depth_sweep(quick_run):
-    c = quick_run.outcomes["convergence"]
-    r = c.result
-    name = next(k for k in c.verdict.checks if k.startswith("without batch norm"))
-    assert r.depths == () and c.verdict.checks[name] is None  # not run in quick mode
-    deep = r._replace(depths=(2, 5, 8), depth_epochs=10)
-    v = lab.EXPERIMENTS["convergence"].verdict(
-        deep._replace(depth_epochs_to_target=((3, 3, 3), (3, 3, 3)))
-    )
-    assert v.checks[name] == "tie"
-    grows = "ReLU's advantage over tanh grows with depth (deepest > shallowest)"
-    assert v.checks[grows] == "tie"
-    v = lab.EXPERIMENTS["convergence"].verdict(
-        deep._replace(depth_epochs_to_target=((3, 3, 2), (3, 4, None)))
-    )
-    assert v.checks[name] is True and v.checks[grows] is True
-    assert "8 layers 2 / never" in v.text
