@@ -68,6 +68,24 @@ def first_row(x, valid, raxes: tuple[int, ...]):
     return jax.lax.dynamic_slice(x, starts, keep), has
 
 
+def check_axis_name_bound(axis_name, who: str) -> None:
+    """NameError naming ``axis_name`` and ``who`` when a mapped axis it names is not bound.
+
+    JAX's own error comes from the first collective and speaks of ``axis_index``, which the
+    caller never called. The type stays NameError, as JAX's and flax's, for code that catches it.
+    """
+    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
+    for name in names:
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            raise NameError(
+                f"{who}: axis_name={axis_name!r} names a mapped axis, but no axis {name!r} is "
+                f"bound here; call it inside jax.shard_map over a mesh with an axis {name!r} "
+                f"(or jax.vmap/jax.pmap(..., axis_name={name!r})), or pass axis_name=None"
+            ) from None
+
+
 def gather_by_psum(v, axis_name, groups=None):
     """``[D, *v.shape]``: v of each of the D devices of the group, identical on all of them.
 

@@ -445,6 +445,7 @@ def moments(
         x has NaN or Inf, or sums that overflow (checked only outside ``jit``, where values are
         known: the message says how many. Under ``jit`` the statistics simply become NaN; check
         with ``jnp.isfinite(state.mean).all()`` or ``checkify``).
+      NameError: ``axis_name`` names no bound mapped axis (outside ``shard_map``/``pmap``).
 
     References:
       Chan, Golub & LeVeque 1983, "Algorithms for computing the sample variance".
@@ -476,6 +477,7 @@ def moments(
     if axis_name is None:
         m, n_bad = _local_moments_jit(x, w, axes, bool(full_covariance))
     else:
+        _rows.check_axis_name_bound(axis_name, "moments")
         m, n_bad = _moments_across(x, w, axes, bool(full_covariance), axis_name)
     if not _checks.is_tracer(n_bad):
         _check_finite(n_bad, x, w, axes, "x")
@@ -2064,7 +2066,8 @@ def load(path: str | os.PathLike, transform: Transform | type | None = None):
 
     Raises:
       FileNotFoundError: there is no such file.
-      TypeError: transform is neither a Transform nor a state class.
+      TypeError: path is not a str or os.PathLike; transform is neither a Transform nor a state
+        class.
       ValueError: the file is empty, not an ``.npz`` archive, truncated or corrupted; was not
         written by :func:`save`, or by a newer jaxnorm (a newer file format version); an array's
         dtype, shape or checksum differs from the header's (an edited header, renamed or swapped
@@ -2081,6 +2084,8 @@ def load(path: str | os.PathLike, transform: Transform | type | None = None):
       Traceback (most recent call last):
       ValueError: preprocessing.load: '...' holds a NormalizeState (the state of normalize), ...
     """
+    if not isinstance(path, str | bytes | os.PathLike):
+        raise TypeError(f"load expects path as a file name (str or os.PathLike), got {path!r}")
     name = os.fsdecode(path)
     if not os.path.exists(name) and os.path.exists(name + ".npz"):
         name += ".npz"  # save(path) appended the suffix, as np.savez does
