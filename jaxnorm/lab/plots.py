@@ -603,8 +603,13 @@ def plot_updates(r) -> Any:
         widths = np.linspace(4.5, 1.2, len(r.methods))
         for m, p, lw in zip(r.methods, path, widths, strict=True):
             color = _METHOD_COLORS.get(m)
-            ax.plot(p[:, 0], p[:, 1], color=color, lw=lw, alpha=0.85, label=m)
-            ax.plot(*p[-1], marker="o", color=color, ms=6, mec="k", ls="none")
+            if m == "sgd":
+                # The baseline on top, thin and dashed: the others' wide bands cannot hide it.
+                style = {"color": "k", "lw": 1.4, "ls": "--", "zorder": 5}
+            else:
+                style = {"color": color, "lw": lw, "alpha": 0.85}
+            ax.plot(p[:, 0], p[:, 1], label=m, **style)
+            ax.plot(*p[-1], marker="o", color=style["color"], ms=6, mec="k", ls="none", zorder=6)
         ax.plot(*path[0, 0], marker="*", color="k", ms=10, ls="none", label="start")
         ax.set(
             xlim=(xs[0], xs[-1]),
@@ -618,7 +623,7 @@ def plot_updates(r) -> Any:
         ax.text(
             0.99,
             0.99 if top else 0.01,
-            "paths drawn widest first; dots: last step",
+            "paths widest first, sgd dashed on top; dots: last step",
             transform=ax.transAxes,
             ha="right",
             va="top" if top else "bottom",
