@@ -1138,20 +1138,27 @@ def _rectifier_slope(activation) -> float | None:
 def _activation_jvp(activation, pre, t):
     """The activation's tangent at ``pre``: ``activation'(pre) * t``.
 
-    For relu and leaky_relu the derivative (1 above 0; 0, or the slope s, at and below 0) is
-    written with max/min and products instead of a comparison: XLA:CPU fuses the backward
-    reductions (sum(dy), sum(dy * xhat)) into library kernels that take arithmetic but not
-    select, so ``where(pre > 0, dy, 0)`` was a separate fusion, with x - mean written out for
-    it. ``max(pre, 0) * 2**126`` (``1 / tiny`` in general) is at least 1 for every normal
-    pre > 0, so clipped to 1 it is exactly the select's step (subnormal pre, which XLA:CPU
-    flushes to 0, aside). A NaN pre gives a NaN step (max and min propagate NaN), so NaN
-    reaches the gradient as through :func:`jaxnorm.activations.relu`'s own derivative.
+    For relu and leaky_relu the derivative (1 above 0, positive subnormals included; 0, or the
+    slope s, at and below 0; NaN at NaN), is :func:`jaxnorm.activations.relu`'s, written without
+    a select: XLA:CPU fuses the backward reductions (sum(dy), sum(dy * xhat)) into library
+    kernels that take arithmetic but not select, so ``where(pre > 0, dy, 0)`` was a separate
+    fusion, with x - mean written out for it. The step is read from pre's bits, as the
+    activations read the sign: as a signed integer of the same width, a float is >= 1 exactly
+    when its sign bit is clear and it is not +0, so ``clip(bits, 0, 1)`` is 1 for every pre > 0.
+    Arithmetic cannot tell: XLA:CPU takes a subnormal operand as 0, so the former
+    ``min(max(pre, 0) * 2**126, 1)`` gave 0 for a positive subnormal pre where relu's derivative
+    is 1 (and a fraction of 1 where subnormals are kept, on GPU). ``min(max(pre, 0), 0)`` is 0,
+    or NaN where pre is NaN (max and min propagate NaN): added, NaN reaches the gradient as
+    through relu's own derivative.
     """
     slope = _rectifier_slope(activation)
     if slope is None:
         return jax.jvp(activation, (pre,), (t,))[1]
-    big = jnp.asarray(1.0 / np.finfo(pre.dtype).tiny, pre.dtype)  # 2**126 in float32
-    step = jnp.minimum(jnp.maximum(pre, 0) * big, jnp.ones((), pre.dtype))
+    ints = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[pre.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(pre, ints)
+    positive = jnp.clip(bits, 0, 1).astype(pre.dtype)
+    zero = jnp.zeros((), pre.dtype)
+    step = positive + jnp.minimum(jnp.maximum(pre, zero), zero)
     if slope == 0.0:
         return t * step
     # s * (1 - step) + step: exactly 1 above 0 and s below, with no rounding of s + (1 - s).

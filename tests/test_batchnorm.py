@@ -754,6 +754,61 @@ def test_rectifier_kinks_match_the_unfused_activation(fused, unfused):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+_RECTIFIERS = [
+    ("relu", activations.relu),
+    ("leaky_relu", activations.leaky_relu),
+    (
+        functools.partial(activations.leaky_relu, negative_slope=0.25),
+        functools.partial(activations.leaky_relu, negative_slope=0.25),
+    ),
+]
+
+
+def _edge_pre(dtype):
+    sub = np.finfo(dtype).smallest_subnormal
+    return np.array([sub, -sub, 0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-30, -2.0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fused, unfused", _RECTIFIERS, ids=["relu", "leaky_relu", "leaky-0.25"])
+def test_fused_rectifier_derivative_is_the_activation_s_at_every_edge(fused, unfused, dtype):
+    # The fused backward's step at +-smallest subnormal, +-0, NaN, +-inf equals
+    # jaxnorm.activations' derivative (1 at a positive subnormal: XLA:CPU takes a subnormal
+    # operand as 0, so the arithmetic step gave 0 there).
+    with jax.enable_x64(dtype == np.float64):
+        pre = jnp.asarray(_edge_pre(dtype))
+        t = jnp.asarray(np.linspace(0.5, 2.0, pre.size), dtype)
+        act = bn._resolve_activation(fused)
+        got = jax.jit(lambda p, t: bn._activation_jvp(act, p, t))(pre, t)
+        want = jax.jit(lambda p, t: jax.jvp(unfused, (p,), (t,))[1])(pre, t)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fused, unfused", _RECTIFIERS, ids=["relu", "leaky_relu", "leaky-0.25"])
+def test_fused_rectifier_at_edge_pre_activations_equals_batch_norm_then_activation(fused, unfused):
+    # Each column is symmetric about its mean, so the middle row's pre-activation is exactly
+    # the bias: +-smallest subnormal, +-0, NaN, and normal values. Values and all gradients of
+    # the fused op equal batch_norm followed by jaxnorm.activations' function.
+    pre = _edge_pre(np.float32)[[0, 1, 2, 3, 4, 8, 9]]
+    x = np.array([[-1.0] * pre.size, [0.0] * pre.size, [1.0] * pre.size], np.float32)
+    scale = jnp.asarray(np.linspace(0.5, 2.0, pre.size), jnp.float32)
+    bias = jnp.asarray(pre)
+    dy = jnp.asarray(np.random.default_rng(3).normal(size=x.shape), jnp.float32)
+    state = bn.init_state(pre.size)
+    f1 = lambda x, s, b: bn.batch_norm(x, s, b, state, train=True, activation=fused)
+    f2 = lambda x, s, b: (lambda y, st: (unfused(y), st))(
+        *bn.batch_norm(x, s, b, state, train=True)
+    )
+    (y1, s1), vjp1 = jax.vjp(f1, x, scale, bias)
+    (y2, s2), vjp2 = jax.vjp(f2, x, scale, bias)
+    np.testing.assert_array_equal(y1, y2)
+    jax.tree.map(np.testing.assert_array_equal, s1, s2)
+    ct = (dy, jax.tree.map(jnp.zeros_like, s1))
+    for a, b in zip(vjp1(ct), vjp2(ct), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert np.all(np.isnan(np.asarray(y1)[:, 4])) and not np.any(np.isnan(np.asarray(y1)[:, 5:]))
+
+
 @pytest.mark.parametrize(
     "activation",
     [
