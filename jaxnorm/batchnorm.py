@@ -68,7 +68,7 @@ class BatchNormState(NamedTuple):
       var: running variance (biased by default, as Flax keeps it), same shape as ``mean``.
       count: number of training updates seen so far (an int32 scalar), like PyTorch's
         ``num_batches_tracked``; the cumulative-average mode (``cumulative=True``) divides by it.
-        A batch with no valid row (all masked) does not count.
+        A batch with no valid row (all masked, or empty) does not count.
     """
 
     mean: jax.Array
@@ -90,7 +90,8 @@ def init_state(num_features: int | Sequence[int], *, dtype=jnp.float32) -> Batch
       A :class:`BatchNormState` with ``mean`` and ``var`` of shape ``num_features``.
 
     Raises:
-      TypeError: if num_features is not an int or a tuple of ints, or dtype is not floating.
+      TypeError: if num_features is not an int or a tuple of ints, or dtype is not a floating
+        dtype (a str that names none included).
       ValueError: if a feature size is not positive.
 
     Example:
@@ -102,11 +103,23 @@ def init_state(num_features: int | Sequence[int], *, dtype=jnp.float32) -> Batch
       Array(0, dtype=int32)
     """
     shape = _feature_shape_arg(num_features)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"init_state needs a floating dtype for the state, got {jnp.dtype(dtype)}")
+    dtype = _state_dtype(dtype, "init_state")
     return BatchNormState(
         mean=jnp.zeros(shape, dtype), var=jnp.ones(shape, dtype), count=jnp.zeros((), jnp.int32)
     )
+
+
+def _state_dtype(dtype, fn):
+    """The running statistics' dtype: a floating dtype (TypeError naming dtype otherwise)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(
+            f"{fn}: dtype must be a floating dtype for the state (e.g. jnp.float32), got {dtype!r}"
+        ) from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{fn}: dtype must be a floating dtype for the state, got {dt}")
+    return dt
 
 
 def _feature_shape_arg(num_features) -> tuple[int, ...]:
@@ -204,8 +217,7 @@ def from_torch_state(
       >>> s.count
       Array(7, dtype=int32)
     """
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype for the state, got {jnp.dtype(dtype)}")
+    dtype = _state_dtype(dtype, "from_torch_state")
     mean = _torch_buffer(running_mean, "running_mean")
     var = _torch_buffer(running_var, "running_var")
     if mean.shape != var.shape:
@@ -324,8 +336,9 @@ def fold(
     Raises:
       TypeError: if state is not a :class:`BatchNormState`, or scale or bias is not a floating
         array.
-      ValueError: if scale or bias does not have the state's shape, or epsilon is not a
-        positive, finite scalar (as in :func:`batch_norm`; a traced epsilon is not checked).
+      ValueError: if scale or bias does not have the state's shape, epsilon is not a
+        positive, finite scalar (as in :func:`batch_norm`; a traced epsilon is not checked), or
+        a concrete state.var is negative somewhere.
 
     Example:
       >>> import jax.numpy as jnp
@@ -534,6 +547,7 @@ def batch_norm(
         and ``bias`` real); the running mean becomes complex (the promotion of its dtype with
         x's) and the running variance stays real. Complex x takes no fused ``activation`` and
         no ``renorm``, and its gradient is JAX's own through a two-pass about the accurate mean.
+        An empty x (no rows) gives an empty y and, in training, leaves the state as it is.
       scale: :math:`\\gamma` of the feature shape, or None (no scale, 1).
       bias: :math:`\\beta` of the feature shape, or None (no bias, 0).
       state: the running statistics (:func:`init_state`).
@@ -603,8 +617,9 @@ def batch_norm(
         scalar; r_max < 1 or d_max < 0 (with renorm); the activation changes the shape; the
         mask's shape does not fit or a numeric mask holds values other than 0 and 1;
         axis_index_groups is given without axis_name; a training batch has a single value per
-        feature with ``refuse_single_value=True``; or virtual_batch_size does not divide the
-        batch.
+        feature with ``refuse_single_value=True``; virtual_batch_size does not divide the
+        batch; or a concrete state.var holds a negative value (a traced state, under jit,
+        cannot be checked).
       NameError: in training, if axis_name is not bound (not inside a ``shard_map``, ``pmap``
         or ``vmap`` of that name); the message says how to bind it.
 
@@ -687,6 +702,11 @@ def batch_norm(
 
     if axis_name is not None:
         _check_axis_name_bound(axis_name)
+    if x.size == 0:
+        # No value to take statistics from: as a fully masked batch, the state stays as it is
+        # (count included), and y is empty (flax's statistics would be NaN). Every member of a
+        # mapped axis has the same shape, so all of them return here together.
+        return x.astype(out_dtype), state
     # Ghost batch norm: axis 0 becomes (groups, virtual batch); groups are normalised separately.
     shape = x.shape
     if virtual_batch_size is not None:
@@ -1447,6 +1467,15 @@ def _check_state_type(state, name="state"):
             f"{name}.mean has shape {np.shape(state.mean)} but {name}.var has shape "
             f"{np.shape(state.var)}"
         )
+    if not _checks.is_tracer(state.var):
+        # A negative running variance would give NaN from finite x (rsqrt of var + epsilon).
+        # A traced state (under jit) cannot be checked.
+        var = np.asarray(state.var)
+        if np.any(var < 0):
+            raise ValueError(
+                f"{name}.var must be >= 0 (a variance), but {int(np.sum(var < 0))} of its "
+                f"{var.size} values are negative (smallest {var.min()})"
+            )
 
 
 def _check_state(state, fshape, where):
@@ -1506,6 +1535,9 @@ def _resolve_activation(activation):
 
 def _broadcast_mask(mask, xshape, faxes, raxes):
     _checks.check_array(mask, "mask")
+    # The values are read from the mask as given: under jit, jnp.asarray of a NumPy mask is a
+    # tracer, whose values could not be checked.
+    raw = mask
     mask = jnp.asarray(mask)
     batch_shape = tuple(xshape[a] for a in raxes)
     mshape = mask.shape
@@ -1528,11 +1560,11 @@ def _broadcast_mask(mask, xshape, faxes, raxes):
     if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
         raise TypeError(f"mask must be boolean (or 0/1 numbers), got dtype {mask.dtype}")
     if not jnp.issubdtype(mask.dtype, jnp.bool_):
-        if _checks.is_tracer(mask):
+        if _checks.is_tracer(raw):
             # Unknown values: nonzero counts as True (jnp.where's reading), as documented.
             mask = mask != 0
         else:
-            values = np.unique(np.asarray(mask))
+            values = np.unique(np.asarray(raw))
             if not np.all((values == 0) | (values == 1)):
                 bad = values[(values != 0) & (values != 1)][:3]
                 raise ValueError(

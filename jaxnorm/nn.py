@@ -253,6 +253,8 @@ class BatchNorm(nn.Module):
     * The backward pass is the closed form, with x as the only residual the size of x.
     * Statistics merged over ``axis_name`` are exact for uneven or masked shards (flax averages
       per-device means).
+    * Complex x is normalised as flax.linen does it (complex y and running mean, real
+      variance :math:`E|x - E[x]|^2`), with an accurate variance for offset data.
     * Statistics are always reduced in float32 (or float64 for float64 x), also when
       ``force_float32_reductions=False``; that flag only keeps the running statistics in
       ``param_dtype``, as flax stores them.
@@ -301,7 +303,9 @@ class BatchNorm(nn.Module):
       use_bias, use_scale: learn :math:`\beta` / :math:`\gamma`.
       bias_init, scale_init: their initializers (zeros, ones).
       axis_name, axis_index_groups: combine statistics over a mapped axis (``shard_map``, ``pmap``,
-        ``vmap``), exactly, and over groups of it.
+        ``vmap``), exactly, and over groups of it. Under ``jax.jit`` with the batch sharded over
+        a mesh, leave it None (docs/batchnorm_modules.md, "Data parallel"). Training with an
+        axis_name that nothing binds raises a NameError naming it; ``init`` needs no bound axis.
       use_fast_variance: accepted for flax compatibility and ignored (jaxnorm is always accurate).
       force_float32_reductions: True keeps the running statistics in float32 (flax's default);
         False keeps them in ``param_dtype``.

@@ -240,7 +240,9 @@ class BatchNorm(nnx.Module):
     ``dtype`` is (flax.nnx first casts x, the statistics and the parameters to ``dtype``),
     ``axis_name`` merges statistics exactly, and the extra options ``activation``,
     ``unbiased_running_var``, ``cumulative`` (adds a ``count`` BatchStat), ``virtual_batch_size``
-    and ``renorm``/``r_max``/``d_max`` pass through to the functional core. ``promote_dtype`` is
+    and ``renorm``/``r_max``/``d_max`` pass through to the functional core. Complex x makes the
+    running ``mean`` complex, as in flax.linen (flax.nnx casts it into its float32 BatchStat,
+    dropping the imaginary part). ``promote_dtype`` is
     flax's hook; its default is None (no cast before the statistics) where flax's default casts x
     to ``dtype`` first.
 
@@ -280,7 +282,9 @@ class BatchNorm(nnx.Module):
       param_dtype: dtype of scale and bias.
       use_bias, use_scale: learn :math:`\beta` / :math:`\gamma`.
       bias_init, scale_init: their initializers (zeros, ones).
-      axis_name, axis_index_groups: combine statistics over a mapped axis, exactly.
+      axis_name, axis_index_groups: combine statistics over a mapped axis, exactly (under
+        ``jax.jit`` with the batch sharded over a mesh, leave it None; a NameError names an
+        axis_name that nothing binds).
       use_fast_variance: accepted for flax compatibility and ignored.
       promote_dtype: None (default): the statistics are computed from x as given (in float32
         or wider) and y takes flax's inferred dtype. Or flax's hook, called as flax calls it:

@@ -1864,6 +1864,41 @@ _BAD_INPUTS = {
         ValueError,
         "torch_momentum must be in",
     ),
+    "init_state dtype str": (
+        lambda: bn.init_state(3, dtype="foo"),
+        TypeError,
+        "dtype must be a floating dtype",
+    ),
+    "from_torch_state dtype str": (
+        lambda: bn.from_torch_state(np.zeros(3), np.ones(3), dtype="foo"),
+        TypeError,
+        "dtype must be a floating dtype",
+    ),
+    "init_state float": (lambda: bn.init_state(3.0), TypeError, "num_features must be an int"),
+    "momentum 1-d jnp": (
+        lambda: _bn(momentum=jnp.full((1,), 0.9)),
+        ValueError,
+        "momentum must be a scalar",
+    ),
+    "state var negative": (
+        lambda: _bn(state=bn.BatchNormState(jnp.zeros(3), jnp.array([1.0, -1.0, 1.0]), 0)),
+        ValueError,
+        r"state\.var must be >= 0",
+    ),
+    "state var negative eval": (
+        lambda: _bn(
+            train=False, state=bn.BatchNormState(jnp.zeros(3), jnp.array([1.0, -1.0, 1.0]), 0)
+        ),
+        ValueError,
+        r"state\.var must be >= 0",
+    ),
+    "fold state var negative": (
+        lambda: bn.fold(None, None, bn.BatchNormState(jnp.zeros(3), -jnp.ones(3), 0)),
+        ValueError,
+        r"state\.var must be >= 0",
+    ),
+    "axis np.float32": (lambda: _bn(axis=np.float32(1)), TypeError, "axis must be an int"),
+    "axis None": (lambda: _bn(axis=None), TypeError, "axis must be an int"),
     "momentum_to_torch str": (
         lambda: bn.momentum_to_torch("0.5"),
         TypeError,
@@ -1895,6 +1930,84 @@ def test_numeric_masks_of_zeros_and_ones_are_accepted():
         jnp.array([0.5, 0.0, 2.0, 1.0])
     )
     np.testing.assert_allclose(y3, y2, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_numpy_and_jax_scalars_are_taken_as_python_numbers(train):
+    # epsilon and momentum given as NumPy or JAX scalars (0-d arrays) work as the same Python
+    # number does; r_max and d_max likewise.
+    x = _x((6, 3))
+    ref = _bn(x=x, train=train, epsilon=1e-3, momentum=0.9, renorm=True, r_max=2.0, d_max=1.0)
+    for cast in (np.float32, np.float64, jnp.float32, jnp.asarray):
+        got = _bn(
+            x=x,
+            train=train,
+            epsilon=cast(1e-3),
+            momentum=cast(0.9),
+            renorm=True,
+            r_max=cast(2.0),
+            d_max=cast(1.0),
+        )
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, ref)
+    a, b = bn.fold(None, None, _S3, np.float32(1e-3)), bn.fold(None, None, _S3, 1e-3)
+    np.testing.assert_allclose(a, b, rtol=1e-7)
+
+
+def test_validation_happens_at_trace_time():
+    # Under jit the arguments' shapes, types and static values are checked while tracing: the
+    # named errors come before anything runs (a traced value itself cannot be checked).
+    for kw, error, match in [
+        ({"axis": 1.0}, TypeError, "axis must be an int"),
+        ({"mask": np.full((4,), 0.5)}, ValueError, "mask must be boolean"),
+        ({"axis_index_groups": [[0]]}, ValueError, "axis_index_groups needs axis_name"),
+        ({"momentum": np.full((2,), 0.5)}, ValueError, "momentum must be a scalar"),
+        ({"renorm": True, "r_max": np.full(3, 2.0)}, ValueError, "r_max must be a scalar"),
+        ({"activation": lambda v: v[:2]}, ValueError, "activation must be elementwise"),
+    ]:
+        f = jax.jit(lambda x, kw=kw: _bn(x=x, **kw)[0])
+        with pytest.raises(error, match=match):
+            f.lower(_x((4, 3)))
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 2, 3)])
+def test_empty_batch_leaves_the_state_as_it_is(shape):
+    # No rows: y is empty, and the state is unchanged and not counted (as an all-masked batch;
+    # an IndexError from inside the pivot's sampling before).
+    scale, bias, state = _params((3,))
+    x = jnp.zeros(shape, jnp.float32)
+    for f in (bn.batch_norm, jax.jit(bn.batch_norm, static_argnames="train")):
+        y, new = f(x, scale, bias, state, train=True)
+        assert y.shape == shape and y.dtype == x.dtype
+        jax.tree.map(np.testing.assert_array_equal, new, state)
+    g = jax.grad(lambda s: jnp.sum(bn.batch_norm(x, s, bias, state, train=True)[0]))(scale)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_finite_input_gives_finite_output_over_the_options():
+    # No NaN or Inf from finite input, with every option that changes the arithmetic, on a
+    # batch with a constant feature, a huge one and a tiny one.
+    rng = np.random.default_rng(9)
+    x = np.stack(
+        [np.full(8, 3.0), 1e18 * rng.normal(size=8), 1e-18 * rng.normal(size=8)], axis=1
+    ).astype(np.float32)
+    scale, bias, state = _params((3,))
+    for kw in [
+        {},
+        {"activation": "relu"},
+        {"activation": "elu"},
+        {"renorm": True},
+        {"virtual_batch_size": 4},
+        {"cumulative": True},
+        {"unbiased_running_var": True},
+        {"mask": np.arange(8) % 3 != 0},
+        {"train": False},
+    ]:
+        kw = {"train": True} | kw
+        f = lambda x, s, b, kw=kw: bn.batch_norm(x, s, b, state, **kw)
+        (y, new), vjp = jax.vjp(f, jnp.asarray(x), scale, bias)
+        grads = vjp((jnp.ones_like(y), jax.tree.map(jnp.zeros_like, new)))
+        for leaf in (y, new.mean, new.var, *grads):
+            assert np.all(np.isfinite(leaf)), kw
 
 
 def test_traced_epsilon_and_momentum_are_not_checked():
