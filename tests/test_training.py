@@ -859,3 +859,24 @@ def test_traced_labels_out_of_range_make_the_loss_nan(bad_label):
                                num_steps=2)[1]
     )(bad)  # fmt: skip
     assert int(hist.nan_step) == 0 and "loss" in hist.nonfinite_parts
+
+
+def test_learning_rate_scan_prints_a_range_of_one_rate_as_that_rate():
+    # A range holding a single learning rate read "[0.1, 0.1]" (the lab's notebook 06 worked
+    # around it).
+    from jaxnorm.training._babysit import LearningRateScan
+
+    scan = LearningRateScan(
+        learning_rates=np.array([1e-3, 0.1, 10.0]),
+        loss_ratio=np.array([1.0, 0.2, np.nan]),
+        status=("too_low", "ok", "too_high"),
+        too_low=(1e-3, 1e-3),
+        too_high=(10.0, 10.0),
+        suggested=(0.1, 0.1),
+        best=0.1,
+        losses=np.ones((3, 2)),
+        nan_step=np.array([-1, -1, 1]),
+    )
+    text = str(scan)
+    assert "suggested range: 0.1" in text and "[0.1, 0.1]" not in text
+    assert "too low): 0.001;" in text and "too high): 10;" in text

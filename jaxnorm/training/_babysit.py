@@ -264,7 +264,10 @@ class LearningRateScan:
             rows.append(f"{lr:13.3g}   {r:18.4g}   {s}")
 
         def rng(r):
-            return "none" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
+            if r is None:
+                return "none"
+            lo, hi = f"{r[0]:.3g}", f"{r[1]:.3g}"
+            return lo if lo == hi else f"[{lo}, {hi}]"  # a range of one learning rate: that rate
 
         rows.append(
             f"loss not going down (too low): {rng(self.too_low)}; exploding / NaN (too high): "
