@@ -1467,9 +1467,9 @@ def _check_state_type(state, name="state"):
             f"{name}.mean has shape {np.shape(state.mean)} but {name}.var has shape "
             f"{np.shape(state.var)}"
         )
-    if not _checks.is_tracer(state.var):
+    if not _checks.is_tracer(state.var) and getattr(state.var, "is_fully_addressable", True):
         # A negative running variance would give NaN from finite x (rsqrt of var + epsilon).
-        # A traced state (under jit) cannot be checked.
+        # A traced state (under jit) cannot be checked, nor one spread over other processes.
         var = np.asarray(state.var)
         if np.any(var < 0):
             raise ValueError(
@@ -1560,8 +1560,9 @@ def _broadcast_mask(mask, xshape, faxes, raxes):
     if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
         raise TypeError(f"mask must be boolean (or 0/1 numbers), got dtype {mask.dtype}")
     if not jnp.issubdtype(mask.dtype, jnp.bool_):
-        if _checks.is_tracer(raw):
-            # Unknown values: nonzero counts as True (jnp.where's reading), as documented.
+        if _checks.is_tracer(raw) or not getattr(raw, "is_fully_addressable", True):
+            # Unknown values (or held by other processes): nonzero counts as True (jnp.where's
+            # reading), as documented.
             mask = mask != 0
         else:
             values = np.unique(np.asarray(raw))
