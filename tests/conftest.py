@@ -28,3 +28,21 @@ def _no_x64_leak():
 # Scripts that the multi-device tests run in a subprocess (with 8 host devices); pytest's
 # --doctest-modules must not import them in a 1-device process.
 collect_ignore_glob = ["_*_script.py"]
+
+
+# The long end-to-end tests, marked here in one place: ``pytest`` skips them (under 5 minutes on
+# 2 cores), ``pytest -m slow`` runs only them, and CI (.ci/run) runs both. Tests with
+# ``@pytest.mark.slow`` in their module are slow too.
+_SLOW_FIXTURES = {"quick_run"}  # test_lab.py: one `jaxnorm lab --quick` run per module
+_SLOW_TESTS = {
+    "tests/test_lab.py::test_only_in_a_subprocess",
+    "tests/test_examples.py::test_readme_tour_runs",
+    "tests/test_preprocessing_multidevice.py::test_sharded_fit_equals_single_device",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        base = item.nodeid.split("[")[0]
+        if base in _SLOW_TESTS or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
