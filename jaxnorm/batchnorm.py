@@ -573,7 +573,9 @@ def batch_norm(
         such as 0.5, is refused; a traced numeric mask cannot be checked, and counts every
         nonzero value as True). Masked rows are still normalised (with the batch
         statistics); their dx is ``dy * gamma / sigma_B`` since they do not feed the
-        statistics.
+        statistics. A feature with no valid position (fully masked; real x) is normalised with
+        the running statistics, as in evaluation, and they stay as they were (flax's output is
+        NaN there).
       activation: None, a name from :mod:`jaxnorm.activations` (``"relu"``, ...) or a callable,
         applied inside the op so that the pre-activation is never stored. It must be
         elementwise: same shape out as in, a floating dtype (checked at trace time with
@@ -748,7 +750,10 @@ def batch_norm(
     else:
         ref_mean = jax.lax.stop_gradient(jnp.asarray(state.mean)).astype(cdt).reshape(pshape)
         ref_var = jax.lax.stop_gradient(jnp.asarray(state.var)).astype(cdt).reshape(pshape)
-        extras = (ref_var, jnp.asarray(r_max, cdt), jnp.asarray(d_max, cdt)) if renorm else ()
+        # ref_var is always passed: a feature with no valid position takes the running statistics.
+        extras = (
+            (ref_var, jnp.asarray(r_max, cdt), jnp.asarray(d_max, cdt)) if renorm else (ref_var,)
+        )
         y, (bmean, bvar, bcount) = _train_op(
             cfg,
             x,
@@ -1008,6 +1013,13 @@ def _forward_parts(cfg, x, scale, bias, epsilon, ref_mean, masks, extras):
     xc = x.astype(cdt)
     mask = masks[0] if masks else None
     mean, var, n = _moments(cfg, x, xc, mask)
+    if mask is not None:
+        # A feature with no valid position (fully masked) has no batch statistics: it is
+        # normalised with the running ones, as in evaluation (flax gives NaN). They are constants,
+        # so the tangent below (whose batch sums are 0 for such a feature) stays exact.
+        empty = n <= 0
+        mean = jnp.where(empty, ref_mean, mean)
+        var = jnp.where(empty, extras[0], var)
     inv_std = jax.lax.rsqrt(var + epsilon)
     gain = scale.astype(cdt)
     shift = bias.astype(cdt)

@@ -421,8 +421,9 @@ class BatchNorm(nnx.Module):
             shape that broadcasts to x NumPy-style (aligned on the right: ``(H, W, 1)`` pads
             images shared by the batch, ``(D,)`` flags features, also on a square ``(N, N)``
             batch). A mask that does not broadcast to x may be the batch shape, one flag per
-            position of the non-feature axes. A feature with no valid position leaves its
-            running statistics as they were (flax's become NaN).
+            position of the non-feature axes. A feature with no valid position is normalised
+            with the running statistics, which it leaves as they were (flax's output and
+            statistics become NaN).
 
         Returns:
           y of x's shape, in ``self.dtype`` (or flax's inferred dtype).
