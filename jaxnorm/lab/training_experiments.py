@@ -121,6 +121,24 @@ class Convergence(NamedTuple):
 _CONVERGENCE_ACTS = (("relu", "he_normal"), ("tanh", "xavier_normal"), ("sigmoid", "xavier_normal"))
 
 
+def _sgd_accuracy(model, key, x, y, lr, epochs, batch):
+    """Per-step training accuracy of ``model`` initialised and trained (SGD, momentum 0.9) from
+    one key, as the convergence experiments run every activation and depth."""
+    k_init, k_fit = jax.random.split(key)
+    params, state = model.init(k_init)
+    _, hist = training.fit(
+        model,
+        params,
+        optax.sgd(lr, momentum=0.9),
+        (x, y),
+        key=k_fit,
+        epochs=epochs,
+        batch_size=batch,
+        state=state,
+    )
+    return hist.accuracy
+
+
 def relu_convergence(key: Any = 0, *, quick: bool = False) -> Convergence:
     """The same MLP on digits with ReLU, tanh and sigmoid: epochs and time to a training accuracy.
 
@@ -154,19 +172,7 @@ def relu_convergence(key: Any = 0, *, quick: bool = False) -> Convergence:
         model = training.mlp(widths, activation=act, init=init)
 
         def run(k, model=model):
-            k_init, k_fit = jax.random.split(k)
-            params, state = model.init(k_init)
-            _, hist = training.fit(
-                model,
-                params,
-                optax.sgd(lr, momentum=0.9),
-                (x, y),
-                key=k_fit,
-                epochs=epochs,
-                batch_size=batch,
-                state=state,
-            )
-            return hist.accuracy
+            return _sgd_accuracy(model, k, x, y, lr, epochs, batch)
 
         lowered.append(jit(jax.vmap(run), quick=quick).lower(keys))
     accs, secs = [], []
@@ -286,20 +292,7 @@ def _depth_sweep(key, x, y, lr, batch, target, quick):
     make = _stacked_mlp(width, max(depths), x.shape[1])
 
     def run(is_relu, depth, k):
-        model = make(depth, is_relu)
-        k_init, k_fit = jax.random.split(k)
-        params, state = model.init(k_init)
-        _, hist = training.fit(
-            model,
-            params,
-            optax.sgd(lr, momentum=0.9),
-            (x, y),
-            key=k_fit,
-            epochs=epochs,
-            batch_size=batch,
-            state=state,
-        )
-        return hist.accuracy
+        return _sgd_accuracy(make(depth, is_relu), k, x, y, lr, epochs, batch)
 
     grid = jax.vmap(jax.vmap(jax.vmap(run, (None, None, 0)), (None, 0, None)), (0, None, None))
     acc = jit(grid, quick=quick)(jnp.asarray([True, False]), jnp.asarray(depths, jnp.int32), keys)
