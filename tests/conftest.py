@@ -59,19 +59,39 @@ def _no_x64_leak():
 collect_ignore_glob = ["_*_script.py"]
 
 
-# The long end-to-end tests, marked here in one place: ``pytest`` skips them (under 5 minutes on
-# 2 cores), ``pytest -m slow`` runs only them, and CI (.ci/run) runs both. Tests with
-# ``@pytest.mark.slow`` in their module are slow too.
+# The long end-to-end tests, marked here in one place: ``pytest`` skips them, ``pytest -m slow``
+# runs only them, and CI (.ci/run) runs both. Tests with ``@pytest.mark.slow`` in their module
+# are slow too. End-to-end means a model trained through the whole stack (fit, train, a search
+# or an ensemble on the digits or a Flax CNN), the lab, a notebook, or several devices or
+# processes; each test here took 3.5 s or more on 2 cores from an empty compilation cache.
 _SLOW_FIXTURES = {"quick_run"}  # test_lab.py: one `jaxnorm lab --quick` run per module
+_SLOW_MODULES = {
+    "tests/test_flax_training.py",  # a linen and an nnx CNN through every training tool
+    "tests/test_parallel.py",  # searches and ensembles in per-core groups
+    "jaxnorm/lab/setup_experiments.py",  # the lab's experiments, in their docstrings
+    "jaxnorm/training/_flax.py",  # from_linen / from_nnx: a Flax model fitted on the digits
+}
 _SLOW_TESTS = {
     "tests/test_lab.py::test_only_in_a_subprocess",
     "tests/test_examples.py::test_readme_tour_runs",
     "tests/test_preprocessing_multidevice.py::test_sharded_fit_equals_single_device",
+    "tests/test_training.py::test_mlp_batch_norm_trains_and_updates_state",
+    "tests/test_training.py::test_train_equals_fit_and_logs",
+    "tests/test_training.py::test_fit_passes_every_step_a_fresh_key_for_dropout",
+    "tests/test_training.py::test_overfit_small_subset",
+    "tests/test_ensemble.py::test_shared_data_key_equals_sequential_fits",
+    "tests/test_ensemble.py::test_batch_norm_members_and_ema",
+    "tests/test_ensemble.py::test_snapshot_ensemble_of_a_batch_norm_model",
+    "tests/test_ensemble.py::test_ensemble_predict_averages_probabilities",
+    "tests/test_search.py::test_static_choice_searches_widths",
+    "tests/test_search.py::test_reproducible_and_chunking_does_not_change_results",
+    "tests/test_update_batch_stats.py::test_stacked_iterable_and_jit_agree",
 }
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         base = item.nodeid.split("[")[0]
-        if base in _SLOW_TESTS or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        slow = base in _SLOW_TESTS or base.split("::")[0] in _SLOW_MODULES
+        if slow or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
