@@ -76,16 +76,20 @@ def _grad(f):
     return jax.jit(jax.grad(lambda x: jnp.sum(f(x))))
 
 
+def _value_and_grad(f):
+    """f(x) and its elementwise derivative, as one compiled program (one compile, not two)."""
+    return jax.jit(lambda x: (f(x), jax.grad(lambda u: jnp.sum(f(u)))(x)))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_values_and_gradients_match_float64_formulas(name, dtype):
     f, ref, dref = REFERENCES[name]
     x = jnp.asarray(GRID, dtype)
     xr = to_f64(x)  # the reference sees the same rounded inputs
-    y = jax.jit(f)(x)
+    y, g = _value_and_grad(f)(x)
     assert y.dtype == dtype and y.shape == x.shape
     np.testing.assert_allclose(to_f64(y), ref(xr), **tol(dtype, 2))
-    g = _grad(f)(x)
     assert g.dtype == dtype
     np.testing.assert_allclose(to_f64(g), dref(xr), **tol(dtype, 4))
 
@@ -225,9 +229,7 @@ def test_matches_torch_values_and_gradients_including_kinks(name):
     yt = theirs(t)
     yt.sum().backward()
     with jax.enable_x64(True):
-        x = jnp.asarray(xs)
-        y = np.asarray(jax.jit(ours)(x))
-        g = np.asarray(_grad(ours)(x))
+        y, g = map(np.asarray, _value_and_grad(ours)(jnp.asarray(xs)))
     np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-12, atol=1e-14)
 
@@ -267,9 +269,7 @@ def test_values_and_gradients_finite_at_extremes(name, dtype):
     if name == "selu":
         big /= 1.06  # selu multiplies by 1.0507: beyond this the exact result overflows
     x = jnp.asarray([-big, -1e4, -100.0, -0.0, 0.0, 100.0, 1e4, big], dtype)
-    f = ALL_ELEMENTWISE[name]
-    y = jax.jit(f)(x)
-    g = _grad(f)(x)
+    y, g = _value_and_grad(ALL_ELEMENTWISE[name])(x)
     assert y.dtype == dtype and g.dtype == dtype
     assert np.all(np.isfinite(to_f64(y))), (name, y)
     assert np.all(np.isfinite(to_f64(g))), (name, g)
@@ -368,18 +368,19 @@ def test_nan_propagates_to_values_and_derivatives(name, dtype):
     def grad(v):
         return jax.grad(lambda u: jnp.sum(f(u).astype(jnp.float32)))(v)
 
-    with jax.enable_x64(dtype == jnp.float64):
-        x = jnp.asarray(_NAN_X, dtype)
-        ones = jnp.ones_like(x)
-        derivatives = {
-            "value": jax.jit(f)(x),
-            "vjp": jax.jit(grad)(x),
-            "jvp": jax.jit(lambda v: jax.jvp(f, (v,), (ones,))[1])(x),
-            "d2 reverse-over-reverse": jax.jit(
-                jax.grad(lambda v: jnp.sum(grad(v).astype(jnp.float32)))
-            )(x),
-            "d2 forward-over-reverse": jax.jit(lambda v: jax.jvp(grad, (v,), (ones,))[1])(x),
+    @jax.jit  # the five, jitted, as one program: one compile per case instead of five
+    def derivatives_of(v):
+        ones = jnp.ones_like(v)
+        return {
+            "value": f(v),
+            "vjp": grad(v),
+            "jvp": jax.jvp(f, (v,), (ones,))[1],
+            "d2 reverse-over-reverse": jax.grad(lambda u: jnp.sum(grad(u).astype(jnp.float32)))(v),
+            "d2 forward-over-reverse": jax.jvp(grad, (v,), (ones,))[1],
         }
+
+    with jax.enable_x64(dtype == jnp.float64):
+        derivatives = derivatives_of(jnp.asarray(_NAN_X, dtype))
         for what, out in derivatives.items():
             want = y_nan if what in ("value", "jvp") and name == "maxout" else d_nan
             if what == "value":
@@ -441,9 +442,13 @@ def test_infinities_give_the_limits_and_finite_derivatives(name, dtype):
     f, y_pos, y_neg, d_pos, d_neg = INF_LIMITS[name]
     with jax.enable_x64(dtype == jnp.float64):
         x = jnp.asarray([np.inf, -np.inf], dtype)
-        y = to_f64(jax.jit(f)(x))
-        g = to_f64(_grad(f)(x))
-        d2 = to_f64(jax.jit(jax.grad(lambda v: jnp.sum(_grad(f)(v))))(x))
+
+        @jax.jit  # value, derivative and second derivative as one program (one compile)
+        def value_d1_d2(v):
+            d1 = jax.grad(lambda u: jnp.sum(f(u)))
+            return f(v), d1(v), jax.grad(lambda u: jnp.sum(d1(u)))(v)
+
+        y, g, d2 = map(to_f64, value_d1_d2(x))
     np.testing.assert_allclose(y, [y_pos, y_neg], **tol(dtype))
     np.testing.assert_allclose(g, [d_pos, d_neg], **tol(dtype))
     assert np.all(np.isfinite(d2)), d2
@@ -471,8 +476,7 @@ def test_subnormal_inputs_match_torch(name, dtype):
     yt = theirs(t)
     yt.sum().backward()
     with jax.enable_x64(dtype == np.float64):
-        y = np.asarray(jax.jit(ours)(jnp.asarray(x)))
-        g = np.asarray(_grad(ours)(jnp.asarray(x)))
+        y, g = map(np.asarray, _value_and_grad(ours)(jnp.asarray(x)))
     np.testing.assert_allclose(g, t.grad.numpy(), rtol=4 * np.finfo(dtype).eps, atol=0)
     # XLA:CPU takes subnormal inputs of arithmetic as 0 and flushes subnormal results to 0
     # (torch keeps both): a value computed from a subnormal x is that of x = 0, off by at most
