@@ -4,6 +4,7 @@ References: SciPy/NumPy float64 formulas, central finite differences in float64,
 (skipped when torch is missing). Nothing is checked against jaxnorm itself.
 """
 
+import functools
 import math
 
 import jax
@@ -357,36 +358,44 @@ def _nan_masks(name):
     return nan, nan
 
 
+def _value_and_derivatives(f, v):
+    """f(v), its derivative by vjp and by jvp, and its second derivative both ways."""
+
+    def grad(u):
+        return jax.grad(lambda w: jnp.sum(f(w).astype(jnp.float32)))(u)
+
+    ones = jnp.ones_like(v)
+    return {
+        "value": f(v),
+        "vjp": grad(v),
+        "jvp": jax.jvp(f, (v,), (ones,))[1],
+        "d2 reverse-over-reverse": jax.grad(lambda u: jnp.sum(grad(u).astype(jnp.float32)))(v),
+        "d2 forward-over-reverse": jax.jvp(grad, (v,), (ones,))[1],
+    }
+
+
+@functools.cache
+def _nan_outputs(dtype):
+    """Where each function's value and derivatives at _NAN_X are NaN: every function, jitted, in
+    one program per dtype (one compile instead of five per function)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray(_NAN_X, dtype)
+        fns = ALL_ELEMENTWISE
+        out = jax.jit(lambda v: {n: _value_and_derivatives(f, v) for n, f in fns.items()})(x)
+        return jax.tree.map(lambda a: np.isnan(to_f64(a)), out)
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name", sorted(ALL_ELEMENTWISE))
 def test_nan_propagates_to_values_and_derivatives(name, dtype):
     # jax.nn.relu and torch.relu return NaN for NaN; jaxnorm's relu returned 0, and the
     # derivatives of relu, leaky_relu, prelu (all), maxout (jitted) were numbers at NaN.
-    f = ALL_ELEMENTWISE[name]
     y_nan, d_nan = _nan_masks(name)
-
-    def grad(v):
-        return jax.grad(lambda u: jnp.sum(f(u).astype(jnp.float32)))(v)
-
-    @jax.jit  # the five, jitted, as one program: one compile per case instead of five
-    def derivatives_of(v):
-        ones = jnp.ones_like(v)
-        return {
-            "value": f(v),
-            "vjp": grad(v),
-            "jvp": jax.jvp(f, (v,), (ones,))[1],
-            "d2 reverse-over-reverse": jax.grad(lambda u: jnp.sum(grad(u).astype(jnp.float32)))(v),
-            "d2 forward-over-reverse": jax.jvp(grad, (v,), (ones,))[1],
-        }
-
-    with jax.enable_x64(dtype == jnp.float64):
-        derivatives = derivatives_of(jnp.asarray(_NAN_X, dtype))
-        for what, out in derivatives.items():
-            want = y_nan if what in ("value", "jvp") and name == "maxout" else d_nan
-            if what == "value":
-                want = y_nan
-            got = np.isnan(to_f64(out))
-            np.testing.assert_array_equal(got, want, err_msg=f"{name} {what}")
+    for what, got in _nan_outputs(dtype)[name].items():
+        want = y_nan if what in ("value", "jvp") and name == "maxout" else d_nan
+        if what == "value":
+            want = y_nan
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} {what}")
 
 
 def test_nan_values_agree_with_jax_nn_and_torch():
@@ -435,20 +444,28 @@ INF_LIMITS = {
 }
 
 
+def _value_d1_d2(f, v):
+    d1 = jax.grad(lambda u: jnp.sum(f(u)))
+    return f(v), d1(v), jax.grad(lambda u: jnp.sum(d1(u)))(v)
+
+
+@functools.cache
+def _at_infinities(dtype):
+    """Each function's value, derivative and second derivative at +inf and -inf in float64: every
+    function, jitted, in one program per dtype (one compile instead of three per function)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        x = jnp.asarray([np.inf, -np.inf], dtype)
+        fns = {n: limits[0] for n, limits in INF_LIMITS.items()}
+        out = jax.jit(lambda v: {n: _value_d1_d2(f, v) for n, f in fns.items()})(x)
+        return jax.tree.map(to_f64, out)
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name", sorted(INF_LIMITS))
 def test_infinities_give_the_limits_and_finite_derivatives(name, dtype):
     # gelu, gelu_tanh and silu gave NaN at -inf (-inf * 0) and NaN derivatives at +-inf.
-    f, y_pos, y_neg, d_pos, d_neg = INF_LIMITS[name]
-    with jax.enable_x64(dtype == jnp.float64):
-        x = jnp.asarray([np.inf, -np.inf], dtype)
-
-        @jax.jit  # value, derivative and second derivative as one program (one compile)
-        def value_d1_d2(v):
-            d1 = jax.grad(lambda u: jnp.sum(f(u)))
-            return f(v), d1(v), jax.grad(lambda u: jnp.sum(d1(u)))(v)
-
-        y, g, d2 = map(to_f64, value_d1_d2(x))
+    _, y_pos, y_neg, d_pos, d_neg = INF_LIMITS[name]
+    y, g, d2 = _at_infinities(dtype)[name]
     np.testing.assert_allclose(y, [y_pos, y_neg], **tol(dtype))
     np.testing.assert_allclose(g, [d_pos, d_neg], **tol(dtype))
     assert np.all(np.isfinite(d2)), d2
