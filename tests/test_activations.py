@@ -77,18 +77,29 @@ def _grad(f):
     return jax.jit(jax.grad(lambda x: jnp.sum(f(x))))
 
 
+def _f_and_df(f, x):
+    return f(x), jax.grad(lambda u: jnp.sum(f(u)))(x)
+
+
 def _value_and_grad(f):
     """f(x) and its elementwise derivative, as one compiled program (one compile, not two)."""
-    return jax.jit(lambda x: (f(x), jax.grad(lambda u: jnp.sum(f(u)))(x)))
+    return jax.jit(functools.partial(_f_and_df, f))
+
+
+@functools.cache
+def _on_grid(dtype):
+    """Each function's value and derivative on GRID: all of them in one jitted program per dtype."""
+    fns = {name: r[0] for name, r in REFERENCES.items()}
+    return jax.jit(lambda x: {n: _f_and_df(f, x) for n, f in fns.items()})(jnp.asarray(GRID, dtype))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("name", sorted(REFERENCES))
 def test_values_and_gradients_match_float64_formulas(name, dtype):
-    f, ref, dref = REFERENCES[name]
+    _, ref, dref = REFERENCES[name]
     x = jnp.asarray(GRID, dtype)
     xr = to_f64(x)  # the reference sees the same rounded inputs
-    y, g = _value_and_grad(f)(x)
+    y, g = _on_grid(dtype)[name]
     assert y.dtype == dtype and y.shape == x.shape
     np.testing.assert_allclose(to_f64(y), ref(xr), **tol(dtype, 2))
     assert g.dtype == dtype
@@ -263,14 +274,24 @@ ALL_ELEMENTWISE = {
 }
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("name", sorted(ALL_ELEMENTWISE))
-def test_values_and_gradients_finite_at_extremes(name, dtype):
+def _extremes(name, dtype):
     big = float(jnp.finfo(dtype).max)
     if name == "selu":
         big /= 1.06  # selu multiplies by 1.0507: beyond this the exact result overflows
-    x = jnp.asarray([-big, -1e4, -100.0, -0.0, 0.0, 100.0, 1e4, big], dtype)
-    y, g = _value_and_grad(ALL_ELEMENTWISE[name])(x)
+    return jnp.asarray([-big, -1e4, -100.0, -0.0, 0.0, 100.0, 1e4, big], dtype)
+
+
+@functools.cache
+def _at_extremes(dtype):
+    """Each function's value and derivative at its _extremes: one jitted program per dtype."""
+    xs = {name: _extremes(name, dtype) for name in ALL_ELEMENTWISE}
+    return jax.jit(lambda xs: {n: _f_and_df(ALL_ELEMENTWISE[n], x) for n, x in xs.items()})(xs)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("name", sorted(ALL_ELEMENTWISE))
+def test_values_and_gradients_finite_at_extremes(name, dtype):
+    y, g = _at_extremes(dtype)[name]
     assert y.dtype == dtype and g.dtype == dtype
     assert np.all(np.isfinite(to_f64(y))), (name, y)
     assert np.all(np.isfinite(to_f64(g))), (name, g)
