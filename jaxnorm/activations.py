@@ -394,6 +394,29 @@ def _gelu_erf_jvp(primals, tangents):
 # --- public functions -----------------------------------------------------------------------------
 
 
+# Each activation computes in one jitted program, as jax.nn's activations (themselves jitted) do:
+# an eager call dispatches one executable instead of each operation on its own (compiled on first
+# use), and under an outer jit it is inlined. Arguments are checked before, at the boundary.
+@jax.jit
+def _sigmoid_of(x):
+    return _sigmoid(_upcast(x)).astype(x.dtype)
+
+
+@jax.jit
+def _tanh_of(x):
+    return _tanh(_upcast(x)).astype(x.dtype)
+
+
+@jax.jit
+def _silu_of(x):
+    return _silu(_upcast(x)).astype(x.dtype)
+
+
+@jax.jit
+def _softplus_of(x):
+    return _softplus(_upcast(x)).astype(x.dtype)
+
+
 def sigmoid(x: ArrayLike) -> jax.Array:
     r"""Logistic sigmoid.
 
@@ -420,8 +443,7 @@ def sigmoid(x: ArrayLike) -> jax.Array:
       >>> activations.sigmoid(jnp.array([-1.0, 0.0, 1.0]))
       Array([0.26894143, 0.5       , 0.7310586 ], dtype=float32)
     """
-    x = _as_float(x, "sigmoid")
-    return _sigmoid(_upcast(x)).astype(x.dtype)
+    return _sigmoid_of(_as_float(x, "sigmoid"))
 
 
 def tanh(x: ArrayLike) -> jax.Array:
@@ -451,8 +473,7 @@ def tanh(x: ArrayLike) -> jax.Array:
       >>> activations.tanh(jnp.array([-1.0, 0.0, 1.0]))
       Array([-0.7615942,  0.       ,  0.7615942], dtype=float32)
     """
-    x = _as_float(x, "tanh")
-    return _tanh(_upcast(x)).astype(x.dtype)
+    return _tanh_of(_as_float(x, "tanh"))
 
 
 def relu(x: ArrayLike) -> jax.Array:
@@ -484,7 +505,11 @@ def relu(x: ArrayLike) -> jax.Array:
       >>> jax.grad(activations.relu)(0.0)
       Array(0., dtype=float32, weak_type=True)
     """
-    x = _as_float(x, "relu")
+    return _relu_of(_as_float(x, "relu"))
+
+
+@jax.jit
+def _relu_of(x):
     # A select rather than maximum: maximum's derivative at a tie is 1/2 in jax. NaN takes the x
     # side, so that relu(NaN) and its derivative are NaN. Computed in float32 for bfloat16 and
     # float16 (exact either way): XLA:CPU would convert every intermediate of the derivative.
@@ -525,6 +550,12 @@ def leaky_relu(x: ArrayLike, negative_slope: ArrayLike = 0.01) -> jax.Array:
       Array([-0.2,  0. ,  2. ], dtype=float32)
     """
     x = _as_float(x, "leaky_relu")
+    _checks.check_array(negative_slope, "negative_slope")  # before jit reads it as a pytree
+    return _leaky_relu_of(x, negative_slope)
+
+
+@jax.jit
+def _leaky_relu_of(x, negative_slope):
     xc = _upcast(x)
     s = _broadcast_param(negative_slope, xc, "negative_slope", "leaky_relu")
     return jnp.where(_is_positive(xc), xc, s * _nan_derivative_at_nan(xc)).astype(x.dtype)
@@ -607,6 +638,12 @@ def prelu(x: ArrayLike, alpha: ArrayLike, *, channel_axis: int | None = None) ->
             f"prelu: channel_axis must be an int (the one axis of x that holds the channels) or "
             f"None, but got {channel_axis!r}; alpha has one slope per channel along that axis"
         )
+    _checks.check_array(alpha, "alpha")
+    return _prelu_of(x, alpha, channel_axis)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _prelu_of(x, alpha, channel_axis):
     xc = _upcast(x)
     a = _broadcast_param(alpha, xc, "alpha", "prelu", channel_axis)
     return jnp.where(_is_positive(xc), xc, a * _nan_derivative_at_nan(xc)).astype(x.dtype)
@@ -647,6 +684,12 @@ def elu(x: ArrayLike, alpha: ArrayLike = 1.0) -> jax.Array:
       Array([-0.63212055,  0.        ,  1.        ], dtype=float32)
     """
     x = _as_float(x, "elu")
+    _checks.check_array(alpha, "alpha")
+    return _elu_of(x, alpha)
+
+
+@jax.jit
+def _elu_of(x, alpha):
     xc = _upcast(x)
     a = _broadcast_param(alpha, xc, "alpha", "elu")
     # NaN takes the exp side, whose derivatives (in x and alpha) are NaN there.
@@ -685,7 +728,11 @@ def selu(x: ArrayLike) -> jax.Array:
       >>> activations.selu(jnp.array([-1.0, 0.0, 1.0]))
       Array([-1.1113307,  0.       ,  1.050701 ], dtype=float32)
     """
-    x = _as_float(x, "selu")
+    return _selu_of(_as_float(x, "selu"))
+
+
+@jax.jit
+def _selu_of(x):
     xc = _upcast(x)
     y = jnp.where(_is_positive(xc), xc, _SELU_ALPHA * _expm1_nonpositive(xc))
     return (_SELU_SCALE * y).astype(x.dtype)
@@ -735,12 +782,13 @@ def gelu(x: ArrayLike, approximate: bool = False) -> jax.Array:
     # spelling) is not, since it would be truthy.
     if not isinstance(approximate, bool | np.bool_):
         raise TypeError(f"gelu: approximate must be True or False, got {approximate!r}")
-    approximate = bool(approximate)
+    return _gelu_of(x, bool(approximate))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _gelu_of(x, approximate):
     xc = _upcast(x)
-    if approximate:
-        y = _gelu_tanh(xc)
-    else:
-        y = _gelu_erf(xc)
+    y = _gelu_tanh(xc) if approximate else _gelu_erf(xc)
     return y.astype(x.dtype)
 
 
@@ -777,8 +825,7 @@ def silu(x: ArrayLike) -> jax.Array:
       >>> activations.silu(jnp.array([-1.0, 0.0, 1.0]))
       Array([-0.26894143,  0.        ,  0.7310586 ], dtype=float32)
     """
-    x = _as_float(x, "silu")
-    return _silu(_upcast(x)).astype(x.dtype)
+    return _silu_of(_as_float(x, "silu"))
 
 
 def softplus(x: ArrayLike) -> jax.Array:
@@ -806,8 +853,7 @@ def softplus(x: ArrayLike) -> jax.Array:
       >>> activations.softplus(jnp.array([-1.0, 0.0, 1.0]))
       Array([0.3132617, 0.6931472, 1.3132617], dtype=float32)
     """
-    x = _as_float(x, "softplus")
-    return _softplus(_upcast(x)).astype(x.dtype)
+    return _softplus_of(_as_float(x, "softplus"))
 
 
 def maxout(x: ArrayLike, num_pieces: int, axis: int = -1) -> jax.Array:
