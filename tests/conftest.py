@@ -16,6 +16,10 @@ notebooks) share it too.
 import os
 import tempfile
 
+# One OpenBLAS thread per process (LAPACK's QR behind orthogonal, SciPy): the xdist workers
+# already use both cores, and two BLAS threads per worker on them made a 300x200 QR take ~1 s
+# instead of ~2 ms. Set before NumPy loads OpenBLAS; a value in the environment wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxnorm-tests-jax-cache")
 )
