@@ -67,7 +67,8 @@ collect_ignore_glob = ["_*_script.py"]
 # runs only them, and CI (.ci/run) runs both. Tests with ``@pytest.mark.slow`` in their module
 # are slow too. End-to-end means a model trained through the whole stack (fit, train, a search
 # or an ensemble on the digits or a Flax CNN), the lab, a notebook, or several devices or
-# processes; each test here took 3.5 s or more on 2 cores from an empty compilation cache.
+# processes; each test listed by name took 3.5 s or more on 2 cores from an empty compilation
+# cache, and the modules listed are such tests throughout.
 _SLOW_FIXTURES = {"quick_run"}  # test_lab.py: one `jaxnorm lab --quick` run per module
 _SLOW_MODULES = {
     "tests/test_flax_training.py",  # a linen and an nnx CNN through every training tool
