@@ -397,24 +397,15 @@ def _gelu_erf_jvp(primals, tangents):
 # Each activation computes in one jitted program, as jax.nn's activations (themselves jitted) do:
 # an eager call dispatches one executable instead of each operation on its own (compiled on first
 # use), and under an outer jit it is inlined. Arguments are checked before, at the boundary.
-@jax.jit
-def _sigmoid_of(x):
-    return _sigmoid(_upcast(x)).astype(x.dtype)
+def _jitted_in_compute_dtype(core):
+    """``core`` applied to x in its compute dtype (:func:`_upcast`) and cast back, jitted."""
+    return jax.jit(lambda x: core(_upcast(x)).astype(x.dtype))
 
 
-@jax.jit
-def _tanh_of(x):
-    return _tanh(_upcast(x)).astype(x.dtype)
-
-
-@jax.jit
-def _silu_of(x):
-    return _silu(_upcast(x)).astype(x.dtype)
-
-
-@jax.jit
-def _softplus_of(x):
-    return _softplus(_upcast(x)).astype(x.dtype)
+_sigmoid_of = _jitted_in_compute_dtype(_sigmoid)
+_tanh_of = _jitted_in_compute_dtype(_tanh)
+_silu_of = _jitted_in_compute_dtype(_silu)
+_softplus_of = _jitted_in_compute_dtype(_softplus)
 
 
 def sigmoid(x: ArrayLike) -> jax.Array:

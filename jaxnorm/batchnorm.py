@@ -790,7 +790,7 @@ def _run_train(arrays, scalars, static):
 
 
 def _is_static_scalar(v) -> bool:
-    return isinstance(v, int | float | np.generic) and not isinstance(v, np.ndarray)
+    return isinstance(v, int | float | np.generic)
 
 
 def _train(arrays, dynamic, fixed, static):
