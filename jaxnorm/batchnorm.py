@@ -401,9 +401,9 @@ def fold_into_dense(
       >>> s = batchnorm.BatchNormState(jnp.array([1.0, 0.0]), jnp.array([4.0, 1.0]), jnp.array(1))
       >>> w, c = batchnorm.fold_into_dense(jnp.ones((3, 2)), None, None, None, s)
       >>> w[0]  # 1 / sqrt(var + 1e-5)
-      Array([0.49999937, 0.999995  ], dtype=float32)
+      Array([0.4999994..., 0.999995...], dtype=float32)
       >>> c
-      Array([-0.49999937,  0.        ], dtype=float32)
+      Array([-0.4999994...,  0.        ], dtype=float32)
     """
     return _fold_into(kernel, dense_bias, scale, bias, state, epsilon, -1, "fold_into_dense")
 
@@ -637,8 +637,8 @@ def batch_norm(
       >>> y, s = batchnorm.batch_norm(x, None, None, batchnorm.init_state(2), train=True,
       ...                             momentum=0.9)
       >>> y  # (x - mean) / sqrt(var + 1e-5), var = 1 and 100
-      Array([[-0.999995  , -0.99999994],
-             [ 0.999995  ,  0.99999994]], dtype=float32)
+      Array([[-0.999995..., -0.99999994],
+             [ 0.999995...,  0.99999994]], dtype=float32)
       >>> s.mean, s.var
       (Array([0.2, 2. ], dtype=float32), Array([ 1. , 10.9], dtype=float32))
     """
