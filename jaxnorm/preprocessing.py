@@ -543,6 +543,12 @@ def merge(a: Moments, b: Moments) -> Moments:
       (Array([4.], dtype=float32), Array([50.], dtype=float32))
     """
     _check_same_kind(a, b)
+    return _merge_jit(a, b)
+
+
+@jax.jit
+def _merge_jit(a: Moments, b: Moments) -> Moments:
+    """:func:`merge`'s arithmetic, one compiled program (an eager merge dispatched ~15 ops)."""
     dt = jnp.promote_types(jnp.result_type(a.mean), jnp.result_type(b.mean))
     na, nb = jnp.asarray(a.count, dt), jnp.asarray(b.count, dt)
     ma, mb = jnp.asarray(a.mean, dt), jnp.asarray(b.mean, dt)
